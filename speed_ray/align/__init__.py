@@ -1,0 +1,1 @@
+"""Aligning the generators on Ray Train with TRL: junior SFT, senior DPO, revisor SFT."""

@@ -1,0 +1,180 @@
+"""The `speed-ray` command: the same code paths as the jobs under jobs/."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+# Errors a user can fix: printed as one line, exit 2, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from speed_ray.config import ConfigError
+    from speed_ray.models.offline import ModelNotFound
+
+    return USER_ERRORS + (ConfigError, ModelNotFound)
+
+
+def _split_overrides(args: argparse.Namespace) -> None:
+    args.overrides = [o for o in getattr(args, "overrides", []) or []]
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        from speed_ray.config import ConfigError
+
+        raise ConfigError(f"expected a.b=value overrides after the config, got {bad[0]!r}")
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from speed_ray.driver import run_from_config
+
+    _split_overrides(args)
+    run_from_config(args.config, args.overrides, stages=_csv(args.stages), force=_csv(args.force))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from speed_ray.driver import status_main
+
+    _split_overrides(args)
+    return status_main(args)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from speed_ray.models import offline
+
+    if args.action != "prepare":
+        raise ValueError(f"unknown models action {args.action!r}")
+    fns = {"smollm2": offline.prepare_smollm2, "minilm": offline.minilm_path, "tiny-llama": offline.prepare_tiny_llama}
+    names = _csv(args.only) or list(fns)
+    out = {}
+    for n in names:
+        if n not in fns:
+            from speed_ray.models.offline import ModelNotFound
+
+            raise ModelNotFound(f"unknown offline model {n!r}; known: {', '.join(fns)}")
+        out[f"offline:{n}"] = str(fns[n]())
+        print(f"offline:{n} -> {out[f'offline:{n}']}")
+    print(json.dumps(out))
+    return 0
+
+
+def _lazy(target: str):
+    def run(args: argparse.Namespace) -> int:
+        _split_overrides(args)
+        mod, _, fn = target.partition(":")
+        return getattr(importlib.import_module(mod), fn)(args) or 0
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="speed-ray", description="SPEED on Ray: synthesize embedding data with aligned "
+                                "small LLMs, train and evaluate embedders.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a config's stages (skipping finished ones)")
+    r.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
+    r.add_argument("overrides", nargs="*", help="a.b=value overrides")
+    r.add_argument("--stages", help="comma-separated stages to run (default: all of the variant)")
+    r.add_argument("--force", help="comma-separated stages to re-run even if done")
+    r.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("status", help="stages, row counts, costs and what is stale in a run directory")
+    s.add_argument("run_dir", help="the run directory (local path or fsspec URL)")
+    s.add_argument("--config", help="compare against this config (default: the run's saved config)")
+    s.add_argument("--run", help="run name inside run_dir (default: every run)")
+    s.add_argument("overrides", nargs="*", help="a.b=value overrides for --config")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(fn=cmd_status)
+
+    m = sub.add_parser("models", help="prepare the offline demo models")
+    m.add_argument("action", choices=["prepare"])
+    m.add_argument("--only", help="comma-separated: smollm2, minilm, tiny-llama")
+    m.set_defaults(fn=cmd_models)
+
+    e = sub.add_parser("evaluate", help="evaluate a model or a run's embedder on MTEB or local tasks")
+    e.add_argument("model", help="model path, hub id, offline:minilm, or a run directory")
+    e.add_argument("--config", help="YAML config whose `evaluate` section is used")
+    e.add_argument("--tasks", help="comma-separated mteb task names")
+    e.add_argument("--local-tasks", help="comma-separated local task YAML files")
+    e.add_argument("--benchmark", help='named mteb benchmark, e.g. "MTEB(eng, v2)"')
+    e.add_argument("--out", help="directory for results (default: beside the model or ./eval-results)")
+    e.add_argument("--limit", type=int, help="at most this many examples per task (smoke tests)")
+    e.add_argument("overrides", nargs="*", help="a.b=value overrides for --config")
+    e.set_defaults(fn=_lazy("speed_ray.evaluate.cli:evaluate_main"))
+
+    c = sub.add_parser("compare", help="several runs or results side by side, per task and per category")
+    c.add_argument("paths", nargs="+", help="run directories or results.json files")
+    c.add_argument("--out", help="write compare.md / compare.json here")
+    c.set_defaults(fn=_lazy("speed_ray.evaluate.cli:compare_main"), overrides=[])
+
+    rp = sub.add_parser("report", help="write the run report (markdown + PNG) for a run directory")
+    rp.add_argument("run_dir")
+    rp.add_argument("--run", help="run name inside run_dir (default: all)")
+    rp.set_defaults(fn=_lazy("speed_ray.studies.report:report_main"), overrides=[])
+
+    sw = sub.add_parser("sweep", help="the scaling-law sweep (or an alignment-factor grid) from a config")
+    sw.add_argument("config")
+    sw.add_argument("overrides", nargs="*")
+    sw.set_defaults(fn=_lazy("speed_ray.studies.sweep:sweep_main"))
+
+    inf = sub.add_parser("influence", help="the synthetic-data category influence study from a config")
+    inf.add_argument("config")
+    inf.add_argument("overrides", nargs="*")
+    inf.set_defaults(fn=_lazy("speed_ray.studies.influence_job:influence_main"))
+
+    sv = sub.add_parser("serve", help="serve an embedder with an OpenAI-compatible /v1/embeddings on Ray Serve")
+    sv.add_argument("model", help="model path, hub id, offline:minilm, or a run directory")
+    sv.add_argument("--config", help="YAML config whose `serve` section is used")
+    sv.add_argument("--host")
+    sv.add_argument("--port", type=int)
+    sv.add_argument("--allow-unauthenticated-public", action="store_true",
+                    help="bind a non-loopback host with no token configured")
+    sv.add_argument("overrides", nargs="*")
+    sv.set_defaults(fn=_lazy("speed_ray.serve.app:serve_main"))
+
+    ls = sub.add_parser("llm-server", help="serve an LLM with an OpenAI-compatible /v1/chat/completions (Ray Serve)")
+    ls.add_argument("model", help="model path, hub id or offline:smollm2")
+    ls.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    ls.add_argument("--host", default="127.0.0.1")
+    ls.add_argument("--port", type=int, default=8011)
+    ls.set_defaults(fn=_lazy("speed_ray.generate.server:server_main"), overrides=[])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        print("speed-ray: interrupted; finished work is kept, rerun to resume", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            print(f"speed-ray: error: {e}", file=sys.stderr)
+            return 2
+        from speed_ray.pipeline import StageError
+
+        if isinstance(e, StageError):
+            first = str(e).splitlines()
+            print(f"speed-ray: error: {first[0]}", file=sys.stderr)
+            if args.verbose:
+                print("\n".join(first[1:]), file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Configs for deduplication and quality filters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from speed_ray.config import check
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    exact: bool = True                        # drop exact duplicates (hash of normalized text)
+    near: bool = True                         # MinHash-LSH near duplicates
+    fields: tuple[str, ...] = ("query", "positive")   # text fields joined into the shingled document
+    ngram: int = 3                            # word n-gram shingles
+    num_perm: int = 128
+    bands: int | None = None                  # None: chosen from threshold (datasketch's optimal params)
+    rows: int | None = None
+    threshold: float = 0.8                    # Jaccard threshold
+    seed: int = 1                             # datasketch's default MinHash seed
+    batch_size: int = 4096                    # rows per map_batches call
+
+    def __post_init__(self):
+        check(self.num_perm > 0, "num_perm", "must be > 0")
+        check(0.0 < self.threshold < 1.0, "threshold", "must be in (0, 1)")
+        check(self.ngram >= 1, "ngram", "must be >= 1")
+        check((self.bands is None) == (self.rows is None), "bands", "set bands and rows together, or neither")
+        check(self.bands is None or self.bands * self.rows <= self.num_perm, "bands",
+              "bands * rows must be <= num_perm")
+        check(len(self.fields) > 0, "fields", "name at least one field")
+
+
+@dataclass(frozen=True)
+class FiltersConfig:
+    min_chars: dict[str, int] = field(default_factory=lambda: {"query": 3, "positive": 3})
+    max_chars: dict[str, int] = field(default_factory=lambda: {"query": 4000, "positive": 8000, "negative": 8000})
+    require_negative: bool = False            # drop samples without a hard negative
+    drop_positive_equals_negative: bool = True
+    drop_query_in_positive: bool = True       # query copied verbatim into the positive
+    drop_boilerplate: bool = True             # "as an AI", placeholders, lorem ipsum
+    language: str | None = None               # e.g. "en": keep only this language (needs a language id package)

@@ -1,0 +1,1 @@
+"""Contrastive embedder training: InfoNCE with hard and cross-worker negatives, GradCache, LoRA."""

@@ -1,0 +1,49 @@
+"""Config for contrastive embedder training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from speed_ray.config import check
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    base_model: str = "mistralai/Mistral-7B-v0.1"   # hub id, local path, or offline:minilm
+    pooling: Literal["auto", "mean", "last_token", "cls"] = "auto"   # auto: last_token for decoders, else mean
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    temperature: float = 0.02                 # tau in equation 4 (E5-mistral)
+    batch_size: int = 1536                    # global contrastive batch (paper)
+    mini_batch_size: int = 0                  # > 0: GradCache with chunks of this size per worker
+    gather_across_workers: bool = True        # negatives from every worker
+    one_task_per_batch: bool = True           # batches hold one task type, so in-batch negatives make sense
+    learning_rate: float = 1e-4
+    epochs: float = 1.0
+    max_steps: int = -1
+    warmup_steps: int = 100
+    max_query_length: int = 512
+    max_doc_length: int = 512
+    num_workers: int = 1
+    use_gpu: bool = False
+    strategy: Literal["ddp", "deepspeed_zero3"] = "ddp"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    save_steps: int = 100
+    max_failures: int = 2
+    n_samples: int | None = None              # use at most this many synthetic rows (scaling sweep)
+    task_types: tuple[str, ...] | None = None # keep only these task types (influence study)
+    public_data: str | None = None            # Parquet or JSONL of (query, positive, negative, task)
+    public_fraction: float = 0.0              # share of the training mix from public_data
+
+    def __post_init__(self):
+        check(self.temperature > 0, "temperature", "must be > 0")
+        check(self.batch_size >= 2, "batch_size", "must be >= 2 (in-batch negatives)")
+        check(self.batch_size % self.num_workers == 0, "batch_size", "must be a multiple of num_workers")
+        check(self.mini_batch_size >= 0, "mini_batch_size", "must be >= 0")
+        check(0.0 <= self.public_fraction < 1.0, "public_fraction", "must be in [0, 1)")
+        check(self.public_fraction == 0 or bool(self.public_data), "public_data",
+              "public_fraction > 0 needs public_data")

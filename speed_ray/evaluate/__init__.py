@@ -1,0 +1,1 @@
+"""MTEB evaluation: hub benchmarks, offline local tasks, embedding cache, comparisons."""

@@ -1,0 +1,88 @@
+"""Configs for generation: engines (HF on CPU, vLLM on GPU), the root/synthesis/revision stages, the local server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from speed_ray.config import check
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kind: Literal["hf", "vllm", "stub"] = "hf"   # hf: transformers generate (CPU); vllm: ray.data.llm; stub: tests
+    model: str | None = None                  # None: the upstream generator's merged checkpoint
+    batch_size: int = 8                       # prompts per generate call / vLLM batch
+    max_new_tokens: int = 800                 # the SPEED tryout scripts use 800
+    max_model_len: int = 4096
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"   # auto: fp32 on CPU, bf16 on GPU
+    replicas_min: int = 1                     # actor pool grows between min and max with the autoscaler
+    replicas_max: int = 1
+    num_gpus_per_replica: float = 0.0
+    num_cpus_per_replica: float = 1.0
+    tensor_parallel_size: int = 1
+    structured_output: bool = True            # JSON-schema-constrained decoding per task type
+    enforce_eager: bool = False               # vLLM: skip CUDA graphs (faster start for small runs)
+
+    def __post_init__(self):
+        check(self.batch_size > 0, "batch_size", "must be > 0")
+        check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
+        check(1 <= self.replicas_min <= self.replicas_max, "replicas_min",
+              "need 1 <= replicas_min <= replicas_max")
+        check(self.num_gpus_per_replica >= 0, "num_gpus_per_replica", "must be >= 0")
+        check(self.num_cpus_per_replica > 0, "num_cpus_per_replica", "must be > 0")
+        check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RootDataConfig:
+    n_prompts: int = 10000                    # prompts for D_root; each gets samples_per_prompt outputs
+    samples_per_prompt: int = 4               # the list the judge picks best/worst from
+    temperature: float = 1.0
+    top_p: float = 1.0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self):
+        check(self.n_prompts > 0, "n_prompts", "must be > 0")
+        check(self.samples_per_prompt >= 2, "samples_per_prompt", "must be >= 2 (the judge needs a pair)")
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    n_samples: int = 1_150_000                # paper: 1.15M raw samples
+    temperature: float = 1.0
+    top_p: float = 1.0
+    shard_size: int = 1000                    # prompts per output shard (the unit of resume)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self):
+        check(self.n_samples > 0, "n_samples", "must be > 0")
+        check(self.shard_size > 0, "shard_size", "must be > 0")
+
+
+@dataclass(frozen=True)
+class RevisionConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    shard_size: int = 1000
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+@dataclass(frozen=True)
+class LocalServerConfig:
+    """A Ray Serve app with an OpenAI-compatible /v1/chat/completions, used as the offline teacher."""
+
+    model: str = "offline:smollm2"
+    engine: Literal["hf", "vllm"] = "hf"
+    host: str = "127.0.0.1"                   # loopback by default
+    port: int = 8011
+    replicas: int = 1
+    num_cpus: float = 0.5                     # fractional so a 2-CPU Ray does not deadlock
+    num_gpus: float = 0.0
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.05
+    max_new_tokens: int = 512
+
+    def __post_init__(self):
+        check(0 < self.port < 65536, "port", "must be a TCP port")
+        check(self.replicas >= 1, "replicas", "must be >= 1")

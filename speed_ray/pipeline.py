@@ -1,0 +1,267 @@
+"""The SPEED stage graph: which stages a run has, what each depends on, and running them with skip/resume."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from speed_ray.config import to_dict
+from speed_ray.run_config import RunConfig, dump_config
+from speed_ray.store import CostLedger, RunStore, StageOutput, library_versions, stable_hash
+
+log = logging.getLogger("speed_ray")
+
+# Bump a stage's version when its code changes what it writes, so old outputs are not reused.
+STAGE_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    fn: str                                  # "module:function", imported only when the stage runs
+    inputs: dict[str, str] = field(default_factory=dict)   # role -> upstream stage name
+    config_keys: tuple[str, ...] = ()        # dotted config sections the output depends on
+    uses_teacher: bool = False
+    doc: str = ""
+
+
+# Every stage SPEED has. The variant picks a subset and rewires the generator roles (paper Table 1 and 2).
+_ALL = {
+    "topics": StageSpec("topics", "speed_ray.teacher.stages:topics_stage", {}, ("topics", "run.seed"),
+                        doc="sample multi-grained topics from the taxonomy"),
+    "brainstorm": StageSpec("brainstorm", "speed_ray.teacher.stages:brainstorm_stage", {"topics": "topics"},
+                            ("brainstorm", "teacher.model", "run.seed"), True, "teacher brainstorms task descriptions"),
+    "seed_data": StageSpec("seed_data", "speed_ray.teacher.stages:seed_data_stage", {"tasks": "brainstorm"},
+                           ("seed_data", "mixture", "teacher.model", "teacher.sampling", "run.seed"), True,
+                           "teacher writes D_seed"),
+    "junior_sft": StageSpec("junior_sft", "speed_ray.align.stages:junior_sft_stage", {"data": "seed_data"},
+                            ("junior_sft", "run.seed"), doc="SFT the junior generator on D_seed"),
+    "root_data": StageSpec("root_data", "speed_ray.generate.stages:root_data_stage",
+                           {"generator": "junior_sft", "tasks": "brainstorm"}, ("root_data", "mixture", "run.seed"),
+                           doc="junior generator writes k samples per prompt (D_root)"),
+    "judge": StageSpec("judge", "speed_ray.teacher.stages:judge_stage", {"root": "root_data"},
+                       ("judge", "teacher.model"), True, "teacher picks best/worst: D_DPO"),
+    "revise_signals": StageSpec("revise_signals", "speed_ray.teacher.stages:revise_signals_stage",
+                                {"root": "root_data"}, ("revise_signals", "teacher.model", "teacher.sampling"), True,
+                                "teacher revises root samples: D_revise"),
+    "senior_dpo": StageSpec("senior_dpo", "speed_ray.align.stages:senior_dpo_stage",
+                            {"pairs": "judge", "reference": "junior_sft"}, ("senior_dpo", "run.seed"),
+                            doc="DPO the junior into the senior generator"),
+    "revisor_sft": StageSpec("revisor_sft", "speed_ray.align.stages:revisor_sft_stage",
+                             {"data": "revise_signals"}, ("revisor_sft", "run.seed"), doc="SFT the data revisor"),
+    "synthesis": StageSpec("synthesis", "speed_ray.generate.stages:synthesis_stage",
+                           {"generator": "senior_dpo", "tasks": "brainstorm"}, ("synthesis", "mixture", "run.seed"),
+                           doc="generator synthesizes at scale (D_syn)"),
+    "teacher_synthesis": StageSpec("teacher_synthesis", "speed_ray.teacher.stages:teacher_synthesis_stage",
+                                   {"tasks": "brainstorm"}, ("synthesis.n_samples", "mixture", "teacher.model",
+                                                             "teacher.sampling", "run.seed"), True,
+                                   "the teacher itself synthesizes (direct baseline)"),
+    "revision": StageSpec("revision", "speed_ray.generate.stages:revision_stage",
+                          {"samples": "synthesis", "revisor": "revisor_sft"}, ("revision", "run.seed"),
+                          doc="revisor refines each sample once (D_syn^re)"),
+    "dedup": StageSpec("dedup", "speed_ray.dedup.stage:dedup_stage", {"samples": "revision"},
+                       ("dedup", "filters"), doc="exact + MinHash-LSH dedup, then quality filters"),
+    "train_embedder": StageSpec("train_embedder", "speed_ray.embedder.stage:train_embedder_stage",
+                                {"data": "dedup"}, ("embedder", "run.seed"), doc="contrastive training of the embedder"),
+    "evaluate": StageSpec("evaluate", "speed_ray.evaluate.stage:evaluate_stage", {"model": "train_embedder"},
+                          ("evaluate",), doc="MTEB evaluation of the trained embedder"),
+}
+
+VARIANTS = ("full", "sft_only", "no_dpo", "no_revisor", "direct_instruct", "direct_teacher")
+
+
+def _rewire(spec: StageSpec, **inputs: str | None) -> StageSpec:
+    new = {k: v for k, v in {**spec.inputs, **inputs}.items() if v is not None}
+    return StageSpec(spec.name, spec.fn, new, spec.config_keys, spec.uses_teacher, spec.doc)
+
+
+def build_plan(variant: str) -> list[StageSpec]:
+    """The ordered stages of one variant (SPEED Table 2 ablations and Table 1 direct baselines)."""
+    s = dict(_ALL)
+    head = ["topics", "brainstorm"]
+    tail = ["dedup", "train_embedder", "evaluate"]
+    if variant == "full":
+        names = head + ["seed_data", "junior_sft", "root_data", "judge", "revise_signals", "senior_dpo",
+                        "revisor_sft", "synthesis", "revision"] + tail
+    elif variant == "sft_only":
+        names = head + ["seed_data", "junior_sft", "synthesis"] + tail
+        s["synthesis"] = _rewire(s["synthesis"], generator="junior_sft")
+        s["dedup"] = _rewire(s["dedup"], samples="synthesis")
+    elif variant == "no_dpo":
+        names = head + ["seed_data", "junior_sft", "root_data", "revise_signals", "revisor_sft", "synthesis",
+                        "revision"] + tail
+        s["synthesis"] = _rewire(s["synthesis"], generator="junior_sft")
+    elif variant == "no_revisor":
+        names = head + ["seed_data", "junior_sft", "root_data", "judge", "senior_dpo", "synthesis"] + tail
+        s["dedup"] = _rewire(s["dedup"], samples="synthesis")
+    elif variant == "direct_instruct":
+        names = head + ["synthesis"] + tail      # synthesis.engine.model is the instruct model, unaligned
+        s["synthesis"] = _rewire(s["synthesis"], generator=None)
+        s["dedup"] = _rewire(s["dedup"], samples="synthesis")
+    elif variant == "direct_teacher":
+        names = head + ["teacher_synthesis"] + tail
+        s["dedup"] = _rewire(s["dedup"], samples="teacher_synthesis")
+    else:
+        raise ValueError(f"unknown pipeline.variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    return [s[n] for n in names]
+
+
+def _select(cfg_dict: dict, dotted: str) -> Any:
+    node: Any = cfg_dict
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def fingerprints(cfg: RunConfig, plan: list[StageSpec]) -> dict[str, str]:
+    """Each stage's fingerprint: its settings, its version and its inputs' fingerprints."""
+    cfg_dict = to_dict(cfg)
+    out: dict[str, str] = {}
+    for spec in plan:
+        settings = {k: _select(cfg_dict, k) for k in spec.config_keys}
+        inputs = {role: out[up] for role, up in sorted(spec.inputs.items())}
+        out[spec.name] = stable_hash({"stage": spec.name, "v": STAGE_VERSION, "settings": settings, "inputs": inputs})
+    return out
+
+
+class StageError(RuntimeError):
+    """A stage failed; what it already wrote stays in the store for the next run to resume from."""
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets: its config, its output dir, its inputs by role, and a cost ledger."""
+
+    cfg: RunConfig
+    name: str
+    out: StageOutput
+    inputs: dict[str, StageOutput]
+    store: RunStore
+    run_name: str
+    ledger: CostLedger = field(default_factory=CostLedger)
+    _services: dict = field(default_factory=dict)
+
+    def log(self, msg: str, *args: Any) -> None:
+        log.info(f"[{self.name}] " + msg, *args)
+
+    def teacher_base_url(self) -> str:
+        """The teacher endpoint; starts the local OpenAI-compatible server when the config asks for one."""
+        if self.cfg.teacher.base_url:
+            return self.cfg.teacher.base_url
+        if "teacher_url" not in self._services:
+            from speed_ray.generate.server import start_local_server
+
+            self._services["teacher_url"] = start_local_server(self.cfg.teacher.local_server, self.cfg.run)
+        return self._services["teacher_url"]
+
+
+def _load(fn: str) -> Callable[[StageContext], dict | None]:
+    mod, _, attr = fn.partition(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def plan_status(cfg: RunConfig, store: RunStore | None = None) -> list[dict]:
+    """Per stage: name, fingerprint, state (done / partial / pending) and the manifest when done."""
+    store = store or RunStore(cfg.run.run_dir)
+    plan = build_plan(cfg.pipeline.variant)
+    fps = fingerprints(cfg, plan)
+    rows = []
+    for spec in plan:
+        out = store.stage(spec.name, fps[spec.name])
+        if out.done:
+            state, man = "done", out.manifest
+        else:
+            state, man = ("partial" if out.shard_names() else "pending"), None
+        rows.append({"stage": spec.name, "fingerprint": fps[spec.name], "state": state, "manifest": man,
+                     "inputs": dict(spec.inputs)})
+    return rows
+
+
+def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: list[str] | None = None) -> dict[str, Any]:
+    """Run the config's stages in order, skipping those whose manifest matches. Returns the run summary."""
+    store = RunStore(cfg.run.run_dir)
+    plan = build_plan(cfg.pipeline.variant)
+    names = [s.name for s in plan]
+    selected = list(stages) if stages else list(cfg.pipeline.stages or names)
+    unknown = [s for s in selected if s not in names]
+    if unknown:
+        raise StageError(f"unknown stage(s) {unknown} for variant {cfg.pipeline.variant!r}; stages are: "
+                         f"{', '.join(names)}")
+    fps = fingerprints(cfg, plan)
+    run_name = cfg.run.name
+    store.write_json(store.run_url(run_name, "plan.json"),
+                     {"variant": cfg.pipeline.variant, "stages": [{"stage": s.name, "fingerprint": fps[s.name],
+                                                                    "inputs": s.inputs} for s in plan]})
+    dump_config(cfg, store.run_url(run_name, "config.yaml"))
+    summary: dict[str, Any] = {"run": run_name, "run_dir": cfg.run.run_dir, "stages": {}}
+    services: dict = {}
+    try:
+        for spec in plan:
+            out = store.stage(spec.name, fps[spec.name])
+            if spec.name not in selected:
+                if out.done:
+                    summary["stages"][spec.name] = {"state": "done", **_brief(out.manifest)}
+                continue
+            if out.done and spec.name not in (force or []):
+                log.info("[%s] skipped: done at %s (%s)", spec.name, fps[spec.name], out.url)
+                summary["stages"][spec.name] = {"state": "skipped", **_brief(out.manifest)}
+                continue
+            inputs = {}
+            for role, up in spec.inputs.items():
+                up_out = store.stage(up, fps[up])
+                if not up_out.done:
+                    raise StageError(f"stage {spec.name!r} needs {up!r}, which has not completed; "
+                                     f"run it first or add it to --stages")
+                inputs[role] = up_out
+            out.clear_manifest()
+            ctx = StageContext(cfg=cfg, name=spec.name, out=out, inputs=inputs, store=store, run_name=run_name,
+                               _services=services)
+            resumed = len(out.shard_names())
+            log.info("[%s] running -> %s%s", spec.name, out.url,
+                     f" (resuming: {resumed} shard(s) already written)" if resumed else "")
+            t0 = time.time()
+            try:
+                extra = _load(spec.fn)(ctx) or {}
+            except Exception as e:  # keep everything written so far; the next run resumes from it
+                raise StageError(f"stage {spec.name!r} failed: {type(e).__name__}: {e}\n"
+                                 f"(its partial output stays at {out.url}; rerun to resume)\n"
+                                 + traceback.format_exc(limit=6)) from e
+            t1 = time.time()
+            ledger = ctx.ledger.as_dict()
+            if not ctx.ledger.cpu_seconds and not ctx.ledger.gpu_seconds:
+                ledger["cpu_hours"] = (t1 - t0) / 3600
+                ledger["cpu_seconds"] = t1 - t0
+            manifest = {
+                "stage": spec.name, "fingerprint": fps[spec.name], "variant_inputs": spec.inputs,
+                "inputs": {role: {"stage": up, "fingerprint": fps[up]} for role, up in spec.inputs.items()},
+                "settings": {k: _select(to_dict(cfg), k) for k in spec.config_keys},
+                "rows": out.num_rows(), "shards": len(out.shard_names()), "started_at": t0, "ended_at": t1,
+                "duration_s": t1 - t0, "cost": ledger, "versions": library_versions(), "run": run_name, **extra,
+            }
+            out.write_manifest(manifest)
+            log.info("[%s] done in %.1fs: %d rows, %d teacher calls, %d tokens", spec.name, t1 - t0,
+                     manifest["rows"], ledger["calls"], ledger["total_tokens"])
+            summary["stages"][spec.name] = {"state": "ran", **_brief(manifest)}
+    finally:
+        _stop_services(services)
+    store.write_json(store.run_url(run_name, "summary.json"), summary)
+    return summary
+
+
+def _brief(m: dict) -> dict:
+    return {"fingerprint": m.get("fingerprint"), "rows": m.get("rows"), "duration_s": m.get("duration_s"),
+            "cost": m.get("cost", {}), "url": None}
+
+
+def _stop_services(services: dict) -> None:
+    if "teacher_url" in services:
+        try:
+            from speed_ray.generate.server import stop_local_server
+
+            stop_local_server()
+        except Exception as e:  # never mask the run's own outcome
+            log.warning("could not stop the local teacher server: %s", e)

@@ -1,0 +1,1 @@
+"""Ray Serve app with an OpenAI-compatible embeddings API."""

@@ -1,0 +1,256 @@
+"""Content-addressed stage store over fsspec: Parquet shards plus an atomic manifest per stage.
+
+Layout under the run directory (a local path or any fsspec URL: s3://, gs://, abfs://):
+
+    stages/<stage>/<fingerprint>/data/<shard>.parquet   rows, written shard by shard (atomic rename)
+    stages/<stage>/<fingerprint>/artifacts/...          models, plots, anything not tabular
+    stages/<stage>/<fingerprint>/manifest.json          written last; its presence means "complete"
+    runs/<run name>/plan.json                           which fingerprint each stage of a run used
+
+A stage's fingerprint hashes its settings and its inputs' fingerprints, so a changed setting gives new
+fingerprints to that stage and everything downstream of it and to nothing else, and runs with different
+configs that share a run directory reuse each other's finished stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def stable_hash(obj: Any, n: int = 16) -> str:
+    """Hex digest of a JSON-able object, independent of dict order."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in ("speed-ray", "ray", "torch", "transformers", "trl", "peft", "vllm", "datasketch", "mteb",
+                 "sentence-transformers", "openai", "pyarrow"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts if p]])
+
+
+class StageOutput:
+    """One stage's directory: shards, artifacts and manifest. Cheap to construct; safe to pickle."""
+
+    def __init__(self, run_dir: str, stage: str, fingerprint: str):
+        self.run_dir = run_dir.rstrip("/")
+        self.stage = stage
+        self.fingerprint = fingerprint
+        self.url = _join(self.run_dir, "stages", stage, fingerprint)
+        self.data_url = _join(self.url, "data")
+        self.artifacts_url = _join(self.url, "artifacts")
+        self.manifest_url = _join(self.url, "manifest.json")
+
+    def __repr__(self) -> str:
+        return f"StageOutput({self.stage}@{self.fingerprint})"
+
+    # ---- filesystem -------------------------------------------------------------------------------
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        fs, _ = fsspec.core.url_to_fs(self.url)
+        return fs
+
+    def _path(self, url: str) -> str:
+        return fsspec.core.url_to_fs(url)[1]
+
+    def artifact(self, *rel: str) -> str:
+        """URL (local path when local) of an artifact inside this stage; parents are created locally."""
+        url = _join(self.artifacts_url, *rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(url) if rel and "." in rel[-1] else url, exist_ok=True)
+        return url
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.url or self.url.startswith("file://")
+
+    # ---- manifest ----------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.fs.exists(self._path(self.manifest_url))
+
+    @property
+    def manifest(self) -> dict:
+        with self.fs.open(self._path(self.manifest_url), "r") as f:
+            return json.load(f)
+
+    def write_manifest(self, manifest: dict) -> None:
+        _atomic_write_bytes(self.fs, self._path(self.manifest_url),
+                            json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+
+    def clear_manifest(self) -> None:
+        p = self._path(self.manifest_url)
+        if self.fs.exists(p):
+            self.fs.rm(p)
+
+    # ---- shards ------------------------------------------------------------------------------------
+    def shard_url(self, name: str) -> str:
+        return _join(self.data_url, f"{name}.parquet")
+
+    def has_shard(self, name: str) -> bool:
+        return self.fs.exists(self._path(self.shard_url(name)))
+
+    def shard_names(self) -> list[str]:
+        p = self._path(self.data_url)
+        if not self.fs.exists(p):
+            return []
+        names = [os.path.basename(f) for f in self.fs.ls(p, detail=False)]
+        return sorted(n[: -len(".parquet")] for n in names if n.endswith(".parquet") and not n.startswith("."))
+
+    def shard_urls(self) -> list[str]:
+        return [self.shard_url(n) for n in self.shard_names()]
+
+    def write_shard(self, name: str, rows: pa.Table | list[dict] | dict[str, list]) -> int:
+        """Write one shard atomically (tmp file + rename). Returns its row count."""
+        table = to_table(rows)
+        fs = self.fs
+        final = self._path(self.shard_url(name))
+        fs.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = _join(os.path.dirname(final), f".tmp-{uuid.uuid4().hex}-{os.path.basename(final)}")
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(table, f)
+        fs.mv(tmp, final)
+        return table.num_rows
+
+    def read_table(self, columns: list[str] | None = None, shards: list[str] | None = None) -> pa.Table:
+        """All shards as one table. For small stage outputs; large ones use iter_batches or ray_dataset."""
+        names = shards if shards is not None else self.shard_names()
+        tables = []
+        for n in names:
+            with self.fs.open(self._path(self.shard_url(n)), "rb") as f:
+                tables.append(pq.read_table(f, columns=columns))
+        if not tables:
+            return pa.table({c: [] for c in (columns or [])})
+        return pa.concat_tables(tables, promote_options="default")
+
+    def read_rows(self, columns: list[str] | None = None) -> list[dict]:
+        return self.read_table(columns).to_pylist()
+
+    def iter_batches(self, batch_size: int = 1024, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        for n in self.shard_names():
+            with self.fs.open(self._path(self.shard_url(n)), "rb") as f:
+                yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+
+    def num_rows(self) -> int:
+        total = 0
+        for n in self.shard_names():
+            with self.fs.open(self._path(self.shard_url(n)), "rb") as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        return total
+
+    def ray_dataset(self, **kwargs):
+        """The stage's rows as a streaming Ray Dataset (nothing is pulled into the driver)."""
+        import ray.data
+
+        urls = self.shard_urls()
+        if not urls:
+            raise FileNotFoundError(f"stage {self.stage} has no data shards at {self.data_url}")
+        return ray.data.read_parquet(urls, **kwargs)
+
+
+def to_table(rows: pa.Table | list[dict] | dict[str, list]) -> pa.Table:
+    if isinstance(rows, pa.Table):
+        return rows
+    if isinstance(rows, dict):
+        return pa.table(rows)
+    if not rows:
+        return pa.table({})
+    return pa.Table.from_pylist(rows)
+
+
+def _atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, blob: bytes) -> None:
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    with fs.open(tmp, "wb") as f:
+        f.write(blob)
+    fs.mv(tmp, path)
+
+
+@dataclass
+class CostLedger:
+    """Teacher calls and tokens, plus compute seconds, for one stage. Summed into its manifest."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_calls: int = 0
+    failed_calls: int = 0
+    cpu_seconds: float = 0.0
+    gpu_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def add(self, other: "CostLedger | dict") -> None:
+        d = other if isinstance(other, dict) else other.as_dict()
+        for k in ("calls", "prompt_tokens", "completion_tokens", "cached_calls", "failed_calls", "cpu_seconds",
+                  "gpu_seconds"):
+            setattr(self, k, getattr(self, k) + d.get(k, 0))
+
+    def as_dict(self) -> dict:
+        return {"calls": self.calls, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens, "cached_calls": self.cached_calls,
+                "failed_calls": self.failed_calls, "cpu_hours": self.cpu_seconds / 3600,
+                "gpu_hours": self.gpu_seconds / 3600, "cpu_seconds": self.cpu_seconds, "gpu_seconds": self.gpu_seconds,
+                **self.extra}
+
+
+class RunStore:
+    """A run directory: stage outputs by fingerprint, and one plan per named run."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = str(run_dir).rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.run_dir)
+
+    def stage(self, name: str, fingerprint: str) -> StageOutput:
+        return StageOutput(self.run_dir, name, fingerprint)
+
+    def run_url(self, run_name: str, *rel: str) -> str:
+        return _join(self.run_dir, "runs", run_name, *rel)
+
+    def write_json(self, url: str, obj: Any) -> None:
+        path = fsspec.core.url_to_fs(url)[1]
+        _atomic_write_bytes(self.fs, path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, url: str) -> Any:
+        path = fsspec.core.url_to_fs(url)[1]
+        with self.fs.open(path, "r") as f:
+            return json.load(f)
+
+    def exists(self, url: str) -> bool:
+        return self.fs.exists(fsspec.core.url_to_fs(url)[1])
+
+    def run_names(self) -> list[str]:
+        p = f"{self.root}/runs"
+        if not self.fs.exists(p):
+            return []
+        return sorted(os.path.basename(x) for x in self.fs.ls(p, detail=False))
+
+    def fingerprints(self, stage: str) -> list[str]:
+        p = f"{self.root}/stages/{stage}"
+        if not self.fs.exists(p):
+            return []
+        return sorted(os.path.basename(x) for x in self.fs.ls(p, detail=False))
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,1 @@
+"""Studies: scaling-law sweep, synthetic-data influence, cost report, run report."""

@@ -1,0 +1,1 @@
+"""Teacher side: topics, brainstorming, prompts, the OpenAI-compatible client, parsing, teacher stages."""

@@ -1,0 +1,66 @@
+"""Shared fixtures: an isolated Ray temp dir, a session-wide local Ray, and the offline tiny models."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EVALDATA = REPO.parent / "shared" / "evaldata"
+
+# Keep Ray's files out of /tmp/ray and ~/.ray, and keep everything offline.
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="speedray-ray-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("SPEED_RAY_PROGRESS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (2 CPUs), shut down at the end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=os.environ["RAY_TMPDIR"],
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> str:
+    """Path of a tiny random-weight Llama with a locally trained BPE tokenizer (built once, cached)."""
+    from speed_ray.models.offline import prepare_tiny_llama
+
+    return str(prepare_tiny_llama())
+
+
+@pytest.fixture(scope="session")
+def minilm() -> str:
+    from speed_ray.models.offline import minilm_path
+
+    return str(minilm_path())
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    from speed_ray.models.offline import prepare_smollm2
+
+    return str(prepare_smollm2())
+
+
+@pytest.fixture
+def evaldata() -> Path:
+    """../shared/evaldata, or skip (a user's clone does not have it)."""
+    root = Path(os.environ.get("SPEED_RAY_EVALDATA", EVALDATA))
+    if not root.exists():
+        pytest.skip(f"offline eval data not found at {root}")
+    return root
