@@ -67,7 +67,14 @@ def prepare_smollm2() -> Path:
 
         gguf = smollm2_gguf()
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # The GGUF loader marks the model as quantized (not serializable); its weights are already dequantized,
+        # so copy them into a plain model built from the same config.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
         if not getattr(tok, "chat_template", None):
             tok.chat_template = CHAT_TEMPLATE
         if tok.pad_token is None:
