@@ -93,7 +93,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         data = apply_overrides(data, overrides or [])
     except ConfigError as e:
         raise ConfigError(str(e).split(": ", 1)[-1], e.key, "command line") from None
-    return build_config(data, str(path))
+    try:
+        return build_config(data, str(path))
+    except ConfigError as e:
+        hit = next((o for o in overrides or [] if e.key and o.split("=", 1)[0].strip() == e.key), None)
+        if hit:
+            raise ConfigError(str(e).split(": ", 1)[-1], e.key, f"command line override {hit!r}") from None
+        raise
 
 
 def replace(cfg: RunConfig, overrides: list[str]) -> RunConfig:

@@ -1,0 +1,311 @@
+"""Async client for any OpenAI-compatible /chat/completions endpoint: bounded concurrency, rpm/tpm limits,
+retries with backoff and Retry-After, a response cache, a budget cap, and per-request cost accounting."""
+
+# Why httpx and not openai.AsyncOpenAI(max_retries=0): this client owns retries, the total per-request timeout,
+# Retry-After and error classification, and httpx hands us the status and headers directly; every error string
+# is built here (so no SDK exception carrying the request, and its Authorization header, travels into results or
+# logs), and there is no pydantic model built per response, the SDK's main CPU cost at hundreds of requests/s.
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from speed_ray.teacher.cache import ResponseCache
+from speed_ray.teacher.ratelimit import Budget, RateLimiter, backoff_delay, parse_retry_after
+
+if TYPE_CHECKING:
+    from speed_ray.teacher.config import TeacherConfig
+
+log = logging.getLogger("speed_ray.teacher")
+
+RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
+
+
+@dataclass
+class ChatRequest:
+    request_id: str
+    messages: list[dict]                     # OpenAI chat messages
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    response_format: dict | None = None      # {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}
+    seed: int | None = None                  # sent when set, and part of the cache key: k samples of one prompt
+                                             # need distinct seeds or the cache would hand back one answer k times
+
+
+@dataclass
+class ChatResult:
+    request_id: str
+    text: str | None                         # None when failed
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached: bool = False
+    error: str | None = None                 # http_429_exhausted, http_500_exhausted, timeout_exhausted,
+                                             # connection_exhausted, bad_response_exhausted, budget_exhausted,
+                                             # "http_400: <msg>", "refusal: <msg>", "client_error: <msg>"
+    attempts: int = 0                        # HTTP attempts actually sent (0: cached or budget_exhausted)
+    finish_reason: str | None = None
+
+
+class Secret:
+    """An API key that never shows itself in a repr, str, log line or traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+def estimate_prompt_tokens(messages: list[dict]) -> int:
+    """~4 characters per token plus a few per message for the chat template; corrected by real usage later."""
+    chars = 0
+    for m in messages:
+        content = m.get("content") or ""
+        if isinstance(content, list):  # multi-part content: count the text parts
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        chars += len(str(content))
+    return chars // 4 + 4 * len(messages) + 2
+
+
+async def _maybe_await(x: Any) -> Any:
+    return await x if inspect.isawaitable(x) else x
+
+
+@dataclass
+class _Outcome:
+    kind: str                                # ok | status | timeout | connection | bad_response | refusal
+    status: int = 0
+    retry_after: float | None = None
+    message: str = ""
+    data: dict = field(default_factory=dict)
+
+
+class _LoopState:
+    """httpx client and semaphore bound to one event loop (asyncio objects must not cross loops)."""
+
+    def __init__(self, client: "TeacherClient"):
+        import httpx
+
+        headers = {"Content-Type": "application/json"}
+        if client._key is not None:
+            headers["Authorization"] = f"Bearer {client._key.get()}"
+        self.http = httpx.AsyncClient(
+            headers=headers, timeout=httpx.Timeout(client.timeout_s),
+            limits=httpx.Limits(max_connections=client.concurrency, max_keepalive_connections=client.concurrency))
+        self.sem = asyncio.Semaphore(client.concurrency)
+
+
+class TeacherClient:
+    """Sends ChatRequests to `base_url`/chat/completions. One client per process (or Ray actor)."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 64,
+                 rpm: int | None = None, tpm: int | None = None, timeout_s: float = 120.0, max_retries: int = 6,
+                 backoff_base_s: float = 1.0, backoff_max_s: float = 60.0, cache: ResponseCache | None = None,
+                 budget: Any = None, api_key: Secret | str | None = None, rng: random.Random | None = None):
+        if not base_url:
+            raise ValueError("TeacherClient needs a base_url (e.g. https://api.openai.com/v1)")
+        if concurrency <= 0:
+            raise ValueError(f"concurrency must be > 0, got {concurrency}")
+        self.base_url = base_url.rstrip("/")
+        self.url = f"{self.base_url}/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
+        self.cache = cache
+        self.budget = budget                 # Budget, or anything with (maybe async) try_acquire/settle
+        self.limiter = RateLimiter(rpm, tpm) if (rpm or tpm) else None
+        self._rng = rng or random.Random()
+        if isinstance(api_key, str):
+            api_key = Secret(api_key)
+        if api_key is None and os.environ.get(api_key_env):
+            api_key = Secret(os.environ[api_key_env])
+        # No key is fine for local endpoints (vLLM, the project's Serve app): no Authorization header is sent.
+        self._key: Secret | None = api_key
+        self._states: dict[int, tuple[asyncio.AbstractEventLoop, _LoopState]] = {}
+
+    def __repr__(self) -> str:
+        return (f"TeacherClient(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
+                f"concurrency={self.concurrency})")
+
+    def __getstate__(self):
+        raise TypeError("TeacherClient is not picklable (it holds a key and live connections); "
+                        "build one per worker, e.g. with TeacherClient.from_config")
+
+    @classmethod
+    def from_config(cls, cfg: "TeacherConfig", base_url: str | None, cache_url: str | None, budget: Any = None,
+                    api_key: Secret | str | None = None) -> "TeacherClient":
+        """`base_url` overrides cfg.base_url (e.g. the URL of a local server the stage started)."""
+        url = base_url or cfg.base_url
+        if not url:
+            raise ValueError("teacher.base_url is not set and no local server URL was given")
+        if budget is None and (cfg.max_calls is not None or cfg.max_tokens_budget is not None):
+            budget = Budget(cfg.max_calls, cfg.max_tokens_budget)
+        return cls(url, cfg.model, cfg.api_key_env, concurrency=cfg.concurrency, rpm=cfg.rpm, tpm=cfg.tpm,
+                   timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_base_s=cfg.backoff_base_s,
+                   backoff_max_s=cfg.backoff_max_s, cache=ResponseCache(cache_url) if (cfg.cache and cache_url) else None,
+                   budget=budget, api_key=api_key)
+
+    # ---- plumbing ----------------------------------------------------------------------------------
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        entry = self._states.get(id(loop))
+        if entry is None or entry[0] is not loop:
+            entry = (loop, _LoopState(self))
+            self._states[id(loop)] = entry
+        return entry[1]
+
+    async def aclose(self) -> None:
+        """Close this event loop's connections."""
+        entry = self._states.pop(id(asyncio.get_running_loop()), None)
+        if entry is not None:
+            await entry[1].http.aclose()
+
+    def _redact(self, text: str) -> str:
+        if self._key is not None and self._key.get():
+            text = text.replace(self._key.get(), "***")
+        return text
+
+    def _body(self, req: ChatRequest) -> dict:
+        body = {"model": self.model, "messages": req.messages, "temperature": req.temperature, "top_p": req.top_p,
+                "max_tokens": req.max_tokens}
+        if req.response_format:
+            body["response_format"] = req.response_format
+        if req.seed is not None:
+            body["seed"] = req.seed
+        return body
+
+    async def _send(self, st: _LoopState, req: ChatRequest) -> _Outcome:
+        import httpx
+
+        try:
+            async with asyncio.timeout(self.timeout_s):  # total time, not httpx's per-read timeout
+                resp = await st.http.post(self.url, content=json.dumps(self._body(req)).encode())
+                raw = await resp.aread()
+        except (TimeoutError, httpx.TimeoutException):
+            return _Outcome("timeout")
+        except httpx.TransportError as e:
+            return _Outcome("connection", message=type(e).__name__)
+        if resp.status_code != 200:
+            msg = raw[:500].decode("utf-8", "replace")
+            try:
+                err = json.loads(raw).get("error")
+                msg = (err.get("message") if isinstance(err, dict) else str(err)) or msg
+            except (ValueError, AttributeError):
+                pass
+            return _Outcome("status", resp.status_code, parse_retry_after(resp.headers), msg[:300])
+        try:
+            data = json.loads(raw)
+            choice = data["choices"][0]
+            message = choice["message"]
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            # A 200 with a cut or malformed body is a proxy/transport fault, not the model's answer: retry it.
+            return _Outcome("bad_response", message=f"{type(e).__name__} in response body")
+        if message.get("content") is None and message.get("refusal"):
+            return _Outcome("refusal", message=str(message["refusal"])[:300], data=data)
+        return _Outcome("ok", data=data)
+
+    # ---- public ------------------------------------------------------------------------------------
+    async def complete(self, req: ChatRequest) -> ChatResult:
+        """One request: cache, budget, rate limits, retries. Never raises for endpoint or network failures."""
+        try:
+            return await self._complete(req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug must not lose the row: report it on the row, without the key
+            log.exception("teacher request %s failed unexpectedly", req.request_id)
+            return ChatResult(req.request_id, None, error=self._redact(f"client_error: {type(e).__name__}: {e}")[:300])
+
+    async def _complete(self, req: ChatRequest) -> ChatResult:
+        key = ResponseCache.key_for(self.model, req) if self.cache is not None else None
+        if key is not None:
+            hit = await asyncio.to_thread(self.cache.get, key)
+            if hit is not None and isinstance(hit.get("text"), str):
+                return ChatResult(req.request_id, hit["text"], int(hit.get("prompt_tokens", 0)),
+                                  int(hit.get("completion_tokens", 0)), cached=True,
+                                  finish_reason=hit.get("finish_reason"))
+        st = self._state()
+        est = estimate_prompt_tokens(req.messages) + req.max_tokens
+        admitted, attempts, spent = False, 0, 0
+        out = _Outcome("timeout")
+        try:
+            for attempt in range(self.max_retries + 1):
+                async with st.sem:  # the slot is held for one attempt only, never across a backoff sleep
+                    if not admitted:
+                        if self.budget is not None and not await _maybe_await(self.budget.try_acquire(est)):
+                            return ChatResult(req.request_id, None, error="budget_exhausted")
+                        admitted = True
+                    if self.limiter is not None:
+                        await self.limiter.acquire(est)
+                    attempts += 1
+                    out = await self._send(st, req)
+                retryable = out.kind in ("timeout", "connection", "bad_response") or (
+                    out.kind == "status" and out.status in RETRYABLE_STATUS)
+                if self.limiter is not None:
+                    usage = out.data.get("usage") or {}
+                    self.limiter.correct(est, int(usage.get("total_tokens") or 0) if out.kind == "ok" else 0)
+                if not retryable or attempt == self.max_retries:
+                    break
+                delay = backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s, out.retry_after, self._rng)
+                log.info("teacher request %s: %s%s, retry %d/%d in %.2fs", req.request_id, out.kind,
+                         f" {out.status}" if out.status else "", attempt + 1, self.max_retries, delay)
+                await asyncio.sleep(delay)
+            result = self._result(req, out, attempts, retryable)
+            if key is not None and result.error is None:  # only successful answers are cached
+                await asyncio.to_thread(self.cache.put, key, {
+                    "text": result.text, "prompt_tokens": result.prompt_tokens,
+                    "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason,
+                    "model": self.model})
+            return result
+        finally:
+            if admitted and self.budget is not None:
+                usage = out.data.get("usage") or {}
+                spent = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+                await _maybe_await(self.budget.settle(est, spent))
+
+    def _result(self, req: ChatRequest, out: _Outcome, attempts: int, retryable: bool) -> ChatResult:
+        usage = out.data.get("usage") or {}
+        pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        if out.kind == "ok":
+            choice = out.data["choices"][0]
+            text = choice["message"].get("content") or ""
+            finish = choice.get("finish_reason")
+            return ChatResult(req.request_id, text, pt, ct, attempts=attempts, finish_reason=finish)
+        if out.kind == "refusal":
+            error = f"refusal: {out.message}"
+        elif retryable:
+            error = f"http_{out.status}_exhausted" if out.kind == "status" else f"{out.kind}_exhausted"
+        else:
+            error = f"http_{out.status}: {out.message}"
+        return ChatResult(req.request_id, None, pt, ct, error=self._redact(error), attempts=attempts)
+
+    async def complete_many(self, reqs: list[ChatRequest]) -> list[ChatResult]:
+        """All requests, at most `concurrency` in flight; results in the order of `reqs`."""
+        return list(await asyncio.gather(*(self.complete(r) for r in reqs)))
+
+    def complete_many_sync(self, reqs: list[ChatRequest]) -> list[ChatResult]:
+        """For scripts and tests (not from inside a running event loop)."""
+        async def run():
+            try:
+                return await self.complete_many(reqs)
+            finally:
+                await self.aclose()
+
+        return asyncio.run(run())

@@ -1,0 +1,136 @@
+"""The stage graph over the real store: skip when done, re-run exactly the changed stage and its downstream,
+atomic manifests, resume from partial shards, and every variant's DAG."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from speed_ray import pipeline
+from speed_ray.pipeline import StageError, build_plan, fingerprints, run_pipeline
+from speed_ray.run_config import build_config
+from speed_ray.store import RunStore
+
+CALLS: list[str] = []
+
+
+def _fake_stage(ctx):
+    """Writes one shard naming the stage and its inputs' fingerprints."""
+    CALLS.append(ctx.name)
+    ups = {role: out.fingerprint for role, out in ctx.inputs.items()}
+    ctx.out.write_shard("part-0", [{"id": f"{ctx.name}-0", "stage": ctx.name, "inputs": json.dumps(ups)}])
+    return {"metrics": {"ok": 1}}
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    CALLS.clear()
+    monkeypatch.setattr(pipeline, "_load", lambda fn: _fake_stage)
+    return CALLS
+
+
+def _cfg(tmp_path, **over):
+    data = {"run": {"name": "t", "run_dir": str(tmp_path / "run")}}
+    for k, v in over.items():
+        section, key = k.split("__")
+        data.setdefault(section, {})[key] = v
+    return build_config(data)
+
+
+def test_full_run_then_rerun_skips_everything(tmp_path, fake_stages):
+    cfg = _cfg(tmp_path)
+    summary = run_pipeline(cfg)
+    names = [s.name for s in build_plan("full")]
+    assert fake_stages == names
+    assert all(s["state"] == "ran" for s in summary["stages"].values())
+    fake_stages.clear()
+    summary = run_pipeline(cfg)
+    assert fake_stages == []
+    assert all(s["state"] == "skipped" for s in summary["stages"].values())
+
+
+def test_changed_setting_reruns_that_stage_and_downstream_only(tmp_path, fake_stages):
+    run_pipeline(_cfg(tmp_path))
+    fake_stages.clear()
+    run_pipeline(_cfg(tmp_path, senior_dpo__beta=0.2))
+    # senior_dpo feeds synthesis -> revision -> dedup -> train_embedder -> evaluate; revisor_sft etc. do not change.
+    assert fake_stages == ["senior_dpo", "synthesis", "revision", "dedup", "train_embedder", "evaluate"]
+    fake_stages.clear()
+    run_pipeline(_cfg(tmp_path, dedup__threshold=0.7))
+    assert fake_stages == ["dedup", "train_embedder", "evaluate"]
+
+
+def test_variants_share_a_run_dir_and_reuse_done_stages(tmp_path, fake_stages):
+    run_pipeline(_cfg(tmp_path))
+    fake_stages.clear()
+    run_pipeline(_cfg(tmp_path, pipeline__variant="no_revisor"))
+    # Everything up to the senior generator is reused; synthesis reads the same senior, so it is reused too.
+    assert fake_stages == ["dedup", "train_embedder", "evaluate"]
+    fake_stages.clear()
+    run_pipeline(_cfg(tmp_path, pipeline__variant="sft_only"))
+    assert fake_stages == ["synthesis", "dedup", "train_embedder", "evaluate"]
+
+
+def test_variant_dags_match_the_paper():
+    names = {v: [s.name for s in build_plan(v)] for v in pipeline.VARIANTS}
+    assert "senior_dpo" not in names["no_dpo"] and "judge" not in names["no_dpo"]
+    assert "revisor_sft" in names["no_dpo"] and "revision" in names["no_dpo"]
+    assert "revisor_sft" not in names["no_revisor"] and "revision" not in names["no_revisor"]
+    assert "senior_dpo" in names["no_revisor"]
+    assert not {"judge", "senior_dpo", "revisor_sft", "root_data", "revision"} & set(names["sft_only"])
+    assert not {"seed_data", "junior_sft"} & set(names["direct_instruct"])
+    assert "teacher_synthesis" in names["direct_teacher"] and "synthesis" not in names["direct_teacher"]
+    plan = {s.name: s for s in build_plan("no_dpo")}
+    assert plan["synthesis"].inputs["generator"] == "junior_sft"
+    plan = {s.name: s for s in build_plan("full")}
+    assert plan["synthesis"].inputs["generator"] == "senior_dpo"
+    assert plan["senior_dpo"].inputs["reference"] == "junior_sft"
+
+
+def test_failed_stage_leaves_no_manifest_and_keeps_shards(tmp_path, monkeypatch):
+    calls = []
+
+    def flaky(ctx):
+        calls.append(ctx.name)
+        if ctx.name == "brainstorm" and not ctx.out.has_shard("a"):
+            ctx.out.write_shard("a", [{"id": "x"}])
+            raise RuntimeError("killed mid-stage")
+        if ctx.name == "brainstorm":
+            assert ctx.out.shard_names() == ["a"]  # resumes from what it wrote
+            ctx.out.write_shard("b", [{"id": "y"}])
+        else:
+            ctx.out.write_shard("part-0", [{"id": ctx.name}])
+
+    monkeypatch.setattr(pipeline, "_load", lambda fn: flaky)
+    cfg = _cfg(tmp_path)
+    with pytest.raises(StageError, match="brainstorm"):
+        run_pipeline(cfg, stages=["topics", "brainstorm"])
+    fps = fingerprints(cfg, build_plan("full"))
+    out = RunStore(cfg.run.run_dir).stage("brainstorm", fps["brainstorm"])
+    assert not out.done and out.shard_names() == ["a"]
+    run_pipeline(cfg, stages=["topics", "brainstorm"])
+    assert out.done and out.manifest["rows"] == 2
+    assert calls == ["topics", "brainstorm", "brainstorm"]
+
+
+def test_stage_needing_an_unfinished_input_names_it(tmp_path, fake_stages):
+    with pytest.raises(StageError, match="needs 'junior_sft'"):
+        run_pipeline(_cfg(tmp_path), stages=["root_data"])
+
+
+def test_unknown_stage_is_an_error(tmp_path, fake_stages):
+    with pytest.raises(StageError, match="unknown stage"):
+        run_pipeline(_cfg(tmp_path), stages=["nope"])
+
+
+def test_manifest_records_settings_versions_and_costs(tmp_path, fake_stages):
+    cfg = _cfg(tmp_path)
+    run_pipeline(cfg, stages=["topics"])
+    out = RunStore(cfg.run.run_dir).stage("topics", fingerprints(cfg, build_plan("full"))["topics"])
+    m = out.manifest
+    assert m["stage"] == "topics" and m["rows"] == 1
+    assert m["settings"]["topics"]["n_topics"] == cfg.topics.n_topics
+    assert "ray" in m["versions"] and "torch" in m["versions"]
+    assert set(m["cost"]) >= {"calls", "prompt_tokens", "completion_tokens", "cpu_hours", "gpu_hours"}
+    assert m["ended_at"] >= m["started_at"]
