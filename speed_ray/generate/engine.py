@@ -53,7 +53,7 @@ def request_columns(req: GenRequest) -> dict[str, Any]:
     """A request as flat Parquet-friendly columns (JSON-in-string for nested values; -1 for no seed)."""
     return {"messages": json.dumps(req.messages, ensure_ascii=False), "temperature": float(req.temperature),
             "top_p": float(req.top_p), "max_tokens": int(req.max_tokens),
-            "json_schema": json.dumps(req.json_schema, sort_keys=True) if req.json_schema else "",
+            "json_schema": json.dumps(req.json_schema) if req.json_schema else "",
             "seed": -1 if req.seed is None else int(req.seed)}
 
 

@@ -153,8 +153,6 @@ class HFEngine:
                     finish = "stop"
                     break
                 toks.append(t)
-            if finish == "length" and limit < r.max_tokens and len(toks) == limit:
-                finish = "length"  # cut by the model's context window
             text = self.tokenizer.decode(toks, skip_special_tokens=True)
             results.append(GenResult(text=text, prompt_tokens=len(prompt),
                                      completion_tokens=len(toks) + (finish == "stop"), finish_reason=finish))

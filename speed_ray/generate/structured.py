@@ -21,7 +21,7 @@ class SchemaCompiler:
         self._cache: dict[str, Any] = {}
 
     def compile(self, schema: dict):
-        key = json.dumps(schema, sort_keys=True)
+        key = json.dumps(schema)  # property order steers generation: keep it
         if key not in self._cache:
             # any_whitespace=False: a small model otherwise pads JSON with runs of spaces and newlines
             self._cache[key] = self._compiler.compile_json_schema(key, any_whitespace=False, strict_mode=True)
