@@ -1,0 +1,102 @@
+"""A real two-node Ray cluster on this machine: `ray start --head` + `ray start --address`, a job submitted
+through the Jobs API with the repo as working dir and cluster/runtime_env.yaml, outputs checked in the run dir.
+Only the processes this test started are stopped (by pid, found through the cluster's own temp dir)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ours(marker: str) -> list[psutil.Process]:
+    procs = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(marker in part for part in (p.info["cmdline"] or [])):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return procs
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    temp = tempfile.mkdtemp(prefix="speedray-2node-")
+    gcs, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_TMPDIR": temp, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    head = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1",
+            f"--temp-dir={temp}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}", "--disable-usage-stats", f"--ray-client-server-port={_free_port()}",
+            f"--min-worker-port={_free_port() % 1000 + 20000}", "--max-worker-port=29999"]
+    subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
+    try:
+        subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                        "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
+        yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "temp": temp}
+    finally:
+        procs = _ours(temp) + _ours(f"127.0.0.1:{gcs}")
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=20)
+        for p in alive:
+            p.kill()
+
+
+def test_two_nodes_joined(two_node_cluster):
+    out = subprocess.run([sys.executable, "-c", "import ray, json; ray.init(address='%s', log_to_driver=False);"
+                          "print(json.dumps([n['Alive'] for n in ray.nodes()]))" % two_node_cluster["gcs"]],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "RAY_TMPDIR": two_node_cluster["temp"]})
+    alive = json.loads(out.stdout.strip().splitlines()[-1])
+    assert alive.count(True) == 2, out.stderr
+
+
+def test_submit_pipeline_job_through_jobs_api(two_node_cluster, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    run_dir = tmp_path / "run"
+    runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+    runtime_env["working_dir"] = str(REPO)
+    runtime_env["env_vars"].update({"HF_HUB_OFFLINE": "1", "SPEED_RAY_PROGRESS": "0"})
+    client = JobSubmissionClient(two_node_cluster["dashboard"])
+    # The cheap head of the tiny pipeline (no LLM): proves submission, stage execution on the cluster and the store.
+    entry = (f"python -m jobs.speed_pipeline --config configs/tiny.yaml --stages topics "
+             f"run.run_dir={run_dir} run.num_cpus=null")
+    job = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+    deadline = time.time() + 600
+    status = None
+    while time.time() < deadline:
+        status = client.get_job_status(job)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(2)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    manifests = list(run_dir.glob("stages/topics/*/manifest.json"))
+    assert len(manifests) == 1, logs[-2000:]
+    man = json.loads(manifests[0].read_text())
+    assert man["rows"] > 0 and man["stage"] == "topics"
+    assert (run_dir / "runs" / "tiny" / "plan.json").exists()
+    assert "topics" in logs and "done" in logs
