@@ -1,0 +1,148 @@
+"""Training triples for the embedder: instruction templates, nested subsets, public-data mixing, one-task batches.
+
+Query template (SPEED Section 3.3, after E5-mistral, https://arxiv.org/abs/2401.00368):
+``Instruct: {task}\\nQuery: {query}``; documents get no instruction, so a corpus index is built once.
+Symmetric tasks (STS, text matching, bitext) are the exception: E5-mistral's MTEB evaluation prepends the task
+instruction to *every* input of a non-retrieval task (both sentences of an STS pair; see unilm
+``e5/mteb_except_retrieval_eval.py``), so training puts the instruction on both sides of those pairs too,
+keeping training and evaluation inputs alike. Which task types count as symmetric is configurable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import defaultdict
+from typing import Iterable
+
+QUERY_TEMPLATE = "Instruct: {task}\nQuery: {query}"
+# E5-mistral treats these as symmetric: both sides are "queries" (see the module docstring).
+SYMMETRIC_TASK_TYPES = ("sts", "matching_short", "matching_long", "bitext")
+# Stored as the SentenceTransformer's "query" prompt: a generic retrieval instruction for callers with no task.
+DEFAULT_QUERY_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+TRIPLE_COLUMNS = ("id", "task_type", "task", "query", "positive", "negative", "source")
+
+
+class DataError(ValueError):
+    """Training data that cannot be used: missing columns, an unreadable file, too few rows for one batch."""
+
+
+def query_prompt(task: str) -> str:
+    """The instruction prefix put before a query (what SentenceTransformer calls a prompt)."""
+    return QUERY_TEMPLATE.format(task=task.strip(), query="")
+
+
+def with_instruction(task: str, text: str) -> str:
+    return QUERY_TEMPLATE.format(task=task.strip(), query=text)
+
+
+def _order_key(row_id: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest()
+
+
+def select_rows(rows: list[dict], n_samples: int | None = None, task_types: Iterable[str] | None = None,
+                seed: int = 0) -> list[dict]:
+    """Filter by task type, then take the first n_samples rows of a seed-fixed order over row ids.
+
+    The order depends only on (seed, id), so n=1000 is a prefix of n=2000: the scaling sweep trains on nested
+    subsets, and a category-filtered subset is nested the same way."""
+    if task_types:
+        keep = set(task_types)
+        rows = [r for r in rows if r.get("task_type") in keep]
+    rows = sorted(rows, key=lambda r: _order_key(str(r["id"]), seed))
+    return rows if n_samples is None else rows[:n_samples]
+
+
+def to_triple(row: dict, symmetric_types: Iterable[str] = SYMMETRIC_TASK_TYPES, source: str = "synthetic") -> dict | None:
+    """One sample row -> (query, positive, negative) texts with the instruction applied; None if unusable."""
+    task, q, pos, neg = (str(row.get(k) or "").strip() for k in ("task", "query", "positive", "negative"))
+    if not q or not pos or not neg:
+        return None   # a triple needs all three texts: the hard negative is part of the objective (eq. 4)
+    task_type = str(row.get("task_type") or "")
+    if task:
+        q = with_instruction(task, q)
+        if task_type in set(symmetric_types):
+            pos, neg = with_instruction(task, pos), with_instruction(task, neg)
+    return {"id": str(row.get("id") or _order_key(q + pos, 0)[:16]), "task_type": task_type, "task": task,
+            "query": q, "positive": pos, "negative": neg, "source": source}
+
+
+def to_triples(rows: list[dict], symmetric_types: Iterable[str] = SYMMETRIC_TASK_TYPES,
+               source: str = "synthetic") -> tuple[list[dict], int]:
+    """Rows -> triples, and how many rows were dropped for a missing query, positive or negative."""
+    out = [t for t in (to_triple(r, symmetric_types, source) for r in rows) if t is not None]
+    return out, len(rows) - len(out)
+
+
+def load_public(path: str) -> list[dict]:
+    """Public labeled data in the synthetic schema (query, positive, negative, task[, task_type, id]): Parquet
+    (a file or a directory of shards) or JSONL, local or any fsspec URL."""
+    import fsspec
+
+    if path.endswith((".jsonl", ".json")):
+        with fsspec.open(path, "r") as f:
+            rows = []
+            for i, line in enumerate(f):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}: line {i + 1} is not JSON ({e})") from None
+    else:
+        import pyarrow.dataset as ds
+
+        fs, p = fsspec.core.url_to_fs(path)
+        rows = ds.dataset(p, filesystem=fs, format="parquet").to_table().to_pylist()
+    missing = {"query", "positive", "negative"} - set(rows[0] if rows else {})
+    if not rows or missing:
+        raise DataError(f"public data {path} has no rows" if not rows else
+                        f"public data {path} lacks column(s) {sorted(missing)}")
+    for i, r in enumerate(rows):
+        r.setdefault("id", f"public-{i}")
+        r.setdefault("task_type", "public")
+        r.setdefault("task", "")
+    return rows
+
+
+def mix_public(synthetic: list[dict], public: list[dict], fraction: float, seed: int = 0) -> list[dict]:
+    """Add public triples so they make up `fraction` of the mix (capped by how many exist)."""
+    if fraction <= 0 or not public:
+        return list(synthetic)
+    want = round(len(synthetic) * fraction / (1 - fraction))
+    picked = sorted(public, key=lambda r: _order_key(str(r["id"]), seed))[:want]
+    return list(synthetic) + picked
+
+
+def make_batches(triples: list[dict], batch_size: int, one_task_per_batch: bool = True, seed: int = 0,
+                 epoch: int = 0) -> list[list[dict]]:
+    """Shuffled global batches of exactly batch_size triples (every worker needs the same shape to all-gather).
+
+    With one_task_per_batch, each batch holds one task type, so in-batch negatives are documents of the same
+    kind (a classification label is no useful negative for a retrieval query). Rows of a type that do not fill
+    a whole batch are pooled into mixed batches rather than thrown away; fewer than batch_size left are dropped."""
+    rng = random.Random(f"{seed}:{epoch}")
+    batches: list[list[dict]] = []
+    rest: list[dict] = []
+    if one_task_per_batch:
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for t in triples:
+            groups[t["task_type"]].append(t)
+        for key in sorted(groups):
+            g = groups[key]
+            rng.shuffle(g)
+            full = len(g) // batch_size * batch_size
+            batches += [g[i:i + batch_size] for i in range(0, full, batch_size)]
+            rest += g[full:]
+    else:
+        rest = list(triples)
+    rng.shuffle(rest)
+    batches += [rest[i:i + batch_size] for i in range(0, len(rest) // batch_size * batch_size, batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def worker_slice(batch: list[dict], rank: int, world_size: int) -> list[dict]:
+    """This worker's contiguous share of a global batch (rank r holds rows r*b .. (r+1)*b - 1)."""
+    b = len(batch) // world_size
+    return batch[rank * b:(rank + 1) * b]

@@ -1,0 +1,110 @@
+"""InfoNCE with in-batch, hard and cross-worker negatives (SPEED eq. 4), and GradCache for memory-free batch size.
+
+Loss: SPEED Section 3.3 eq. 4 / E5-mistral (https://arxiv.org/abs/2401.00368), cosine similarity over temperature.
+GradCache: Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup",
+https://arxiv.org/abs/2101.06983.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def compute_loss_from_embeddings(q: Tensor, p: Tensor, n: Tensor, temperature: float, offset: int = 0) -> Tensor:
+    """Mean InfoNCE of the queries q against every positive p and every hard negative n.
+
+    q: (b, d) this worker's queries; p, n: (B, d) positives and hard negatives of the whole (gathered) batch,
+    where q[i] belongs with p[offset + i] and n[offset + i]. Candidates are [p; n]: query i's target is column
+    offset + i, so a hard negative (columns B..2B-1) is a negative for every query and a positive for none."""
+    q = F.normalize(q, dim=-1)
+    docs = F.normalize(torch.cat([p, n], dim=0), dim=-1)       # (2B, d)
+    logits = q @ docs.T / temperature                          # (b, 2B)
+    labels = torch.arange(offset, offset + q.size(0), device=q.device)
+    return F.cross_entropy(logits.float(), labels)
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """All-gather along dim 0, keeping gradients: backward sums every rank's gradient for this rank's rows
+    (torch.distributed.nn's all_gather), so each worker gets the full gradient of the global loss wrt its own
+    embeddings. Identity without a process group."""
+    if not _dist_ready():
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def contrastive_loss(q: Tensor, p: Tensor, n: Tensor, temperature: float, gather: bool = True) -> Tensor:
+    """This worker's loss with negatives from every worker. Averaging the workers' gradients (DDP does) gives
+    exactly the gradient of the single-process loss over the global batch."""
+    if not (gather and _dist_ready()):
+        return compute_loss_from_embeddings(q, p, n, temperature)
+    offset = torch.distributed.get_rank() * q.size(0)
+    return compute_loss_from_embeddings(q, gather_with_grad(p), gather_with_grad(n), temperature, offset)
+
+
+class RandState:
+    """The CPU and CUDA RNG states at one moment, so a chunk's second forward sees the same dropout masks."""
+
+    def __init__(self):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    @contextmanager
+    def replay(self):
+        devices = list(range(len(self.cuda))) if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state_all(self.cuda)
+            yield
+
+
+Encode = Callable[[list[str]], Tensor]
+LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def plain_step(encode: Encode, sides: Sequence[list[str]], loss_fn: LossFn) -> Tensor:
+    """Embed every side with grad, compute the loss, backprop. Returns the detached loss."""
+    loss = loss_fn(*(encode(texts) for texts in sides))
+    loss.backward()
+    return loss.detach()
+
+
+def grad_cache_step(encode: Encode, sides: Sequence[list[str]], loss_fn: LossFn, chunk_size: int) -> Tensor:
+    """GradCache: the same gradients as plain_step with activation memory for one chunk, not the batch.
+
+    1. embed each chunk without grad (remembering its RNG state);
+    2. loss on the detached embeddings, backward to get d loss / d embedding (the cache);
+    3. re-embed each chunk with grad under the same RNG state and backprop its cached gradient."""
+    chunks = [[texts[i:i + chunk_size] for i in range(0, len(texts), chunk_size)] for texts in sides]
+    states: list[list[RandState]] = []
+    embs: list[Tensor] = []
+    with torch.no_grad():
+        for side in chunks:
+            states.append([])
+            parts = []
+            for chunk in side:
+                states[-1].append(RandState())
+                parts.append(encode(chunk))
+            embs.append(torch.cat(parts).detach().requires_grad_())
+    loss = loss_fn(*embs)
+    loss.backward()
+    for side, side_states, emb in zip(chunks, states, embs):
+        grads = emb.grad.split([len(c) for c in side])
+        for chunk, state, grad in zip(side, side_states, grads):
+            with state.replay():
+                out = encode(chunk)
+                # d loss / d params = sum over rows of (d loss / d emb) . (d emb / d params)
+                out.backward(grad.to(out.dtype))
+    return loss.detach()

@@ -1,0 +1,186 @@
+"""The embedder: a Hugging Face backbone with last-token (EOS) or mean pooling, LoRA, and SentenceTransformer export.
+
+Decoder LLMs use E5-mistral's recipe (https://arxiv.org/abs/2401.00368): an EOS token appended to every input and
+the last layer's state at that EOS as the embedding. The EOS is appended by the tokenizer's own post-processor,
+so the exported SentenceTransformer tokenizes exactly as training did.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Pooling = Literal["mean", "last_token", "cls"]
+
+
+def is_decoder(config) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith("ForCausalLM") for a in archs) or bool(getattr(config, "is_decoder", False))
+
+
+def resolve_pooling(pooling: str, config) -> Pooling:
+    """auto: last_token for decoder LLMs (E5-mistral), mean for encoders (sentence-transformers' default)."""
+    if pooling != "auto":
+        return pooling  # type: ignore[return-value]
+    return "last_token" if is_decoder(config) else "mean"
+
+
+def ensure_eos_appended(tok):
+    """Make the tokenizer end every encoded text with EOS (and keep a BOS if it adds one), then check it does."""
+    from tokenizers import processors
+
+    if tok.eos_token_id is None:
+        raise ValueError("last-token pooling needs a tokenizer with an eos_token")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token   # the attention mask, not the pad id, decides what is pooled
+    tok.padding_side = "right"
+    probe = "a b"
+    ids = tok(probe)["input_ids"]
+    if ids and ids[-1] == tok.eos_token_id:
+        return tok
+    bare = tok(probe, add_special_tokens=False)["input_ids"]
+    prefix = ids[: len(ids) - len(bare)] if ids[len(ids) - len(bare):] == bare else []
+    specials = {tok.convert_ids_to_tokens(i): i for i in prefix}
+    eos = tok.eos_token
+    specials[eos] = tok.eos_token_id
+    head = " ".join(tok.convert_ids_to_tokens(i) for i in prefix)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{head} $A:0 {eos}".strip(), pair=f"{head} $A:0 {eos} $B:1 {eos}:1".strip(),
+        special_tokens=list(specials.items()))
+    ids = tok(probe)["input_ids"]
+    if not ids or ids[-1] != tok.eos_token_id:
+        raise ValueError(f"could not make tokenizer {type(tok).__name__} append {eos!r}")
+    return tok
+
+
+def pool(hidden: Tensor, mask: Tensor, pooling: Pooling) -> Tensor:
+    """(n, t, d) token states -> (n, d). last_token takes the last position the mask keeps, for either padding side
+    (the same rule as sentence-transformers' Pooling 'lasttoken', so the export embeds identically)."""
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    if pooling == "cls":
+        return hidden[:, 0]
+    t = mask.size(1)
+    last = t - 1 - mask.flip(1).to(torch.int64).argmax(1)
+    return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+
+
+class Embedder(nn.Module):
+    """backbone + pooling; encode(texts) tokenizes, runs the backbone and pools."""
+
+    def __init__(self, backbone: nn.Module, tokenizer, pooling: Pooling, max_length: int = 512,
+                 autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_length = max_length
+        self.autocast_dtype = autocast_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, Tensor]:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length or self.max_length,
+                             return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        if self.autocast_dtype is not None:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                hidden = self.backbone(**features).last_hidden_state
+        else:
+            hidden = self.backbone(**features).last_hidden_state
+        return pool(hidden, features["attention_mask"], self.pooling).float()
+
+    def encode(self, texts: list[str], max_length: int | None = None) -> Tensor:
+        return self(self.tokenize(texts, max_length))
+
+
+def load_embedder(path: str, pooling: str = "auto", lora: bool = True, lora_r: int = 16, lora_alpha: int = 16,
+                  lora_dropout: float = 0.0, precision: str = "fp32", gradient_checkpointing: bool = False,
+                  max_length: int = 512) -> Embedder:
+    """Backbone (no LM head) from a local dir or hub id, with LoRA on every linear layer (E5-mistral: r=16)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path)
+    mode = resolve_pooling(pooling, config)
+    tok = AutoTokenizer.from_pretrained(path)
+    if mode == "last_token":
+        tok = ensure_eos_appended(tok)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    backbone = AutoModel.from_pretrained(path, dtype=dtype)
+    if gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        # all-linear: q,k,v,o and the MLP, as in E5-mistral; adapters are kept in fp32 by peft.
+        backbone = get_peft_model(backbone, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                       target_modules="all-linear", task_type="FEATURE_EXTRACTION"))
+    return Embedder(backbone, tok, mode, max_length, autocast_dtype=dtype if dtype != torch.float32 else None)
+
+
+def trainable_state(embedder: Embedder) -> dict[str, Tensor]:
+    """Only what training changes (the LoRA weights, or everything without LoRA): what a checkpoint holds."""
+    return {k: v.detach().cpu() for k, v in embedder.backbone.named_parameters() if v.requires_grad}
+
+
+def load_trainable_state(embedder: Embedder, state: dict[str, Tensor]) -> None:
+    params = dict(embedder.backbone.named_parameters())
+    missing = [k for k in state if k not in params]
+    if missing:
+        raise ValueError(f"checkpoint has parameters the model lacks: {missing[:3]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+
+
+def save_sentence_transformer(embedder: Embedder, out_dir: str, query_instruction: str,
+                              max_seq_length: int) -> str:
+    """Merge LoRA, write a SentenceTransformer dir: backbone + Pooling (training's mode) + Normalize, with the
+    query instruction stored as its "query" prompt and cosine similarity. Documents are encoded with no prompt."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.normalize import Normalize
+    from sentence_transformers.base.modules.transformer import Transformer
+    from sentence_transformers.sentence_transformer.modules.pooling import Pooling as STPooling
+
+    from speed_ray.embedder.data import query_prompt
+
+    backbone = embedder.backbone
+    if hasattr(backbone, "merge_and_unload"):
+        backbone = backbone.merge_and_unload()
+    dtype = next(backbone.parameters()).dtype
+    tmp = tempfile.mkdtemp(prefix="speedray-embedder-")
+    try:
+        backbone.save_pretrained(tmp, safe_serialization=True)
+        # An embedder does not chat: with a chat template, sentence-transformers would wrap every text in it
+        # and tokenize differently from training.
+        embedder.tokenizer.chat_template = None
+        embedder.tokenizer.save_pretrained(tmp)
+        for name in ("chat_template.jinja", "chat_template.json"):
+            if os.path.exists(os.path.join(tmp, name)):
+                os.remove(os.path.join(tmp, name))
+        word = Transformer(tmp, max_seq_length=max_seq_length, model_kwargs={"dtype": dtype})
+        mode = {"last_token": "lasttoken"}.get(embedder.pooling, embedder.pooling)
+        st = SentenceTransformer(modules=[word, STPooling(word.get_embedding_dimension(), mode), Normalize()],
+                                 prompts={"query": query_prompt(query_instruction), "document": ""},
+                                 default_prompt_name=None, similarity_fn_name="cosine", device="cpu")
+        probe = ["Instruct: probe\nQuery: two words"]
+        got = st.preprocess(probe)["input_ids"][0].tolist()
+        want = embedder.tokenizer(probe)["input_ids"][0]
+        if got != want:
+            raise RuntimeError(f"the exported model tokenizes differently from training ({got} vs {want})")
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        st.save(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
