@@ -2,7 +2,7 @@
 
 Usage (in-process; the server runs on its own event loop in a daemon thread):
 
-    from tests.fake_openai import FakeOpenAI, Fault
+    from fake_openai import FakeOpenAI, Fault      # tests/ is on sys.path under pytest (no __init__.py)
     with FakeOpenAI(latency_s=0.0) as srv:            # srv.base_url == "http://127.0.0.1:<port>/v1"
         srv.add_fault(Fault("status", status=429, retry_after="1", times=1))
         ... point a TeacherClient at srv.base_url ...
@@ -187,18 +187,21 @@ class FakeOpenAI:
                 "model": body.get("model"), "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                 "usage": usage}
 
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model"}]})
+
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_get("/v1/models", lambda r: web.json_response(
-            {"object": "list", "data": [{"id": "fake", "object": "model"}]}))
+        app.router.add_get("/v1/models", self._models)
         return app
 
     async def _start(self) -> None:
         # handler_cancellation: a hung handler stops when its client gives up (as a real server's would)
-        self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False, handler_cancellation=True)
+        self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False, handler_cancellation=True,
+                                    shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024, shutdown_timeout=0.5)
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
 

@@ -1,0 +1,359 @@
+"""Teacher client: pacing maths, retries, limits, cache, budget, accounting, key redaction, and teacher_map on Ray."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from speed_ray.teacher.cache import ResponseCache
+from speed_ray.teacher.client import ChatRequest, Secret, TeacherClient
+from speed_ray.teacher.config import TeacherConfig
+from speed_ray.teacher.ratelimit import Budget, RateLimiter, TokenBucket, backoff_delay, parse_retry_after
+from speed_ray.teacher.requests_ray import ledger_from_table, results_to_columns
+from fake_openai import REFUSAL, FakeOpenAI, Fault, request_hash
+
+KEY = "sk-test-REDACTME-7f3a9c1e5b2d4086"
+
+
+@pytest.fixture
+def srv():
+    with FakeOpenAI() as s:
+        yield s
+
+
+def req(i, text: str = "", **kw) -> ChatRequest:
+    return ChatRequest(f"r{i}", [{"role": "system", "content": "be brief"},
+                                 {"role": "user", "content": f"question {i} {text}"}], max_tokens=64, **kw)
+
+
+def client(srv, **kw) -> TeacherClient:
+    kw.setdefault("backoff_base_s", 0.01)
+    kw.setdefault("backoff_max_s", 0.05)
+    kw.setdefault("max_retries", 2)
+    kw.setdefault("timeout_s", 10.0)
+    return TeacherClient(srv.base_url, "fake-model", api_key_env="SPEED_RAY_TEST_KEY", **kw)
+
+
+def arrivals(srv, h: str) -> list[float]:
+    return [t for t, hh, _ in srv.log if hh == h]
+
+
+def hash_of(c: TeacherClient, r: ChatRequest) -> str:
+    return request_hash(c._body(r))
+
+
+# ---- pure pacing ---------------------------------------------------------------------------------------
+def test_token_bucket_reserves_in_order_and_allows_debt():
+    b = TokenBucket(rate_per_s=2.0, burst=2.0, clock=lambda: 0.0)
+    assert [b.reserve(1, now=0.0) for _ in range(4)] == [0.0, 0.0, 0.5, 1.0]
+    assert b.reserve(1, now=10.0) == 0.0            # refilled, capped at the burst
+    assert b.reserve(5, now=10.0) == pytest.approx(2.0)  # bigger than the burst: passes after its deficit
+    b.adjust(-5, now=10.0)                           # refund: real usage was lower than booked
+    assert b.reserve(1, now=10.0) == 0.0
+
+
+def test_rate_limiter_rpm_and_tpm():
+    t = [0.0]
+    lim = RateLimiter(rpm=120, tpm=600, clock=lambda: t[0])   # 2 req/s, 10 tok/s
+    assert lim.reserve(5) == 0.0
+    assert lim.reserve(5) == 0.0
+    assert lim.reserve(5) == pytest.approx(0.5)      # both buckets in debt: the tighter (0.5 s) wins
+    lim.correct(est_tokens=5, actual_tokens=25)      # real usage was higher: the tpm bucket owes more
+    assert lim.reserve(0) == pytest.approx(2.5)
+
+
+def test_parse_retry_after_forms():
+    assert parse_retry_after({"retry-after": "3"}) == 3.0
+    assert parse_retry_after({"retry-after": "1.5"}) == 1.5
+    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    now = 1_700_000_000.0
+    date = email.utils.formatdate(now + 7, usegmt=True)
+    assert parse_retry_after({"retry-after": date}, now=now) == pytest.approx(7.0)
+    assert parse_retry_after({"retry-after": email.utils.formatdate(now - 60, usegmt=True)}, now=now) == 0.0
+    assert parse_retry_after({"retry-after": "soon"}) is None
+    assert parse_retry_after({}) is None
+
+
+def test_backoff_full_jitter_bounds_and_retry_after_floor():
+    rng = random.Random(0)
+    for attempt in range(8):
+        cap = min(4.0, 0.5 * 2 ** attempt)
+        ds = [backoff_delay(attempt, 0.5, 4.0, None, rng) for _ in range(200)]
+        assert all(0.0 <= d <= cap for d in ds)
+        assert max(ds) > 0.5 * cap                   # full jitter spans the range, not a fixed delay
+    assert all(backoff_delay(0, 0.5, 4.0, 3.0, rng) >= 3.0 for _ in range(50))
+
+
+def test_budget_caps_calls_and_tokens():
+    b = Budget(max_calls=2)
+    assert b.try_acquire(10) and b.try_acquire(10) and not b.try_acquire(10)
+    b = Budget(max_tokens=100)
+    assert b.try_acquire(60)
+    assert not b.try_acquire(60)                     # 60 reserved + 60 > 100: never overshoot
+    b.settle(60, 20)                                 # real usage 20: room again
+    assert b.try_acquire(60) and b.snapshot()["tokens_spent"] == 20
+
+
+# ---- against the fake server ---------------------------------------------------------------------------
+@pytest.mark.parametrize("form", ["seconds", "http_date"])
+def test_429_retry_after_is_honoured(srv, form):
+    c = client(srv)
+    r = req(1)
+    value = "1" if form == "seconds" else email.utils.formatdate(time.time() + 2, usegmt=True)
+    srv.add_fault(Fault("status", status=429, retry_after=value, times=1))
+    [res] = c.complete_many_sync([r])
+    assert res.error is None and res.attempts == 2 and res.text
+    t = arrivals(srv, hash_of(c, r))
+    # backoff alone would be <= 0.01 s; the retry waited for the server's window (an HTTP date has 1 s resolution)
+    assert len(t) == 2 and t[1] - t[0] >= 0.9
+
+
+def test_5xx_retried_then_exhausted_and_4xx_not_retried(srv):
+    c = client(srv, max_retries=2)
+    srv.add_fault(Fault("status", status=500, match="doomed", times=None),
+                  Fault("status", status=503, match="flaky", times=1),
+                  Fault("status", status=400, match="invalid", times=None, message="bad field 'x'"),
+                  Fault("status", status=404, match="missing", times=None))
+    reqs = [req(0, "doomed"), req(1, "flaky"), req(2, "invalid"), req(3, "missing"), req(4)]
+    res = c.complete_many_sync(reqs)
+    assert [r.request_id for r in res] == [r.request_id for r in reqs]   # order preserved
+    assert (res[0].error, res[0].attempts, res[0].text) == ("http_500_exhausted", 3, None)
+    assert (res[1].error, res[1].attempts) == (None, 2)
+    assert (res[2].error, res[2].attempts) == ("http_400: bad field 'x'", 1)
+    assert res[3].error.startswith("http_404") and res[3].attempts == 1
+    assert (res[4].error, res[4].attempts) == (None, 1)
+    assert srv.received[hash_of(c, reqs[0])] == 3 and srv.received[hash_of(c, reqs[2])] == 1
+    assert srv.total == sum(r.attempts for r in res)
+
+
+def test_timeouts_and_garbage_bodies_are_retried(srv):
+    c = client(srv, timeout_s=0.3, max_retries=1)
+    srv.add_fault(Fault("hang", match="slow-once", times=1, hang_s=5),
+                  Fault("hang", match="slow-always", times=None, hang_s=5),
+                  Fault("garbage_body", match="garbled", times=1))
+    res = c.complete_many_sync([req(0, "slow-once"), req(1, "slow-always"), req(2, "garbled")])
+    assert (res[0].error, res[0].attempts) == (None, 2)
+    assert (res[1].error, res[1].attempts) == ("timeout_exhausted", 2)
+    assert (res[2].error, res[2].attempts) == (None, 2)
+
+
+def test_content_faults_are_answers_for_the_parser(srv, tmp_path):
+    """Truncated JSON, refusal sentences and wrong-schema JSON are the model's answer: returned (and cached) for
+    the stage's parser to reject; a structured-output refusal (content null) is an error and is not cached."""
+    cache = ResponseCache(str(tmp_path / "cache"))
+    c = client(srv, cache=cache)
+    srv.add_fault(Fault("truncate", match="cut"), Fault("refusal", match="nope"),
+                  Fault("wrong_schema", match="odd"), Fault("refusal_field", match="structured"))
+    res = c.complete_many_sync([req(0, "cut"), req(1, "nope"), req(2, "odd"), req(3, "structured")])
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(res[0].text)
+    assert res[0].finish_reason == "length"
+    assert res[1].text == REFUSAL
+    assert "unexpected_field" in json.loads(res[2].text)
+    assert res[3].text is None and res[3].error == f"refusal: {REFUSAL}"
+    assert len(cache) == 3
+
+
+def test_concurrency_bound_is_respected():
+    with FakeOpenAI(latency_s=0.1) as srv:
+        c = client(srv, concurrency=4)
+        res = c.complete_many_sync([req(i) for i in range(24)])
+        assert all(r.error is None for r in res)
+        assert 2 <= srv.max_inflight <= 4
+
+
+def test_rpm_limit_spreads_requests(srv):
+    c = client(srv, rpm=600)                         # 10/s with a burst of 10
+    res = c.complete_many_sync([req(i) for i in range(25)])
+    assert all(r.error is None for r in res)
+    t = sorted(t for t, _, _ in srv.log)
+    assert t[-1] - t[0] >= 1.4                       # 15 requests beyond the burst need >= 1.5 s at 10/s
+
+
+def test_cache_rerun_sends_only_what_failed(srv, tmp_path):
+    cache_url = str(tmp_path / "cache")
+    reqs = [req(i, "doomed" if i % 5 == 0 else "") for i in range(20)]
+    srv.add_fault(Fault("status", status=500, match="doomed", times=None))
+    c1 = client(srv, cache=ResponseCache(cache_url), max_retries=1)
+    first = c1.complete_many_sync(reqs)
+    failed = {hash_of(c1, r) for r, x in zip(reqs, first) if x.error}
+    assert len(failed) == 4 and all(x.error == "http_500_exhausted" for x in first if x.error)
+    srv.clear_faults()
+    srv.reset_counts()
+    c2 = client(srv, cache=ResponseCache(cache_url))   # a fresh process would build a fresh client
+    second = c2.complete_many_sync(reqs)
+    assert set(srv.received) == failed and srv.total == 4
+    assert all(x.error is None for x in second)
+    assert sum(x.cached for x in second) == 16
+    assert [x.text for x, y in zip(second, first) if y.error is None] == [y.text for y in first if y.error is None]
+    srv.reset_counts()
+    third = c2.complete_many_sync(reqs)
+    assert srv.total == 0 and all(x.cached for x in third)
+
+
+def test_cache_key_covers_the_request_not_the_auth():
+    base = req(1)
+    k = ResponseCache.key_for("m", base)
+    assert k == ResponseCache.key_for("m", req(1))
+    assert k == ResponseCache.key_for("m", ChatRequest("another-id", base.messages, max_tokens=64))
+    for other in (ResponseCache.key_for("m2", base), ResponseCache.key_for("m", req(2)),
+                  ResponseCache.key_for("m", req(1, temperature=0.0)), ResponseCache.key_for("m", req(1, seed=3)),
+                  ResponseCache.key_for("m", req(1, response_format={"type": "json_object"}))):
+        assert other != k
+
+
+def test_budget_stops_at_cap_and_every_request_is_accounted(srv, tmp_path):
+    srv.add_fault(Fault("status", status=500, match="doomed", times=None),
+                  Fault("status", status=429, retry_after="0", per_request=True, times=1))
+    c = client(srv, concurrency=3, budget=Budget(max_calls=10), max_retries=1, cache=ResponseCache(str(tmp_path)))
+    reqs = [req(i, "doomed" if i in (2, 7) else "") for i in range(16)]
+    res = c.complete_many_sync(reqs)
+    ok = [r for r in res if r.error is None]
+    failed = [r for r in res if r.error and r.error != "budget_exhausted"]
+    skipped = [r for r in res if r.error == "budget_exhausted"]
+    assert len(ok) + len(failed) + len(skipped) == len(reqs)
+    assert len(ok) + len(failed) == 10 and len(skipped) == 6
+    assert all(r.attempts == 0 and r.text is None for r in skipped)
+    assert len(srv.received) == 10                   # nothing past the cap reached the server
+    assert srv.total == sum(r.attempts for r in res)
+    ledger = ledger_from_table(pa.table(results_to_columns(res, [""] * len(res))))
+    assert ledger["calls"] == 10 and ledger["budget_exhausted"] == 6 and ledger["cached_calls"] == 0
+    assert ledger["failed_calls"] == len(failed)
+    assert ledger["completion_tokens"] == sum(r.completion_tokens for r in ok) > 0
+    # a rerun with a fresh budget pays only for what is missing
+    srv.clear_faults()
+    srv.reset_counts()
+    again = client(srv, budget=Budget(max_calls=10), cache=ResponseCache(str(tmp_path))).complete_many_sync(reqs)
+    assert srv.total == len(failed) + len(skipped) and all(r.error is None for r in again)
+    assert ledger_from_table(pa.table(results_to_columns(again, [""] * 16)))["cached_calls"] == len(ok)
+
+
+def test_token_budget_never_overshoots(srv):
+    budget = Budget(max_tokens=1000)
+    res = client(srv, budget=budget, concurrency=4).complete_many_sync([req(i) for i in range(40)])
+    spent = sum(r.prompt_tokens + r.completion_tokens for r in res)
+    assert spent <= 1000 and budget.tokens_spent == spent and budget.tokens_reserved == 0
+    assert any(r.error == "budget_exhausted" for r in res) and any(r.error is None for r in res)
+
+
+def test_api_key_never_leaks(srv, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SPEED_RAY_TEST_KEY", KEY)
+    caplog.set_level(logging.DEBUG)
+    # a server that echoes the key in its error message (some proxies do)
+    srv.add_fault(Fault("status", status=401, match="auth", times=None, message=f"invalid key {KEY}"),
+                  Fault("status", status=500, match="doomed", times=None, message=f"upstream saw {KEY}"),
+                  Fault("hang", match="slow", times=None, hang_s=5))
+    cache = ResponseCache(str(tmp_path / "cache"))
+    c = client(srv, cache=cache, timeout_s=0.3, max_retries=1)
+    res = c.complete_many_sync([req(0, "auth"), req(1, "doomed"), req(2, "slow"), req(3)])
+    assert srv.auth_headers[f"Bearer {KEY}"] == srv.total > 0   # the key was really sent
+    assert res[0].error.startswith("http_401") and "***" in res[0].error
+    from speed_ray.store import StageOutput
+
+    out = StageOutput(str(tmp_path / "run"), "teacher", "fp")
+    out.write_shard("part-0", pa.table(results_to_columns(res, [""] * len(res))))
+    out.write_manifest({"cost": ledger_from_table(out.read_table()), "results": [repr(r) for r in res]})
+    texts = [caplog.text, repr(c), str(c.__dict__), repr(Secret(KEY)), str(Secret(KEY)), *map(repr, res)]
+    with pytest.raises(TypeError):
+        import pickle
+
+        pickle.dumps(c)
+    for p in Path(tmp_path).rglob("*"):
+        if p.is_file():
+            texts.append(p.read_bytes().decode("utf-8", "replace"))
+    assert not [t for t in texts if KEY in t]
+
+
+# ---- Ray Data ------------------------------------------------------------------------------------------
+def _rows(n: int, doomed_every: int = 0) -> list[dict]:
+    return [{"request_id": f"r{i:04d}",
+             "messages": json.dumps([{"role": "user", "content": f"q{i}" + (" doomed" if doomed_every and
+                                                                             i % doomed_every == 0 else "")}]),
+             "temperature": 1.0, "top_p": 1.0, "max_tokens": 32,
+             "response_format": json.dumps({"type": "json_object"}) if i % 2 else ""} for i in range(n)]
+
+
+def test_teacher_map_end_to_end_with_faults_and_resume(ray_local, tmp_path, monkeypatch):
+    import ray
+
+    from speed_ray.store import StageOutput
+    from speed_ray.streaming import done_ids, filter_pending, write_stream
+    from speed_ray.teacher.requests_ray import teacher_map
+
+    monkeypatch.setenv("SPEED_RAY_TEST_KEY", KEY)
+    rows = _rows(120, doomed_every=10)
+    rows[5]["messages"] = "not json"                 # bad input: an error on its row, the rest goes on
+    cfg = TeacherConfig(model="fake-model", api_key_env="SPEED_RAY_TEST_KEY", concurrency=16, max_retries=1,
+                        backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=5.0)
+    cache_url = str(tmp_path / "cache")
+    with FakeOpenAI(latency_s=0.02) as srv:
+        srv.add_fault(Fault("status", status=500, match="doomed", times=None),
+                      Fault("status", status=429, retry_after="0.05", per_request=True, times=1, match="q3"),
+                      Fault("truncate", match="q7", times=None))
+        # run 1, "killed" after the first 60 rows: only they were written
+        out = StageOutput(str(tmp_path / "run"), "teacher", "fp1")
+        ds = ray.data.from_items(rows[:60], override_num_blocks=4)
+        n = write_stream(teacher_map(ds, cfg, srv.base_url, cache_url, num_actors=2, batch_size=8), out,
+                         rows_per_shard=20, id_col="request_id")
+        assert n == 60
+        first = out.read_table()
+        errs = dict(zip(first.column("request_id").to_pylist(), first.column("error").to_pylist()))
+        assert errs["r0005"].startswith("bad_request:")
+        assert {k for k, v in errs.items() if v == "http_500_exhausted"} == {f"r{i:04d}" for i in range(0, 60, 10)}
+        assert srv.total == sum(first.column("attempts").to_pylist())
+        assert srv.auth_headers[f"Bearer {KEY}"] == srv.total
+        sent_first = set(srv.received)
+
+        # run 2 resumes: rows already written are skipped; new rows are sent, nothing written is re-sent
+        srv.reset_counts()
+        pending = filter_pending(ray.data.from_items(rows, override_num_blocks=4), done_ids(out, "request_id"),
+                                 "request_id")
+        n2 = write_stream(teacher_map(pending, cfg, srv.base_url, cache_url, num_actors=2, batch_size=8), out,
+                          rows_per_shard=20, id_col="request_id")
+        assert n2 == 60 and out.num_rows() == 120
+        assert not set(srv.received) & sent_first
+        table = out.read_table()
+        ids = table.column("request_id").to_pylist()
+        assert sorted(ids) == sorted(r["request_id"] for r in rows)
+        led = ledger_from_table(table)
+        assert led["calls"] == 119 and led["failed_calls"] == 12 and led["budget_exhausted"] == 0
+
+        # run 3 re-asks everything with the faults gone: the cache answers all but the 12 failures
+        srv.clear_faults()
+        srv.reset_counts()
+        fresh = StageOutput(str(tmp_path / "run"), "teacher", "fp2")
+        write_stream(teacher_map(ray.data.from_items(rows, override_num_blocks=4), cfg, srv.base_url, cache_url,
+                                 num_actors=2, batch_size=8), fresh, rows_per_shard=40, id_col="request_id")
+        third = fresh.read_table()
+        assert srv.total == 12
+        led3 = ledger_from_table(third)
+        assert (led3["calls"], led3["cached_calls"], led3["failed_calls"]) == (12, 107, 0)
+
+    for p in Path(tmp_path).rglob("*"):
+        if p.is_file():
+            assert KEY not in p.read_bytes().decode("utf-8", "replace"), p
+
+
+def test_teacher_map_budget_is_shared_across_actors(ray_local, tmp_path):
+    import ray
+
+    from speed_ray.teacher.requests_ray import teacher_map
+
+    cfg = TeacherConfig(model="fake-model", api_key_env="SPEED_RAY_TEST_KEY", concurrency=8, max_calls=25,
+                        max_retries=0)
+    with FakeOpenAI(latency_s=0.01) as srv:
+        ds = teacher_map(ray.data.from_items(_rows(60), override_num_blocks=6), cfg, srv.base_url, None,
+                         num_actors=2, batch_size=5)
+        table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+        led = ledger_from_table(table)
+        assert table.num_rows == 60
+        assert (led["calls"], led["budget_exhausted"]) == (25, 35)
+        assert srv.total == 25
