@@ -54,9 +54,19 @@ class TeacherConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     cache: bool = True                       # response cache keyed by the full request
     local_server: LocalServerConfig = field(default_factory=LocalServerConfig)
+    on_budget_exhausted: Literal["fail", "finish"] = "fail"   # fail: stage stays incomplete, a rerun resumes it;
+    #                                          finish: completes with what fits (rerun with --force to top up)
+    max_failed_fraction: float = 0.01        # stage fails when more requests than this got no answer after retries
+    shard_rows: int = 256                    # answered requests per output shard (the unit of resume)
+    request_batch_size: int = 64             # rows per teacher_map batch
+    num_actors: int = 1                      # teacher_map actors; concurrency/rpm/tpm are split across them
 
     def __post_init__(self):
         check(self.concurrency > 0, "concurrency", "must be > 0")
+        check(self.shard_rows > 0, "shard_rows", "must be > 0")
+        check(0.0 <= self.max_failed_fraction <= 1.0, "max_failed_fraction", "must be in [0, 1]")
+        check(self.request_batch_size > 0, "request_batch_size", "must be > 0")
+        check(self.num_actors > 0, "num_actors", "must be > 0")
         check(self.timeout_s > 0, "timeout_s", "must be > 0")
         check(self.max_retries >= 0, "max_retries", "must be >= 0")
         check(self.rpm is None or self.rpm > 0, "rpm", "must be > 0")
