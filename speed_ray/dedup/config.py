@@ -19,6 +19,7 @@ class DedupConfig:
     threshold: float = 0.8                    # Jaccard threshold
     seed: int = 1                             # datasketch's default MinHash seed
     batch_size: int = 4096                    # rows per map_batches call
+    bucket_partition_rows: int = 2_000_000    # (band, key, id) rows per bucket partition: bounds a worker's memory
 
     def __post_init__(self):
         check(self.num_perm > 0, "num_perm", "must be > 0")
@@ -28,6 +29,8 @@ class DedupConfig:
         check(self.bands is None or self.bands * self.rows <= self.num_perm, "bands",
               "bands * rows must be <= num_perm")
         check(len(self.fields) > 0, "fields", "name at least one field")
+        check(self.batch_size > 0, "batch_size", "must be > 0")
+        check(self.bucket_partition_rows > 0, "bucket_partition_rows", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -37,5 +40,13 @@ class FiltersConfig:
     require_negative: bool = False            # drop samples without a hard negative
     drop_positive_equals_negative: bool = True
     drop_query_in_positive: bool = True       # query copied verbatim into the positive
+    query_in_positive_min_words: int = 4      # shorter (keyword) queries may appear in their positive
+    drop_invalid: bool = True                 # drop rows the generator's validation rejected (valid == False)
     drop_boilerplate: bool = True             # "as an AI", placeholders, lorem ipsum
-    language: str | None = None               # e.g. "en": keep only this language (needs a language id package)
+    language: str | None = None               # e.g. "en": keep only positives in this language (needs `langid`)
+
+    def __post_init__(self):
+        for name in ("min_chars", "max_chars"):
+            bad = sorted(set(getattr(self, name)) - {"query", "positive", "negative"})
+            check(not bad, name, f"unknown field(s) {bad}; use query, positive, negative")
+        check(self.query_in_positive_min_words >= 1, "query_in_positive_min_words", "must be >= 1")

@@ -1,0 +1,188 @@
+"""Dedup core: datasketch-equal signatures, banding, components, exact/near dedup, quality filters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from datasketch import MinHash
+from datasketch.lsh import _optimal_param
+
+from speed_ray.dedup.components import clusters, find_duplicates, min_labels
+from speed_ray.dedup.filters import filter_reasons, quality_reason
+from speed_ray.dedup.lsh import band_layout, bucket_edges, bucket_rows, optimal_bands
+from speed_ray.dedup.minhash import exact_hashes, shingles, signatures, signatures_from_tokens
+from speed_ray.config import ConfigError, to_dict
+from speed_ray.dedup.config import DedupConfig, FiltersConfig
+
+import pyarrow as pa
+
+VOCAB = [f"w{i}" for i in range(3000)] + ["héllo", "日本語", "naïve", "Straße", "emoji🙂", "ＦＵＬＬ"]
+
+
+def _texts(n: int, seed: int = 0, lo: int = 0, hi: int = 60) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(VOCAB, size=rng.integers(lo, hi))) for _ in range(n)]
+
+
+def _datasketch(tokens: list[bytes], num_perm: int, seed: int) -> np.ndarray:
+    m = MinHash(num_perm=num_perm, seed=seed)
+    for t in tokens:
+        m.update(t)
+    return m.hashvalues
+
+
+@pytest.mark.parametrize("num_perm,seed", [(128, 1), (64, 7), (256, 42), (16, 0), (1, 3)])
+def test_signatures_equal_datasketch(num_perm, seed):
+    texts = _texts(300, seed) + ["", "   ", "one", "two words", "Ünïcödé ТЕКСТ 中文 字符 テスト 🙂🙂"]
+    sig = signatures(texts, num_perm, seed, ngram=3)
+    assert sig.shape == (len(texts), num_perm) and sig.dtype == np.uint32
+    for i, t in enumerate(texts):
+        expect = _datasketch([s.encode("utf-8") for s in shingles(t, 3)], num_perm, seed)
+        assert np.array_equal(sig[i], expect), (i, t)
+
+
+def test_signatures_from_tokens_bulk_and_blocks():
+    docs = [[f"tok{j}-{i}".encode() for j in range(i % 50)] for i in range(200)]
+    sig = signatures_from_tokens(docs, 64, 5)
+    bulk = MinHash.bulk(docs, num_perm=64, seed=5)
+    assert all(np.array_equal(s, m.hashvalues) for s, m in zip(sig, bulk))
+
+
+def test_shingles():
+    assert shingles("The  Cat, sat on  THE mat!", 3) == ["the cat sat", "cat sat on", "sat on the", "on the mat"]
+    assert shingles("two words", 3) == ["two words"]
+    assert shingles("", 3) == [] and shingles(None, 2) == []
+    assert shingles("a b c", 1) == ["a", "b", "c"]
+
+
+def test_band_layout_matches_datasketch():
+    for thr, n in [(0.8, 128), (0.5, 64), (0.9, 256)]:
+        assert optimal_bands(thr, n) == _optimal_param(thr, n, 0.5, 0.5)
+    lay = band_layout(0.8, 128)
+    assert 0 < lay["false_positive_rate"] < 0.1 and 0 < lay["false_negative_rate"] < 0.1
+    assert band_layout(0.8, 128, 16, 8)["bands"] == 16
+
+
+def test_min_labels_components():
+    lab = min_labels(np.array([5, 3, 1, 7]), np.array([4, 4, 2, 6]), 9)
+    assert lab.tolist() == [0, 1, 1, 3, 3, 3, 6, 6, 8]
+    # A long chain still converges to the minimum.
+    n = 1000
+    perm = np.random.default_rng(0).permutation(n)
+    lab = min_labels(perm[:-1], perm[1:], n)
+    assert (lab == 0).all()
+
+
+def test_exact_dedup_and_representative_is_lowest_id():
+    base = "the quick brown fox jumps over the lazy dog near the river bank today"
+    ids = ["z9", "a1", "m5", "b2", "c3"]
+    texts = [base, base.upper() + "!!", "  " + base.replace(" ", "   "), "something else entirely", ""]
+    out = find_duplicates(ids, texts, bands=9, rows=13, near=False)
+    rows = {r["id"]: r for r in out.to_pylist()}
+    assert set(rows) == {"a1", "m5", "z9"}
+    assert rows["a1"]["duplicate_of"] is None and rows["a1"]["removed_reason"] is None
+    for i in ("m5", "z9"):
+        assert rows[i]["dedup_cluster"] == "a1" and rows[i]["duplicate_of"] == "a1"
+        assert rows[i]["removed_reason"] == "exact_duplicate"
+    assert exact_hashes([base])[0] == exact_hashes([base.title()])[0] != exact_hashes(["other"])[0]
+
+
+def test_representative_independent_of_order():
+    base = _texts(1, 3, 40, 41)[0]
+    ids = [f"id{i:02d}" for i in range(8)]
+    texts = [base + f" tail{i}" for i in range(8)]
+    for perm in ([0, 1, 2, 3, 4, 5, 6, 7], [7, 3, 5, 1, 0, 6, 2, 4]):
+        out = find_duplicates([ids[i] for i in perm], [texts[i] for i in perm], bands=9, rows=13)
+        assert set(out.column("dedup_cluster").to_pylist()) == {"id00"}
+        assert sorted(out.column("id").to_pylist()) == ids
+
+
+def _planted(n_orig: int, n_dup: int, seed: int = 0):
+    """n_orig random docs, then n_dup near copies (one word replaced per ~40 words): Jaccard ~0.9+."""
+    rng = np.random.default_rng(seed)
+    docs = [list(rng.choice(VOCAB, size=int(rng.integers(80, 120)))) for _ in range(n_orig)]
+    texts, src = [" ".join(d) for d in docs], {}
+    for j in range(n_dup):
+        o = int(rng.integers(0, n_orig))
+        d = list(docs[o])
+        d[int(rng.integers(0, len(d)))] = "EDITED"
+        texts.append(" ".join(d))
+        src[n_orig + j] = o
+    return texts, src
+
+
+def test_planted_near_duplicates_recall():
+    texts, src = _planted(2000, 200)
+    ids = [f"doc{i:06d}" for i in range(len(texts))]
+    b, r = optimal_bands(0.8, 128)
+    out = find_duplicates(ids, texts, bands=b, rows=r)
+    removed = {int(x[3:]) for x, why in zip(out.column("id").to_pylist(), out.column("removed_reason").to_pylist())
+               if why is not None}
+    planted = set(src)
+    assert len(removed & planted) / len(planted) >= 0.95
+    assert len(removed & planted) / max(1, len(removed)) >= 0.95
+    reasons = set(out.column("removed_reason").to_pylist()) - {None}
+    assert reasons <= {"near_duplicate", "exact_duplicate"} and "near_duplicate" in reasons
+
+
+def test_bucket_edges_star_and_exact_flag():
+    ids = pa.array(["c", "a", "b", "d"])
+    keys = np.array([[1, 7], [1, 8], [1, 9], [2, 9]], dtype=np.uint64)
+    exact = np.array([5, 5, 6, 7], dtype=np.uint64)
+    e = bucket_edges(bucket_rows(ids, keys, exact))
+    pairs = {(s, d): x for s, d, x in zip(*(e.column(c).to_pylist() for c in ("src", "dst", "exact")))}
+    assert pairs == {("a", "b"): False, ("a", "c"): True, ("b", "d"): False}
+    cl = {r["id"]: r for r in clusters(e).to_pylist()}
+    assert {r["dedup_cluster"] for r in cl.values()} == {"a"}
+    assert cl["c"]["removed_reason"] == "exact_duplicate" and cl["b"]["removed_reason"] == "near_duplicate"
+
+
+RULES = to_dict(FiltersConfig())
+
+
+@pytest.mark.parametrize("row,reason", [
+    (("what is a cat", "A cat is a small mammal.", "", False), "invalid"),
+    (("", "A cat is a small mammal.", "", True), "empty_query"),
+    (("what is a cat", "   ", "", True), "empty_positive"),
+    (("ab", "A cat is a small mammal.", "", True), "too_short_query"),
+    (("what is a cat", "x" * 9000, "", True), "too_long_positive"),
+    (("what is a cat", "As an AI language model, I cannot answer.", "", True), "boilerplate_positive"),
+    (("what is a cat", "Lorem ipsum dolor sit amet.", "", True), "boilerplate_positive"),
+    (("find [insert topic here]", "A cat is a small mammal.", "", True), "boilerplate_query"),
+    (("what is a cat", "A cat is a small mammal.", "a CAT is a small mammal", True), "positive_equals_negative"),
+    (("what is a cat", "Well, what is a cat? A small mammal.", "", True), "query_in_positive"),
+    (("cat", "A cat is a small mammal.", "", True), None),
+    (("what is a cat", "A cat is a small mammal.", "A dog is a canine.", True), None),
+])
+def test_quality_reasons(row, reason):
+    assert quality_reason(*row, **RULES) == reason
+
+
+def test_filter_options_and_batch():
+    rules = dict(RULES, drop_query_in_positive=False, require_negative=True)
+    cols = {"query": ["what is a cat", "what is a cat"], "positive": ["what is a cat, really", "Cats."],
+            "negative": ["dogs", None], "valid": [True, True]}
+    assert filter_reasons(cols, rules) == [None, "empty_negative"]
+    with pytest.raises(KeyError, match="positive"):
+        filter_reasons({"query": ["q"]}, RULES)
+
+
+def test_language_filter_hook():
+    rules = dict(RULES, language="en")
+    assert quality_reason("what is a cat", "A cat is a mammal.", "", True, **rules,
+                          language_of=lambda t: "en") is None
+    assert quality_reason("what is a cat", "Un chat est un mammifère.", "", True, **rules,
+                          language_of=lambda t: "fr") == "language"
+    langid = pytest.importorskip("langid")
+    assert filter_reasons({"query": ["what is a cat"] * 2,
+                           "positive": ["A cat is a small domesticated carnivorous mammal with soft fur.",
+                                        "Le chat est un petit mammifère carnivore domestique à fourrure douce."]},
+                          rules) == [None, "language"]
+    assert langid
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="bands"):
+        DedupConfig(bands=20, rows=10)
+    with pytest.raises(ConfigError, match="min_chars"):
+        FiltersConfig(min_chars={"answer": 3})
