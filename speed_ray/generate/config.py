@@ -23,6 +23,12 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     structured_output: bool = True            # JSON-schema-constrained decoding per task type
     enforce_eager: bool = False               # vLLM: skip CUDA graphs (faster start for small runs)
+    gpu_memory_utilization: float = 0.9       # vLLM: share of GPU memory for weights + KV cache
+    accelerator_type: str | None = None       # vLLM: pin replicas to a GPU type (e.g. "H100", "A10G")
+    use_adapter: bool = False                 # vLLM: serve the upstream LoRA adapter on its base model (else merged)
+    max_lora_rank: int = 64                   # vLLM: largest LoRA rank it reserves for
+    max_restarts: int = -1                    # actor restarts after a worker dies (-1: unlimited)
+    max_task_retries: int = -1                # batch retries on a restarted actor (-1: unlimited)
 
     def __post_init__(self):
         check(self.batch_size > 0, "batch_size", "must be > 0")
@@ -32,6 +38,7 @@ class EngineConfig:
         check(self.num_gpus_per_replica >= 0, "num_gpus_per_replica", "must be >= 0")
         check(self.num_cpus_per_replica > 0, "num_cpus_per_replica", "must be > 0")
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -122,15 +122,21 @@ class StubEngine:
     """A deterministic, model-free engine for tests and benchmarks: echoes a valid JSON object per schema.
 
     Texts depend only on the request (messages + seed), so reruns reproduce them. A user message containing
-    `STUB_FAIL` raises, to test that one bad prompt never fails a stage.
+    `STUB_FAIL` fails that request, to test that one bad prompt never fails a stage. The model string may carry
+    test options: "stub:delay=0.2" sleeps per batch (to kill a stage mid-way).
     """
 
     name = "stub"
 
     def __init__(self, model: str | None = None, **_: Any):
         self.model = model or "stub"
+        self.options = stub_options(self.model)
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        if "delay" in self.options:
+            import time
+
+            time.sleep(float(self.options["delay"]))
         out = []
         for r in requests:
             content = " ".join(str(m.get("content", "")) for m in r.messages)
@@ -146,6 +152,12 @@ class StubEngine:
             out.append(GenResult(text=" ".join(words[:n]), prompt_tokens=len(content.split()),
                                  completion_tokens=n, finish_reason="stop" if n == len(words) else "length"))
         return out
+
+
+def stub_options(model: str) -> dict[str, str]:
+    """'stub:delay=0.2,crash_once=/tmp/x' -> {'delay': '0.2', 'crash_once': '/tmp/x'}."""
+    _, _, opts = model.partition(":")
+    return dict(kv.split("=", 1) for kv in opts.split(",") if "=" in kv)
 
 
 def _stub_object(schema: dict, h: str) -> Any:

@@ -1,0 +1,306 @@
+"""The generator-side stages on Ray Data: root_data (k samples per prompt), synthesis (D_syn) and revision.
+
+Rows stream prompt -> engine -> parse -> Parquet shards written by the workers (speed_ray.streaming); the driver
+only sees one small summary row per shard. A rerun filters out ids already written (data shards and rejects),
+so a stage killed mid-way completes with every prompt generated exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from speed_ray.generate.config import EngineConfig
+from speed_ray.generate.plan import (plan_prompt, reject_reason, request_seed, root_lists, task_pools,
+                                     type_schedule)
+from speed_ray.generate.ray_engines import generate_dataset, replicas_resources
+from speed_ray.generate.sink import (done_ids_all, rejects_output, scan_totals, write_split)
+
+log = logging.getLogger("speed_ray")
+
+
+# ---- shared helpers --------------------------------------------------------------------------------------
+def _model_for(ctx, role: str, eng: EngineConfig) -> tuple[str, str | None, str]:
+    """(model to load, LoRA adapter dir or None, generator name for lineage) from the upstream stage or config."""
+    up = ctx.inputs.get(role)
+    if up is not None:
+        man = up.manifest
+        path = man.get("model_path")
+        if not path:
+            raise ValueError(f"stage {ctx.name!r}: upstream {up.stage!r} manifest has no model_path "
+                             f"(at {up.manifest_url})")
+        if eng.model:
+            ctx.log("engine.model=%s is ignored: the upstream %s checkpoint is used", eng.model, up.stage)
+        adapter = man.get("adapter_path") if eng.use_adapter else None
+        if adapter:
+            path = _adapter_base(adapter) or path
+        return path, adapter, f"{up.stage}@{up.fingerprint}"
+    if not eng.model:
+        raise ValueError(f"stage {ctx.name!r} has no upstream generator; set {ctx.name}.engine.model "
+                         f"(e.g. an instruct model for the direct_instruct variant)")
+    if eng.kind == "stub":
+        return eng.model, None, eng.model
+    from speed_ray.models.offline import resolve_model
+
+    return resolve_model(eng.model), None, eng.model
+
+
+def _adapter_base(adapter: str) -> str | None:
+    import fsspec
+
+    try:
+        with fsspec.open(adapter.rstrip("/") + "/adapter_config.json", "r") as f:
+            return json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None
+
+
+def _ray():
+    import ray
+
+    if not ray.is_initialized():
+        from speed_ray.raylocal import ensure_ray
+
+        ensure_ray()
+    return ray
+
+
+def _tasks(ctx) -> list[dict]:
+    return ctx.inputs["tasks"].read_rows(columns=["id", "topic", "task_type", "task", "lineage"])
+
+
+def _prompt_rows(n: int, weights: dict, seed: int, stage: str, task_rows: list[dict]):
+    """ray.data.range(n) -> planned prompt rows; the schedule and task pools sit in the object store."""
+    ray = _ray()
+    names, sched = type_schedule(n, weights, seed)
+    pools = task_pools(task_rows, names)
+    sched_ref, pools_ref = ray.put(sched), ray.put(pools)
+
+    def plan(batch: dict) -> pa.Table:
+        sch, pls = ray.get(sched_ref), ray.get(pools_ref)
+        rows = []
+        for i in batch["id"]:
+            t = names[int(sch[int(i)])]
+            try:
+                rows.append(plan_prompt(int(i), t, pls[t], seed, stage))
+            except Exception as e:  # one unplannable prompt becomes a reject, not a failed stage
+                rows.append({"id": f"{stage}-{seed}-{int(i)}", "task_type": t, "task": "", "prompt": "",
+                             "prompt_params": json.dumps({"error": f"{type(e).__name__}: {e}"}), "lineage": "{}"})
+        return pa.Table.from_pylist(rows)
+
+    return ray.data.range(n).map_batches(plan, batch_format="numpy", batch_size=1024, num_cpus=0.1)
+
+
+def _requests(ds, temperature: float, top_p: float, max_tokens: int, structured: bool, seed: int,
+              messages_fn=None):
+    """Add the engine request columns (messages, sampling params, JSON schema per task type) to prompt rows."""
+    from speed_ray.teacher.schemas import sample_schema
+
+    def add(batch: pa.Table) -> pa.Table:
+        d = batch.to_pydict()
+        n = batch.num_rows
+        msgs = [messages_fn(r) for r in batch.to_pylist()] if messages_fn else d["prompt"]
+        d["messages"] = msgs
+        d["temperature"] = [float(temperature)] * n
+        d["top_p"] = [float(top_p)] * n
+        d["max_tokens"] = [int(max_tokens)] * n
+        d["json_schema"] = [json.dumps(sample_schema(t)) if structured else "" for t in d["task_type"]]
+        d["seed"] = [request_seed(seed, i) for i in d["id"]]
+        return pa.Table.from_pydict(d)
+
+    return ds.map_batches(add, batch_format="pyarrow", num_cpus=0.1)
+
+
+def _finish_metrics(ctx, eng: EngineConfig, t0: float, run: dict, totals: dict, **extra) -> dict[str, Any]:
+    wall = max(time.time() - t0, 1e-9)
+    res = replicas_resources(eng)
+    ctx.ledger.cpu_seconds += wall * eng.replicas_max * res["cpus"]
+    ctx.ledger.gpu_seconds += wall * eng.replicas_max * res["gpus"]
+    generated = run.get("generated", 0)
+    return {
+        "engine": {"kind": eng.kind, "structured_output": eng.structured_output, "replicas": [eng.replicas_min,
+                                                                                             eng.replicas_max]},
+        "metrics": {"wall_s": wall, "generated_this_run": generated, "samples_per_s": generated / wall,
+                    "output_tokens_per_s": run.get("completion_tokens", 0) / wall, **totals, **extra},
+    }
+
+
+# ---- synthesis -------------------------------------------------------------------------------------------
+def synthesis_stage(ctx) -> dict:
+    """D_syn: the generator writes cfg.synthesis.n_samples samples by the mixture; invalid ones go to rejects."""
+    cfg, sc = ctx.cfg, ctx.cfg.synthesis
+    eng = sc.engine
+    model, adapter, generator = _model_for(ctx, "generator", eng)
+    rejects = rejects_output(ctx.out)
+    done = done_ids_all(ctx.out, rejects)
+    ctx.log("synthesis: %d samples with %s (%s engine); %d already written", sc.n_samples, generator, eng.kind,
+            len(done))
+    t0 = time.time()
+    ds = _prompt_rows(sc.n_samples, dict(cfg.mixture.weights), cfg.run.seed, "synthesis", _tasks(ctx))
+    ds = _filter(ds, done)
+    ds = _requests(ds, sc.temperature, sc.top_p, eng.max_new_tokens, eng.structured_output, cfg.run.seed)
+    ds = generate_dataset(ds, eng, model, adapter)
+    ds = ds.map_batches(_SampleRows(generator), batch_format="pyarrow", num_cpus=0.1)
+    run = write_split(ds, ctx.out, rejects, sc.shard_size)
+    return _finish_metrics(ctx, eng, t0, run, scan_totals(ctx.out, rejects), model=str(model))
+
+
+def _filter(ds, done: set[str]):
+    from speed_ray.streaming import filter_pending
+
+    return filter_pending(ds, done)
+
+
+class _SampleRows:
+    """Engine output -> `samples` rows (speed_ray.teacher.samples.sample_row) plus token/engine metadata."""
+
+    def __init__(self, generator: str):
+        self.generator = generator
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from speed_ray.teacher.samples import sample_row
+
+        out = []
+        for r in batch.to_pylist():
+            row = sample_row(r, r.get("text") or "", r["task_type"], self.generator)
+            if not row["valid"]:
+                row["reject_reason"] = reject_reason(row["reject_reason"], r["finish_reason"], r["gen_error"])
+            out.append({**row, **_meta(r)})
+        return pa.Table.from_pylist(out)
+
+
+def _meta(r: dict) -> dict:
+    return {"finish_reason": r["finish_reason"], "prompt_tokens": int(r["prompt_tokens"]),
+            "completion_tokens": int(r["completion_tokens"]), "engine": r["engine"], "gen_error": r["gen_error"]}
+
+
+# ---- root data -------------------------------------------------------------------------------------------
+def root_data_stage(ctx) -> dict:
+    """D_root: the junior generator writes samples_per_prompt outputs for each of n_prompts prompts."""
+    cfg, rc = ctx.cfg, ctx.cfg.root_data
+    eng = rc.engine
+    model, adapter, generator = _model_for(ctx, "generator", eng)
+    done = done_ids_all(ctx.out, None)
+    k = rc.samples_per_prompt
+    t0 = time.time()
+    ds = _filter(_prompt_rows(rc.n_prompts, dict(cfg.mixture.weights), cfg.run.seed, "root_data", _tasks(ctx)), done)
+
+    def expand(batch: pa.Table) -> pa.Table:  # k generation requests per prompt, each with its own seed
+        rows = []
+        for r in batch.to_pylist():
+            for j in range(k):
+                rows.append({**r, "prompt_id": r["id"], "sample_index": j, "id": f"{r['id']}#{j}"})
+        return pa.Table.from_pylist(rows)
+
+    ds = ds.map_batches(expand, batch_format="pyarrow", num_cpus=0.1)
+    ds = _requests(ds, rc.temperature, rc.top_p, eng.max_new_tokens, eng.structured_output, cfg.run.seed)
+    ds = generate_dataset(ds, eng, model, adapter)
+    ds = ds.select_columns(["prompt_id", "sample_index", "task_type", "task", "prompt", "prompt_params", "lineage",
+                            "text", "finish_reason", "prompt_tokens", "completion_tokens"])
+    to_row = _RootRows(generator, k)
+    ds = ds.groupby("prompt_id").map_groups(lambda g: to_row(g), batch_format="pyarrow", num_cpus=0.1)
+    run = write_split(ds, ctx.out, None, max(1, 1000 // k))
+    totals = scan_totals(ctx.out, None)
+    # per output, not per list: the share of the k samples that parse (the judge needs valid pairs)
+    totals["parse_rate"] = totals.get("n_valid_total", 0) / max(1, totals["rows"] * k)
+    return _finish_metrics(ctx, eng, t0, run, totals, model=str(model), samples_per_prompt=k)
+
+
+class _RootRows:
+    def __init__(self, generator: str, k: int):
+        self.generator, self.k = generator, k
+
+    def __call__(self, group: pa.Table) -> pa.Table:
+        from speed_ray.teacher.samples import lineage_extend
+
+        rows = group.to_pylist()
+        r0 = rows[0]
+        lists = root_lists(rows, self.k)
+        return pa.Table.from_pylist([{
+            "id": r0["prompt_id"], "task_type": r0["task_type"], "task": r0["task"], "prompt": r0["prompt"],
+            "prompt_params": r0["prompt_params"], "outputs": lists["outputs"], "samples": lists["samples"],
+            "generator": self.generator, "lineage": lineage_extend(r0["lineage"], generator=self.generator),
+            "valid": lists["n_valid"] > 0, "n_valid": lists["n_valid"],
+            "prompt_tokens": sum(int(r["prompt_tokens"]) for r in rows),
+            "completion_tokens": sum(int(r["completion_tokens"]) for r in rows),
+            "finish_reason": ",".join(r["finish_reason"] for r in rows), "reject_reason": "",
+        }], schema=_ROOT_SCHEMA)
+
+
+_ROOT_SCHEMA = pa.schema([("id", pa.string()), ("task_type", pa.string()), ("task", pa.string()),
+                          ("prompt", pa.string()), ("prompt_params", pa.string()),
+                          ("outputs", pa.list_(pa.string())), ("samples", pa.list_(pa.string())),
+                          ("generator", pa.string()), ("lineage", pa.string()), ("valid", pa.bool_()),
+                          ("n_valid", pa.int64()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
+                          ("finish_reason", pa.string()), ("reject_reason", pa.string())])
+
+
+# ---- revision --------------------------------------------------------------------------------------------
+def revision_stage(ctx) -> dict:
+    """D_syn^re: the revisor refines each sample once; a revision that fails to parse keeps the original."""
+    cfg, rc = ctx.cfg, ctx.cfg.revision
+    eng = rc.engine
+    model, adapter, revisor = _model_for(ctx, "revisor", eng)
+    done = done_ids_all(ctx.out, None)
+    t0 = time.time()
+    ds = _filter(ctx.inputs["samples"].ray_dataset(), done)
+
+    def messages(r: dict) -> str:
+        from speed_ray.teacher.prompts import revisor_messages
+
+        return json.dumps(revisor_messages(r["prompt"], r.get("sample") or r["source_text"]), ensure_ascii=False)
+
+    # the engine's columns would overwrite the sample's own token counts: keep those under original_*
+    ds = ds.map_batches(_rename({"text": "source_text", "finish_reason": "original_finish_reason", "prompt_tokens": "original_prompt_tokens",
+                                 "completion_tokens": "original_completion_tokens", "engine": "original_engine",
+                                 "gen_error": "original_gen_error"}), batch_format="pyarrow", num_cpus=0.1)
+    ds = _requests(ds, rc.temperature, rc.top_p, eng.max_new_tokens, eng.structured_output, cfg.run.seed,
+                   messages_fn=messages)
+    ds = generate_dataset(ds, eng, model, adapter)
+    ds = ds.map_batches(_RevisedRows(revisor), batch_format="pyarrow", num_cpus=0.1)
+    run = write_split(ds, ctx.out, None, rc.shard_size)
+    totals = scan_totals(ctx.out, None)
+    totals["parse_rate"] = totals.get("revised_total", 0) / max(1, totals["rows"])   # revisions that parsed
+    return _finish_metrics(ctx, eng, t0, run, totals, model=str(model))
+
+
+def _rename(mapping: dict[str, str]):
+    def fn(batch: pa.Table) -> pa.Table:
+        return batch.rename_columns([mapping.get(c, c) for c in batch.column_names])
+    return fn
+
+
+_REQUEST_COLS = ("messages", "temperature", "top_p", "max_tokens", "json_schema", "seed")
+
+
+class _RevisedRows:
+    def __init__(self, revisor: str):
+        self.revisor = revisor
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from speed_ray.teacher.parsing import canonical_json, parse_sample
+        from speed_ray.teacher.samples import lineage_extend
+
+        out = []
+        for r in batch.to_pylist():
+            p = parse_sample(r["text"], r["task_type"]) if r["finish_reason"] != "error" else None
+            row = {k: v for k, v in r.items() if k not in _REQUEST_COLS and k not in ("text", "source_text")}
+            row["original_text"], row["original_sample"] = r["source_text"], r.get("sample") or ""
+            row["revised"] = bool(p is not None and p.ok)
+            row["revision_failed"] = not row["revised"]
+            if row["revised"]:
+                row.update(text=r["text"], sample=canonical_json(p.sample), query=p.query, positive=p.positive,
+                           negative=p.negative, valid=True, reject_reason="")
+            else:
+                row["text"] = row["original_text"]
+                row["revision_reject_reason"] = reject_reason(p.reason if p else "", r["finish_reason"],
+                                                              r["gen_error"])
+            row.setdefault("revision_reject_reason", "")
+            row["lineage"] = lineage_extend(r["lineage"], revision=self.revisor if row["revised"] else "failed")
+            out.append(row)
+        return pa.Table.from_pylist(out)
+

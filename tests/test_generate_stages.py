@@ -1,0 +1,240 @@
+"""root_data, synthesis and revision stages on a real local Ray and the real store (stub and HF engines),
+including killing the driver and a worker mid-stage and resuming."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from speed_ray.pipeline import StageContext
+from speed_ray.run_config import build_config
+from speed_ray.store import RunStore
+
+TYPES = ("retrieval", "classification", "matching_short", "matching_long")
+
+
+def _cfg(run_dir, **sections):
+    data = {"run": {"run_dir": str(run_dir), "seed": 7}}
+    data.update(sections)
+    return build_config(data)
+
+
+def _tasks_stage(store: RunStore):
+    out = store.stage("brainstorm", "fp-tasks")
+    rows = [{"id": f"t{t}{i}", "topic": f"Topic {i}", "task_type": t, "task": f"Find {t} documents about {i}.",
+             "lineage": json.dumps({"topic": f"Topic {i}"})} for t in TYPES for i in range(3)]
+    out.write_shard("part-0", rows)
+    out.write_manifest({"rows": len(rows)})
+    return out
+
+
+def _model_stage(store: RunStore, name: str, path: str):
+    out = store.stage(name, f"fp-{name}")
+    out.write_manifest({"model_path": path})
+    return out
+
+
+def _ctx(cfg, name: str, inputs: dict) -> StageContext:
+    store = RunStore(cfg.run.run_dir)
+    return StageContext(cfg=cfg, name=name, out=store.stage(name, f"fp-{name}"), inputs=inputs, store=store,
+                        run_name="t")
+
+
+def _engine(**kw):
+    return {"kind": "stub", "batch_size": 4, "max_new_tokens": 200, **kw}
+
+
+def _all_ids(ctx) -> list[str]:
+    from speed_ray.generate.sink import rejects_output
+
+    ids = ctx.out.read_table(columns=["id"]).column("id").to_pylist() if ctx.out.shard_names() else []
+    rej = rejects_output(ctx.out)
+    if rej.shard_names():
+        ids += rej.read_table(columns=["id"]).column("id").to_pylist()
+    return ids
+
+
+def test_synthesis_stage_streams_by_mixture(ray_local, tmp_path):
+    from speed_ray.generate.stages import synthesis_stage
+
+    cfg = _cfg(tmp_path, synthesis={"n_samples": 46, "shard_size": 8, "engine": _engine(model="stub")},
+               mixture={"weights": {"retrieval": 1, "classification": 1, "matching": 2}})
+    store = RunStore(cfg.run.run_dir)
+    ctx = _ctx(cfg, "synthesis", {"tasks": _tasks_stage(store)})   # no generator: the direct_instruct wiring
+    man = synthesis_stage(ctx)
+    rows = ctx.out.read_rows()
+    assert len(rows) == 46 and len({r["id"] for r in rows}) == 46
+    counts = Counter(r["task_type"] for r in rows)
+    assert counts["matching_short"] + counts["matching_long"] == 23        # exact mixture allocation
+    assert counts["retrieval"] + counts["classification"] == 23 and abs(counts["retrieval"] - 11.5) <= 0.5
+    r = rows[0]
+    assert r["valid"] and json.loads(r["sample"]) and r["query"] and r["positive"]
+    assert json.loads(r["prompt"])[-1]["role"] == "user"
+    lin = json.loads(r["lineage"])
+    assert lin["generator"] == "stub" and lin["task_type"] == r["task_type"] and "task_id" in lin
+    assert man["metrics"]["parse_rate"] == 1.0 and man["metrics"]["rows"] == 46
+    assert man["metrics"]["samples_per_s"] > 0 and ctx.ledger.cpu_seconds > 0
+    # the plan is deterministic: a second stage dir with the same seed gets the same ids and prompts
+    ctx2 = StageContext(cfg=cfg, name="synthesis", out=store.stage("synthesis", "fp-other"), inputs=ctx.inputs,
+                        store=store, run_name="t")
+    synthesis_stage(ctx2)
+    assert sorted((r["id"], r["prompt"]) for r in ctx2.out.read_rows(columns=["id", "prompt"])) == \
+        sorted((r["id"], r["prompt"]) for r in rows)
+
+
+def test_synthesis_rejects_are_counted_and_kept_out(ray_local, tmp_path):
+    from speed_ray.generate.sink import rejects_output
+    from speed_ray.generate.stages import synthesis_stage
+
+    # unconstrained, the stub writes {query, positive, hard_negative}: wrong keys for every task type
+    cfg = _cfg(tmp_path, synthesis={"n_samples": 12, "shard_size": 5,
+                                    "engine": _engine(model="stub", structured_output=False)})
+    store = RunStore(cfg.run.run_dir)
+    ctx = _ctx(cfg, "synthesis", {"tasks": _tasks_stage(store)})
+    man = synthesis_stage(ctx)
+    assert ctx.out.num_rows() == 0
+    rej = rejects_output(ctx.out).read_rows()
+    assert len(rej) == 12 and not any(r["valid"] for r in rej)
+    assert man["metrics"]["rejected"] == 12 and man["metrics"]["parse_rate"] == 0.0
+    assert sum(man["metrics"]["reject_reasons"].values()) == 12
+
+
+def test_root_data_stage_k_outputs_per_prompt(ray_local, tmp_path):
+    from speed_ray.generate.stages import root_data_stage
+
+    cfg = _cfg(tmp_path, root_data={"n_prompts": 6, "samples_per_prompt": 3, "engine": _engine()})
+    store = RunStore(cfg.run.run_dir)
+    ctx = _ctx(cfg, "root_data", {"tasks": _tasks_stage(store), "generator": _model_stage(store, "junior_sft",
+                                                                                          "stub")})
+    man = root_data_stage(ctx)
+    rows = ctx.out.read_rows()
+    assert len(rows) == 6 and len({r["id"] for r in rows}) == 6
+    for r in rows:
+        assert len(r["outputs"]) == 3 and len(r["samples"]) == 3
+        assert len(set(r["outputs"])) == 3              # each of the k samples has its own seed
+        assert all(json.loads(s) for s in r["samples"])
+        assert r["generator"] == "junior_sft@fp-junior_sft"
+    assert man["metrics"]["parse_rate"] == 1.0
+
+
+def test_revision_stage_keeps_original_and_counts_failures(ray_local, tmp_path):
+    from speed_ray.generate.stages import revision_stage, synthesis_stage
+
+    cfg = _cfg(tmp_path, synthesis={"n_samples": 10, "shard_size": 4, "engine": _engine(model="stub")},
+               revision={"shard_size": 4, "engine": _engine(structured_output=False)})
+    store = RunStore(cfg.run.run_dir)
+    syn = _ctx(cfg, "synthesis", {"tasks": _tasks_stage(store)})
+    synthesis_stage(syn)
+    syn.out.write_manifest({"rows": 10})
+    ctx = _ctx(cfg, "revision", {"samples": syn.out, "revisor": _model_stage(store, "revisor_sft", "stub")})
+    man = revision_stage(ctx)
+    rows = ctx.out.read_rows()
+    originals = {r["id"]: r for r in syn.out.read_rows()}
+    assert len(rows) == 10 and {r["id"] for r in rows} == set(originals)
+    for r in rows:   # unconstrained stub output has the wrong keys: every revision fails, the original stays
+        o = originals[r["id"]]
+        assert r["revision_failed"] and not r["revised"]
+        assert r["text"] == o["text"] and r["sample"] == o["sample"] and r["original_text"] == o["text"]
+        assert r["valid"] and r["revision_reject_reason"]
+    assert man["metrics"]["revision_failed_total"] == 10 and man["metrics"]["parse_rate"] == 0.0
+
+    cfg2 = _cfg(tmp_path, revision={"shard_size": 4, "engine": _engine()})
+    ctx2 = StageContext(cfg=cfg2, name="revision", out=store.stage("revision", "fp-rev2"), inputs=ctx.inputs,
+                        store=store, run_name="t")
+    revision_stage(ctx2)
+    for r in ctx2.out.read_rows():
+        o = originals[r["id"]]
+        assert r["revised"] and not r["revision_failed"]
+        assert r["original_sample"] == o["sample"] and r["original_text"] == o["text"]
+        assert r["sample"] != o["sample"] and json.loads(r["sample"])
+
+
+def test_worker_killed_mid_stage_is_retried(ray_local, tmp_path):
+    from speed_ray.generate.stages import synthesis_stage
+
+    marker = tmp_path / "crash-once"
+    marker.write_text("x")
+    cfg = _cfg(tmp_path / "run", synthesis={"n_samples": 24, "shard_size": 4,
+                                            "engine": _engine(model=f"stub:crash_once={marker}")})
+    store = RunStore(cfg.run.run_dir)
+    ctx = _ctx(cfg, "synthesis", {"tasks": _tasks_stage(store)})
+    synthesis_stage(ctx)
+    assert not marker.exists()                           # an actor did die
+    ids = _all_ids(ctx)
+    assert len(ids) == 24 and len(set(ids)) == 24
+
+
+_DRIVER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import ray
+ray.init(num_cpus=1, include_dashboard=False, _temp_dir={tmp!r})
+ray.data.DataContext.get_current().enable_progress_bars = False
+from speed_ray.pipeline import StageContext
+from speed_ray.run_config import build_config
+from speed_ray.store import RunStore
+from speed_ray.generate.stages import synthesis_stage
+cfg = build_config(json.loads({cfg!r}))
+store = RunStore(cfg.run.run_dir)
+ctx = StageContext(cfg=cfg, name="synthesis", out=store.stage("synthesis", "fp-synthesis"),
+                   inputs={{"tasks": store.stage("brainstorm", "fp-tasks")}}, store=store, run_name="t")
+synthesis_stage(ctx)
+"""
+
+
+def test_driver_killed_mid_stage_resumes_exactly_once(ray_local, tmp_path):
+    from speed_ray.generate.stages import synthesis_stage
+
+    n = 40
+    data = {"run": {"run_dir": str(tmp_path / "run"), "seed": 7},
+            "synthesis": {"n_samples": n, "shard_size": 2, "engine": _engine(model="stub:delay=0.4", batch_size=2)}}
+    cfg = build_config(data)
+    store = RunStore(cfg.run.run_dir)
+    _tasks_stage(store)
+    ctx = _ctx(cfg, "synthesis", {"tasks": store.stage("brainstorm", "fp-tasks")})
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ray_tmp = str(tmp_path / "ray2")
+    os.makedirs(ray_tmp)
+    script = "import json\n" + _DRIVER.format(repo=repo, tmp=ray_tmp, cfg=json.dumps(data))
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(ctx.out.shard_names()) < 3 and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the driver finished before it could be killed"
+        assert len(ctx.out.shard_names()) >= 3
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)   # the driver and the local Ray it started
+        proc.wait()
+    partial = set(_all_ids(ctx))
+    assert 0 < len(partial) < n
+    man = synthesis_stage(ctx)
+    ids = _all_ids(ctx)
+    assert len(ids) == n and len(set(ids)) == n and partial <= set(ids)
+    assert man["metrics"]["generated_this_run"] == n - len(partial)
+
+
+def test_hf_engine_stage_with_tiny_llama(ray_local, tmp_path, tiny_llama):
+    from speed_ray.generate.stages import synthesis_stage
+
+    cfg = _cfg(tmp_path, synthesis={"n_samples": 6, "shard_size": 3,
+                                    "engine": {"kind": "hf", "batch_size": 3, "max_new_tokens": 48,
+                                               "num_cpus_per_replica": 1.0}})
+    store = RunStore(cfg.run.run_dir)
+    ctx = _ctx(cfg, "synthesis", {"tasks": _tasks_stage(store), "generator": _model_stage(store, "senior_dpo",
+                                                                                          tiny_llama)})
+    man = synthesis_stage(ctx)
+    ids = _all_ids(ctx)
+    assert len(ids) == 6 and len(set(ids)) == 6
+    m = man["metrics"]
+    assert m["rows"] + m["rejected"] == 6 and m["output_tokens_per_s"] > 0
+    assert man["engine"]["kind"] == "hf"
