@@ -18,10 +18,16 @@ class EvalConfig:
     max_length: int = 512
     limit: int | None = None                  # evaluate on at most this many examples per task (smoke tests)
     cache: bool = True                        # embedding cache per (model, text, instruction)
+    cache_dir: str | None = None              # None: ~/.cache/speed-ray/embeddings ($SPEED_RAY_CACHE)
     distributed: bool = False                 # encode large corpora on Ray Data
+    distributed_min_texts: int = 10000        # only inputs at least this large go to Ray Data
     num_workers: int = 1
     use_gpu: bool = False
     baselines: tuple[str, ...] = field(default_factory=tuple)   # extra models to evaluate side by side
 
     def __post_init__(self):
         check(self.batch_size > 0, "batch_size", "must be > 0")
+        check(self.max_length > 0, "max_length", "must be > 0")
+        check(self.limit is None or self.limit > 0, "limit", "must be > 0 (or null for full tasks)")
+        check(self.num_workers >= 1, "num_workers", "must be >= 1")
+        check(self.distributed_min_texts >= 0, "distributed_min_texts", "must be >= 0")

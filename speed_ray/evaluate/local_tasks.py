@@ -56,6 +56,7 @@ class Table:
     columns: dict[str, str | int]
     parse: dict[str, str] = field(default_factory=dict)
     format: dict[str, Any] = field(default_factory=dict)
+    key: str = ""                                  # where it sits in the YAML, for error messages
 
 
 @dataclass(frozen=True)
@@ -111,46 +112,50 @@ def _err(msg: str, key: str, source: Path | str) -> LocalTaskError:
     return LocalTaskError(msg, key, str(source))
 
 
+def _k(key: str, sub: str) -> str:
+    return f"{key}.{sub}" if key else sub
+
+
 def _table(raw: Any, key: str, src: Path, task_format: dict, roles: tuple[set, set]) -> Table:
     if not isinstance(raw, dict):
         raise _err(f"expected a mapping with files and columns, got {raw!r}", key, src)
     unknown = sorted(set(raw) - _TABLE_KEYS)
     if unknown:
-        raise _err(f"unknown key (known: {', '.join(sorted(_TABLE_KEYS))})", f"{key}.{unknown[0]}", src)
+        raise _err(f"unknown key (known: {', '.join(sorted(_TABLE_KEYS))})", _k(key, str(unknown[0])), src)
     files = raw.get("files")
     if isinstance(files, str):
         files = [files]
     if not files or not all(isinstance(f, str) and f for f in files):
-        raise _err("needs `files`: a file or a list of files", f"{key}.files", src)
+        raise _err("needs `files`: a file or a list of files", _k(key, "files"), src)
     cols = raw.get("columns")
     if not isinstance(cols, dict):
-        raise _err("needs `columns`: a mapping from role to column name or 0-based index", f"{key}.columns", src)
+        raise _err("needs `columns`: a mapping from role to column name or 0-based index", _k(key, "columns"), src)
     need, optional = roles
     missing = sorted(need - set(cols))
     if missing:
-        raise _err(f"missing column role {missing[0]!r} (needs {sorted(need)})", f"{key}.columns", src)
+        raise _err(f"missing column role {missing[0]!r} (needs {sorted(need)})", _k(key, "columns"), src)
     extra = sorted(set(cols) - need - optional)
     if extra:
         raise _err(f"unknown column role {extra[0]!r} (roles: {sorted(need | optional)})",
-                   f"{key}.columns.{extra[0]}", src)
+                   _k(key, f"columns.{extra[0]}"), src)
     for role, col in cols.items():
         if not (isinstance(col, str) and col) and not (isinstance(col, int) and not isinstance(col, bool)
                                                         and col >= 0):
-            raise _err(f"expected a column name or a 0-based index, got {col!r}", f"{key}.columns.{role}", src)
+            raise _err(f"expected a column name or a 0-based index, got {col!r}", _k(key, f"columns.{role}"), src)
     parse = raw.get("parse") or {}
     if not isinstance(parse, dict):
-        raise _err("expected a mapping from role to parser", f"{key}.parse", src)
+        raise _err("expected a mapping from role to parser", _k(key, "parse"), src)
     for role, how in parse.items():
         if role not in cols:
-            raise _err(f"parses role {role!r}, which `columns` does not name", f"{key}.parse.{role}", src)
+            raise _err(f"parses role {role!r}, which `columns` does not name", _k(key, f"parse.{role}"), src)
         if how not in PARSERS:
-            raise _err(f"unknown parser {how!r} (known: {', '.join(PARSERS)})", f"{key}.parse.{role}", src)
-    fmt = {**task_format, **_format(raw.get("format"), f"{key}.format", src)}
+            raise _err(f"unknown parser {how!r} (known: {', '.join(PARSERS)})", _k(key, f"parse.{role}"), src)
+    fmt = {**task_format, **_format(raw.get("format"), _k(key, "format"), src)}
     if fmt.get("header") is False and any(isinstance(c, str) for c in cols.values()) and not fmt.get("jsonl"):
         bad = next(r for r, c in cols.items() if isinstance(c, str))
         raise _err("names a column but the file has no header (header: false): use a 0-based index",
-                   f"{key}.columns.{bad}", src)
-    return Table(tuple(files), dict(cols), dict(parse), fmt)
+                   _k(key, f"columns.{bad}"), src)
+    return Table(tuple(files), dict(cols), dict(parse), fmt, key)
 
 
 def _format(raw: Any, key: str, src: Path) -> dict:
@@ -160,15 +165,15 @@ def _format(raw: Any, key: str, src: Path) -> dict:
         raise _err(f"expected a mapping, got {raw!r}", key, src)
     unknown = sorted(set(raw) - _FORMAT_KEYS)
     if unknown:
-        raise _err(f"unknown key (known: {', '.join(sorted(_FORMAT_KEYS))})", f"{key}.{unknown[0]}", src)
+        raise _err(f"unknown key (known: {', '.join(sorted(_FORMAT_KEYS))})", _k(key, str(unknown[0])), src)
     if "delimiter" in raw and (not isinstance(raw["delimiter"], str) or len(raw["delimiter"]) != 1):
-        raise _err(f"must be one character, e.g. ',' or '\\t', got {raw['delimiter']!r}", f"{key}.delimiter", src)
+        raise _err(f"must be one character, e.g. ',' or '\\t', got {raw['delimiter']!r}", _k(key, "delimiter"), src)
     if "quoting" in raw and raw["quoting"] not in ("csv", "none"):
         raise _err(f"must be 'csv' (quoted fields) or 'none' (quotes are text), got {raw['quoting']!r}",
-                   f"{key}.quoting", src)
+                   _k(key, "quoting"), src)
     for b in ("header", "jsonl", "skip_bad_lines"):
         if b in raw and not isinstance(raw[b], bool):
-            raise _err(f"expected true or false, got {raw[b]!r}", f"{key}.{b}", src)
+            raise _err(f"expected true or false, got {raw[b]!r}", _k(key, b), src)
     return dict(raw)
 
 
@@ -178,11 +183,11 @@ def _beir_tables(raw: Any, split: str, src: Path) -> dict[str, Table]:
         raise _err("expected the BEIR dataset directory (holding corpus.jsonl, queries.jsonl, qrels/)", "beir", src)
     jl = {"jsonl": True}
     return {
-        "corpus": Table((f"{raw}/corpus.jsonl",), {"id": "_id", "title": "title", "text": "text"}, {}, jl),
-        "queries": Table((f"{raw}/queries.jsonl",), {"id": "_id", "text": "text"}, {}, jl),
+        "corpus": Table((f"{raw}/corpus.jsonl",), {"id": "_id", "title": "title", "text": "text"}, {}, jl, "beir"),
+        "queries": Table((f"{raw}/queries.jsonl",), {"id": "_id", "text": "text"}, {}, jl, "beir"),
         "qrels": Table((f"{raw}/qrels/{split}.tsv",), {"query_id": "query-id", "doc_id": "corpus-id",
                                                        "score": "score"}, {},
-                       {"delimiter": "\t", "header": True, "quoting": "none"}),
+                       {"delimiter": "\t", "header": True, "quoting": "none"}, "beir"),
     }
 
 
@@ -218,7 +223,7 @@ def load_spec(path: str | Path, data_root: str | None = None) -> LocalTaskSpec:
         if "test" in raw:
             tables["test"] = _table(raw["test"], "test", src, task_format, ROLES[ttype])
         else:
-            tables["test"] = _table({k: raw[k] for k in _TABLE_KEYS if k in raw}, "files", src, task_format,
+            tables["test"] = _table({k: raw[k] for k in _TABLE_KEYS if k in raw}, "", src, task_format,
                                     ROLES[ttype])
     elif ttype == "classification":
         for part in ("train", "test"):
@@ -298,13 +303,14 @@ def _open_rows(path: Path, fmt: dict) -> tuple[list[str] | None, Any]:
     return header, ((reader.line_num, r) for r in reader)
 
 
-def read_table(table: Table, spec: LocalTaskSpec, key: str) -> list[dict[str, Any]]:
+def read_table(table: Table, spec: LocalTaskSpec) -> list[dict[str, Any]]:
     """Rows of {role: value} from the table's files; bad lines raise (or are skipped with skip_bad_lines)."""
     rows: list[dict[str, Any]] = []
+    key = table.key
     for rel in table.files:
         path = spec.path(rel)
         if not path.exists():
-            raise LocalTaskError(f"data file not found: {path} (data_root {spec.data_root})", f"{key}.files",
+            raise LocalTaskError(f"data file not found: {path} (data_root {spec.data_root})", _k(key, "files"),
                                  spec.source)
         header, it = _open_rows(path, table.format)
         index: dict[str, int | str] = {}
@@ -315,7 +321,7 @@ def read_table(table: Table, spec: LocalTaskSpec, key: str) -> list[dict[str, An
                 index[role] = header.index(col)
             else:
                 raise LocalTaskError(f"column {col!r} is not in {path.name}'s header {header}",
-                                     f"{key}.columns.{role}", spec.source)
+                                     _k(key, f"columns.{role}"), spec.source)
         for line, rec in it:
             if not rec or (isinstance(rec, list) and all(not c.strip() for c in rec)):
                 continue
@@ -325,7 +331,7 @@ def read_table(table: Table, spec: LocalTaskSpec, key: str) -> list[dict[str, An
                 if table.format.get("skip_bad_lines"):
                     continue
                 raise LocalTaskError(f"{path.name} line {line} has no field {e} ({len(rec)} fields)",
-                                     f"{key}.columns", spec.source) from None
+                                     _k(key, "columns"), spec.source) from None
             for role, how in table.parse.items():
                 row[role] = parse_quoted_strings(row[role]) if how == "quoted_strings" else parse_id_list(
                     str(row[role]))
@@ -338,7 +344,7 @@ def _number(row: dict, role: str, spec: LocalTaskSpec, key: str) -> float:
     try:
         return float(row[role])
     except (TypeError, ValueError):
-        raise LocalTaskError(f"{row['_where']}: {role} {row[role]!r} is not a number", f"{key}.columns.{role}",
+        raise LocalTaskError(f"{row['_where']}: {role} {row[role]!r} is not a number", _k(key, f"columns.{role}"),
                              spec.source) from None
 
 
@@ -357,18 +363,18 @@ def read_task(spec: LocalTaskSpec, limit: int | None = None) -> dict[str, Any]:
     retrieval: {"corpus": {id: {"title", "text"}}, "queries": {id: text}, "qrels": {qid: {doc_id: int}}}
     """
     if spec.type in ("sts", "pair_classification"):
-        rows = read_table(spec.tables["test"], spec, "test")
+        rows = read_table(spec.tables["test"], spec)
         rows = [rows[i] for i in subsample(len(rows), limit, spec.seed)]
         out = {"sentence1": [str(r["sentence1"]) for r in rows], "sentence2": [str(r["sentence2"]) for r in rows]}
         if spec.type == "sts":
-            out["score"] = [_number(r, "score", spec, "test") for r in rows]
+            out["score"] = [_number(r, "score", spec, spec.tables["test"].key) for r in rows]
         else:
-            out["label"] = [int(_number(r, "label", spec, "test")) for r in rows]
+            out["label"] = [int(_number(r, "label", spec, spec.tables["test"].key)) for r in rows]
         return {"test": out}
     if spec.type == "classification":
         out = {}
         for part in ("train", "test"):
-            rows = read_table(spec.tables[part], spec, part)
+            rows = read_table(spec.tables[part], spec)
             rows = [rows[i] for i in subsample(len(rows), limit, spec.seed)]
             out[part] = {"text": [str(r["text"]) for r in rows], "label": [str(r["label"]).strip() for r in rows]}
         return out
@@ -377,18 +383,18 @@ def read_task(spec: LocalTaskSpec, limit: int | None = None) -> dict[str, Any]:
 
 def _read_retrieval(spec: LocalTaskSpec, limit: int | None) -> dict[str, Any]:
     corpus: dict[str, dict[str, str]] = {}
-    for r in read_table(spec.tables["corpus"], spec, "corpus"):
+    for r in read_table(spec.tables["corpus"], spec):
         corpus.setdefault(str(r["id"]).strip(), {"title": str(r.get("title") or "").strip(),
                                                  "text": str(r["text"]).strip()})
     queries: dict[str, str] = {}
     qrels: dict[str, dict[str, int]] = {}
-    for r in read_table(spec.tables["queries"], spec, "queries"):
+    for r in read_table(spec.tables["queries"], spec):
         qid = str(r["id"]).strip()
         queries.setdefault(qid, str(r["text"]).strip())
         for d in r.get("relevant") or []:   # one row per (claim, evidence): relevant docs are the union
             qrels.setdefault(qid, {})[str(d)] = 1
     if "qrels" in spec.tables:
-        for r in read_table(spec.tables["qrels"], spec, "qrels"):
+        for r in read_table(spec.tables["qrels"], spec):
             score = int(_number(r, "score", spec, "qrels")) if "score" in r else 1
             qrels.setdefault(str(r["query_id"]).strip(), {})[str(r["doc_id"]).strip()] = score
     unknown = sorted({d for rel in qrels.values() for d in rel} - set(corpus))

@@ -1,0 +1,41 @@
+"""The pipeline's last stage: MTEB evaluation of the trained embedder (and baselines side by side)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from speed_ray.pipeline import StageContext
+
+
+def evaluate_stage(ctx: StageContext) -> dict:
+    """inputs["model"]: the train_embedder stage (manifest "model_path"). Writes results.json/.md as artifacts."""
+    from speed_ray.evaluate.run import run_evaluation
+
+    cfg = ctx.cfg.evaluate
+    model_path = ctx.inputs["model"].manifest.get("model_path")
+    if not model_path:
+        raise ValueError(f"the {ctx.inputs['model'].stage} stage's manifest has no model_path")
+    run_dir = ctx.cfg.run.run_dir
+    # A local run directory keeps its own embedding cache, so reruns and sibling runs reuse embeddings.
+    cache_dir = None if "://" in run_dir else os.path.join(run_dir, "cache", "embeddings")
+    t0, cpu0 = time.time(), time.process_time()
+    results = run_evaluation(model_path, cfg, ctx.out.artifact(), label=ctx.run_name, cache_dir=cache_dir)
+    if cfg.use_gpu:
+        ctx.ledger.gpu_seconds += time.time() - t0
+    else:
+        ctx.ledger.cpu_seconds += time.process_time() - cpu0
+    primary = results["models"][results["primary"]]
+    for s in results["skipped"]:
+        ctx.log("skipped %s: data file not found: %s", s["task"], s["missing"])
+    ctx.log("average %s over %d tasks", primary["averages"].get("average"), primary["averages"].get("n_tasks", 0))
+    return {
+        "scores": primary["scores"],
+        "averages": primary["averages"],
+        "results_path": ctx.out.artifact("results.json"),
+        "results_md": ctx.out.artifact("results.md"),
+        "skipped": results["skipped"],
+        "baselines": {k: {"model": v["model"], "scores": v["scores"], "averages": v["averages"]}
+                      for k, v in results["models"].items() if k != results["primary"]},
+        "encoded_texts": {k: v.get("encoded_texts", 0) for k, v in results["models"].items()},
+    }

@@ -1,0 +1,183 @@
+"""Local task YAMLs: validation errors name the file and key; loaders read users' formats as they are."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from speed_ray.evaluate.config import EvalConfig
+from speed_ray.evaluate.local_tasks import (LocalTaskError, load_spec, parse_id_list, parse_quoted_strings,
+                                            read_task, resolve_data_root)
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = REPO / "configs" / "tasks"
+
+
+def _yaml(tmp_path: Path, text: str, name: str = "task.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+@pytest.mark.parametrize("body, key, words", [
+    ("name: X\ntype: stss\nfiles: [a.tsv]\ncolumns: {sentence1: 0, sentence2: 1, score: 2}\n", "type", "sts"),
+    ("type: sts\nfiles: [a.tsv]\ncolumns: {sentence1: 0, sentence2: 1, score: 2}\n", "name", "name"),
+    ("name: X\ntype: sts\nfiles: [a.tsv]\ncolumns: {sentence1: 0, score: 2}\n", "columns", "sentence2"),
+    ("name: X\ntype: sts\nfiles: [a.tsv]\ncolumns: {sentence1: 0, sentence2: 1, score: 2}\nfromat: {}\n",
+     "fromat", "unknown key"),
+    ("name: X\ntype: sts\nfiles: [a.tsv]\nformat: {header: false}\n"
+     "columns: {sentence1: s1, sentence2: 1, score: 2}\n", "columns.sentence1", "no header"),
+    ("name: X\ntype: sts\nfiles: [a.tsv]\nformat: {delimiter: 'ab'}\n"
+     "columns: {sentence1: 0, sentence2: 1, score: 2}\n", "format.delimiter", "one character"),
+    ("name: X\ntype: classification\ntrain: {files: [a.csv], columns: {text: t, label: l}}\n", "test", "test"),
+    ("name: X\ntype: retrieval\ncorpus: {files: [c.csv], columns: {id: i, text: t}}\n"
+     "queries: {files: [q.csv], columns: {id: i, text: t}}\n", "qrels", "qrels"),
+    ("name: X\ntype: retrieval\ncorpus: {files: [c.csv], columns: {id: i, text: t}, parse: {text: magic}}\n"
+     "queries: {files: [q.csv], columns: {id: i, text: t, relevant: r}}\n", "corpus.parse.text", "parser"),
+    ("name: X\ntype: sts\nfiles: [a.tsv]\ncolumns: {sentence1: 0, sentence2: 1, score: 2}\n"
+     "score_range: [5, 0]\n", "score_range", "min < max"),
+])
+def test_validation_errors_name_file_and_key(tmp_path, body, key, words):
+    path = _yaml(tmp_path, body)
+    with pytest.raises(LocalTaskError) as e:
+        load_spec(path)
+    msg = str(e.value)
+    assert str(path) in msg and f"'{key}'" in msg and words in msg, msg
+
+
+def test_missing_yaml_and_missing_column(tmp_path):
+    with pytest.raises(LocalTaskError, match="not found"):
+        load_spec(tmp_path / "nope.yaml")
+    (tmp_path / "a.csv").write_text("s1,s2,score\na,b,1\n")
+    spec = load_spec(_yaml(tmp_path, "name: X\ntype: sts\nfiles: [a.csv]\n"
+                                     "columns: {sentence1: s1, sentence2: sentence2, score: score}\n"))
+    with pytest.raises(LocalTaskError, match=r"at 'columns.sentence2'.*'sentence2' is not in a.csv's header"):
+        read_task(spec)
+
+
+def test_sts_tsv_without_header_ignores_extra_fields_and_quotes(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "test.tsv").write_text(
+        'g\tf\t2012\t1\t2.5\tA "quoted girl.\tA girl.\textra\tmore\n'
+        "g\tf\t2012\t2\t4.0\tMen play.\tBoys play.\n\n")
+    spec = load_spec(_yaml(tmp_path, """\
+        name: MySTS
+        type: sts
+        files: [d/test.tsv]
+        format: {delimiter: "\\t", header: false, quoting: none}
+        columns: {score: 4, sentence1: 5, sentence2: 6}
+        """), data_root=str(tmp_path))
+    d = read_task(spec)["test"]
+    assert d == {"sentence1": ['A "quoted girl.', "Men play."], "sentence2": ["A girl.", "Boys play."],
+                 "score": [2.5, 4.0]}
+
+
+def test_bad_score_names_line(tmp_path):
+    (tmp_path / "a.csv").write_text("s1,s2,score\na,b,high\n")
+    spec = load_spec(_yaml(tmp_path, "name: X\ntype: sts\nfiles: [a.csv]\n"
+                                     "columns: {sentence1: s1, sentence2: s2, score: score}\n"))
+    with pytest.raises(LocalTaskError, match=r"a.csv:2: score 'high' is not a number"):
+        read_task(spec)
+
+
+def test_data_root_resolution(tmp_path, monkeypatch):
+    y = tmp_path / "t.yaml"
+    monkeypatch.setenv("MY_ROOT", str(tmp_path / "env"))
+    assert resolve_data_root("${MY_ROOT:-fallback}", None, y) == str(tmp_path / "env")
+    monkeypatch.delenv("MY_ROOT")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_data_root("${MY_ROOT:-fallback}", None, y) == str(tmp_path / "fallback")
+    assert resolve_data_root("${MY_ROOT:-fallback}", str(tmp_path / "cfg"), y) == str(tmp_path / "cfg")
+    assert resolve_data_root(None, None, y) == str(tmp_path)
+
+
+def test_quoted_strings_and_id_lists():
+    printed = ("['First sentence.'\n 'It\\'s second.' \"Alzheimer's third.\"\n 'Unclosed \\x' 'p = 0.016) and']")
+    assert parse_quoted_strings(printed) == "First sentence. It's second. Alzheimer's third. Unclosed \\x " \
+                                            "p = 0.016) and"
+    assert parse_quoted_strings("plain text") == "plain text"
+    assert parse_id_list("[14717500 1234]") == ["14717500", "1234"]
+    assert parse_id_list("['a', 'b']") == ["a", "b"]
+    assert parse_id_list("[]") == []
+
+
+def test_retrieval_beir_layout_and_csv_qrels(tmp_path):
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text("\n".join(json.dumps(d) for d in [
+        {"_id": "d1", "title": "T1", "text": "one"}, {"_id": "d2", "title": "", "text": "two"},
+        {"_id": "d3", "title": "T3", "text": "three"}]) + "\n")
+    (beir / "queries.jsonl").write_text('{"_id": "q1", "text": "first?"}\n{"_id": "q2", "text": "second?"}\n')
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td3\t2\n")
+    spec = load_spec(_yaml(tmp_path, "name: MyBeir\ntype: retrieval\nbeir: beir\n"), data_root=str(tmp_path))
+    d = read_task(spec)
+    assert d["corpus"]["d1"] == {"title": "T1", "text": "one"} and len(d["corpus"]) == 3
+    assert d["queries"] == {"q1": "first?"}          # q2 has no relevant document: not evaluated (mteb)
+    assert d["qrels"] == {"q1": {"d1": 1, "d3": 2}}
+    # qrels that cite a document missing from the corpus are a data error
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td9\t1\n")
+    with pytest.raises(LocalTaskError, match="not in the corpus"):
+        read_task(spec)
+
+
+def test_classification_and_pair_classification(tmp_path):
+    (tmp_path / "train.csv").write_text('text,category\n"hello, there",greet\nbye,leave\n')
+    (tmp_path / "test.csv").write_text("text,category\nhi,greet\n")
+    spec = load_spec(_yaml(tmp_path, """\
+        name: MyClf
+        type: classification
+        train: {files: train.csv, columns: {text: text, label: category}}
+        test: {files: test.csv, columns: {text: text, label: category}}
+        """))
+    d = read_task(spec)
+    assert d["train"] == {"text": ["hello, there", "bye"], "label": ["greet", "leave"]}
+    assert d["test"]["label"] == ["greet"] and spec.n_experiments == 10 and spec.samples_per_label == 8
+    (tmp_path / "pairs.tsv").write_text("a\tb\t1\nc\td\t0\n")
+    spec = load_spec(_yaml(tmp_path, "name: MyPairs\ntype: pair_classification\nfiles: [pairs.tsv]\n"
+                                     "format: {header: false}\ncolumns: {sentence1: 0, sentence2: 1, label: 2}\n",
+                           "pairs.yaml"))
+    assert read_task(spec)["test"] == {"sentence1": ["a", "c"], "sentence2": ["b", "d"], "label": [1, 0]}
+
+
+def test_limit_is_deterministic(tmp_path):
+    (tmp_path / "a.tsv").write_text("".join(f"s{i}\tt{i}\t{i % 5}\n" for i in range(50)))
+    spec = load_spec(_yaml(tmp_path, "name: X\ntype: sts\nfiles: [a.tsv]\nformat: {header: false}\n"
+                                     "columns: {sentence1: 0, sentence2: 1, score: 2}\n"))
+    a, b = read_task(spec, limit=10)["test"], read_task(spec, limit=10)["test"]
+    assert a == b and len(a["score"]) == 10
+    assert [int(s[1:]) for s in a["sentence1"]] == sorted(int(s[1:]) for s in a["sentence1"])
+
+
+def test_missing_data_files_are_skipped_not_fatal(tmp_path):
+    from speed_ray.evaluate.run import resolve_tasks
+
+    cfg = EvalConfig(local_tasks=(str(TASKS / "stsb.yaml"),), data_root=str(tmp_path / "nowhere"))
+    tasks, skipped = resolve_tasks(cfg)
+    assert tasks == [] and skipped[0]["task"] == "STSBenchmark"
+    assert skipped[0]["missing"].endswith("stsb/sts-test.csv")
+
+
+def test_shipped_task_yamls_load():
+    for name in ("stsb", "sickr", "scifact", "banking77"):
+        spec = load_spec(TASKS / f"{name}.yaml")
+        assert spec.files()
+
+
+def test_shared_evaldata_row_counts(evaldata):
+    counts = {}
+    for name in ("stsb", "sickr", "scifact", "banking77"):
+        d = read_task(load_spec(TASKS / f"{name}.yaml", data_root=str(evaldata)))
+        if "corpus" in d:
+            counts[name] = (len(d["queries"]), len(d["corpus"]), sum(len(v) for v in d["qrels"].values()))
+        elif "train" in d:
+            counts[name] = (len(d["train"]["text"]), len(d["test"]["text"]), len(set(d["train"]["label"])))
+        else:
+            counts[name] = len(d["test"]["score"])
+    assert counts == {"stsb": 1379, "sickr": 9927, "scifact": (300, 5183, 339), "banking77": (10003, 3080, 77)}
+    scifact = read_task(load_spec(TASKS / "scifact.yaml", data_root=str(evaldata)))
+    doc = scifact["corpus"]["4983"]
+    assert doc["title"].startswith("Microstructural development") and doc["text"].startswith("Alterations of")
+    assert "['" not in doc["text"] and "'\n" not in doc["text"]
