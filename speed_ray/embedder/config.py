@@ -38,12 +38,20 @@ class EmbedderConfig:
     task_types: tuple[str, ...] | None = None # keep only these task types (influence study)
     public_data: str | None = None            # Parquet or JSONL of (query, positive, negative, task)
     public_fraction: float = 0.0              # share of the training mix from public_data
+    symmetric_task_types: tuple[str, ...] = ("sts", "matching_short", "matching_long", "bitext")  # instruction on both sides (E5)
+    query_instruction: str = "Given a web search query, retrieve relevant passages that answer the query"  # exported "query" prompt
 
     def __post_init__(self):
         check(self.temperature > 0, "temperature", "must be > 0")
         check(self.batch_size >= 2, "batch_size", "must be >= 2 (in-batch negatives)")
+        check(self.num_workers >= 1, "num_workers", "must be >= 1")
         check(self.batch_size % self.num_workers == 0, "batch_size", "must be a multiple of num_workers")
         check(self.mini_batch_size >= 0, "mini_batch_size", "must be >= 0")
         check(0.0 <= self.public_fraction < 1.0, "public_fraction", "must be in [0, 1)")
         check(self.public_fraction == 0 or bool(self.public_data), "public_data",
               "public_fraction > 0 needs public_data")
+        check(self.save_steps >= 1, "save_steps", "must be >= 1")
+        check(self.strategy == "ddp" or self.use_gpu, "strategy", "deepspeed_zero3 needs use_gpu: true")
+        check(self.strategy == "ddp" or self.mini_batch_size == 0, "mini_batch_size",
+              "GradCache (mini_batch_size > 0) is not supported with deepspeed_zero3; use strategy: ddp")
+        check(self.n_samples is None or self.n_samples > 0, "n_samples", "must be > 0")

@@ -33,15 +33,32 @@ def _dist_ready() -> bool:
         and torch.distributed.get_world_size() > 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's rows. torch.distributed.nn's
+    all_gather does the same but needs reduce_scatter or all_to_all, which gloo (CPU workers) may lack; the
+    gradients here are (B, d) embeddings, so an all_reduce costs nothing next to the model."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        ctx.rows, ctx.rank = x.size(0), rank
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_with_grad(x: Tensor) -> Tensor:
-    """All-gather along dim 0, keeping gradients: backward sums every rank's gradient for this rank's rows
-    (torch.distributed.nn's all_gather), so each worker gets the full gradient of the global loss wrt its own
-    embeddings. Identity without a process group."""
+    """All-gather along dim 0 (every rank holds the same number of rows), keeping gradients: each worker gets
+    the gradient of every worker's loss wrt its own embeddings. Identity without a process group."""
     if not _dist_ready():
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def contrastive_loss(q: Tensor, p: Tensor, n: Tensor, temperature: float, gather: bool = True) -> Tensor:
@@ -70,14 +87,16 @@ class RandState:
             yield
 
 
-Encode = Callable[[list[str]], Tensor]
+Encode = Callable[[int, list[str]], Tensor]   # (side index: 0 query, 1 positive, 2 negative; texts)
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
-def plain_step(encode: Encode, sides: Sequence[list[str]], loss_fn: LossFn) -> Tensor:
-    """Embed every side with grad, compute the loss, backprop. Returns the detached loss."""
-    loss = loss_fn(*(encode(texts) for texts in sides))
-    loss.backward()
+def plain_step(encode: Encode, sides: Sequence[list[str]], loss_fn: LossFn,
+               backward: Callable[[Tensor], object] | None = None) -> Tensor:
+    """Embed every side with grad, compute the loss, backprop (with `backward`, e.g. a DeepSpeed engine's).
+    Returns the detached loss."""
+    loss = loss_fn(*(encode(i, texts) for i, texts in enumerate(sides)))
+    (backward or Tensor.backward)(loss)
     return loss.detach()
 
 
@@ -91,20 +110,20 @@ def grad_cache_step(encode: Encode, sides: Sequence[list[str]], loss_fn: LossFn,
     states: list[list[RandState]] = []
     embs: list[Tensor] = []
     with torch.no_grad():
-        for side in chunks:
+        for i, side in enumerate(chunks):
             states.append([])
             parts = []
             for chunk in side:
                 states[-1].append(RandState())
-                parts.append(encode(chunk))
+                parts.append(encode(i, chunk))
             embs.append(torch.cat(parts).detach().requires_grad_())
     loss = loss_fn(*embs)
     loss.backward()
-    for side, side_states, emb in zip(chunks, states, embs):
+    for i, (side, side_states, emb) in enumerate(zip(chunks, states, embs)):
         grads = emb.grad.split([len(c) for c in side])
         for chunk, state, grad in zip(side, side_states, grads):
             with state.replay():
-                out = encode(chunk)
+                out = encode(i, chunk)
                 # d loss / d params = sum over rows of (d loss / d emb) . (d emb / d params)
                 out.backward(grad.to(out.dtype))
     return loss.detach()

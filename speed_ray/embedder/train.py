@@ -1,0 +1,271 @@
+"""Contrastive training of the embedder: a per-step core usable in one process, and its Ray Train TorchTrainer loop.
+
+Each step takes one global batch (the same on every worker: batches are a pure function of seed and epoch), each
+worker embeds its slice, negatives are all-gathered with gradients, and the averaged gradients equal those of the
+single-process loss over the global batch (tests/test_embedder_distributed.py checks this).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from speed_ray.embedder.data import make_batches, worker_slice
+from speed_ray.embedder.loss import contrastive_loss, grad_cache_step, plain_step
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The flat values one training step needs (taken from EmbedderConfig)."""
+
+    temperature: float = 0.02
+    mini_batch_size: int = 0          # > 0: GradCache chunks
+    gather: bool = True
+    max_query_length: int = 512
+    max_doc_length: int = 512
+
+
+def train_step(embedder, batch: list[dict], s: StepSettings, loss_scale: float = 1.0, backward=None) -> float:
+    """Embed (query, positive, negative) of this worker's slice, compute the loss, backprop into the weights.
+    Returns the unscaled loss. loss_scale is fp16's GradScaler factor (1.0 otherwise)."""
+    lengths = (s.max_query_length, s.max_doc_length, s.max_doc_length)
+    sides = [[t["query"] for t in batch], [t["positive"] for t in batch], [t["negative"] for t in batch]]
+
+    def encode(side: int, texts: list[str]) -> torch.Tensor:
+        return embedder.encode(texts, lengths[side])
+
+    def loss_fn(q, p, n):
+        return contrastive_loss(q, p, n, s.temperature, s.gather) * loss_scale
+
+    if s.mini_batch_size and s.mini_batch_size < len(batch):
+        if backward is not None:
+            raise ValueError("GradCache runs its own backward passes; it cannot use a custom backward (DeepSpeed)")
+        loss = grad_cache_step(encode, sides, loss_fn, s.mini_batch_size)
+    else:
+        loss = plain_step(encode, sides, loss_fn, backward)
+    return float(loss) / loss_scale
+
+
+def num_steps(n_batches: int, epochs: float, max_steps: int) -> int:
+    if n_batches == 0:
+        return 0
+    return max_steps if max_steps > 0 else max(1, math.ceil(n_batches * epochs))
+
+
+def batch_for_step(triples: list[dict], step: int, batch_size: int, one_task_per_batch: bool, seed: int,
+                   _cache: dict | None = None) -> list[dict]:
+    """The global batch of a step: epoch = step // batches per epoch, each epoch reshuffled by (seed, epoch).
+    A pure function of its inputs, so every worker and every resumed run sees the same batch."""
+    cache = _cache if _cache is not None else {}
+    n = len(make_batches(triples, batch_size, one_task_per_batch, seed, 0)) if "n" not in cache else cache["n"]
+    cache["n"] = n
+    epoch, i = divmod(step, n)
+    if cache.get("epoch") != epoch:
+        cache["epoch"], cache["batches"] = epoch, make_batches(triples, batch_size, one_task_per_batch, seed, epoch)
+    return cache["batches"][i]
+
+
+def make_optimizer(embedder, lr: float, warmup_steps: int, total_steps: int):
+    """AdamW over the trainable weights, linear warmup then linear decay (E5-mistral)."""
+    params = [p for p in embedder.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(0, min(warmup_steps, total_steps - 1))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Mean of every worker's gradients, flattened into one all_reduce. Done by hand instead of DDP because
+    GradCache runs several forward/backward passes per step and DDP would sync after each."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
+
+
+def loss_summary(losses: list[float], points: int = 50) -> dict:
+    if not losses:
+        return {"first": None, "last": None, "min": None, "tail_mean": None, "curve": []}
+    tail = losses[-max(1, len(losses) // 10):]
+    stride = max(1, len(losses) // points)
+    return {"first": losses[0], "last": losses[-1], "min": min(losses), "tail_mean": sum(tail) / len(tail),
+            "curve": [[i, losses[i]] for i in range(0, len(losses), stride)]}
+
+
+def _read_triples(url: str) -> list[dict]:
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(url, "rb") as f:
+        return pq.read_table(f).to_pylist()
+
+
+def _export(embedder, export_url: str, query_instruction: str, max_length: int) -> None:
+    """Rank 0 writes the SentenceTransformer dir locally, then copies it to the stage's (maybe remote) storage."""
+    import fsspec
+
+    from speed_ray.embedder.model import save_sentence_transformer
+
+    fs, path = fsspec.core.url_to_fs(export_url)
+    if fs.protocol in ("file", ("file", "local"), "local") or "://" not in export_url:
+        save_sentence_transformer(embedder, path, query_instruction, max_length)
+        return
+    tmp = tempfile.mkdtemp(prefix="speedray-export-")
+    try:
+        save_sentence_transformer(embedder, os.path.join(tmp, "model"), query_instruction, max_length)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        fs.put(os.path.join(tmp, "model"), path, recursive=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """Ray Train per-worker loop. config: data_url, model_path, export_url, seed, query_instruction, and the
+    EmbedderConfig fields as "embedder" (a dict)."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from speed_ray.embedder.model import load_embedder, load_trainable_state
+
+    e = config["embedder"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if e["use_gpu"] else torch.device("cpu")
+    precision = e["precision"] if e["precision"] != "auto" else ("bf16" if e["use_gpu"] else "fp32")
+    torch.manual_seed(config["seed"] + rank)
+
+    triples = _read_triples(config["data_url"])
+    n_batches = len(make_batches(triples, e["batch_size"], e["one_task_per_batch"], config["seed"], 0))
+    total = num_steps(n_batches, e["epochs"], e["max_steps"])
+    embedder = load_embedder(config["model_path"], e["pooling"], e["lora"], e["lora_r"], e["lora_alpha"],
+                             e["lora_dropout"], precision, e["gradient_checkpointing"],
+                             max(e["max_query_length"], e["max_doc_length"]))
+    embedder.to(device).train()
+    opt, sched = make_optimizer(embedder, e["learning_rate"], e["warmup_steps"], total)
+    params = [p for p in embedder.parameters() if p.requires_grad]
+    engine = None
+    if e["strategy"] == "deepspeed_zero3":
+        engine, opt = _deepspeed(embedder, opt, sched, precision, e["batch_size"])
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and engine is None else None
+    settings = StepSettings(e["temperature"], e["mini_batch_size"], e["gather_across_workers"],
+                            e["max_query_length"], e["max_doc_length"])
+
+    start, losses = 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+        with _full_params(engine):
+            load_trainable_state(embedder, state["trainable"])
+        if engine is None:
+            opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, losses = state["step"], state["losses"]
+        torch.set_rng_state(state["rng"])
+
+    cache: dict = {}
+    t0, done_here = time.time(), 0
+    for step in range(start, total):
+        batch = worker_slice(batch_for_step(triples, step, e["batch_size"], e["one_task_per_batch"],
+                                            config["seed"], cache), rank, world)
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        loss = train_step(embedder, batch, settings, scale, engine.backward if engine is not None else None)
+        if engine is not None:
+            engine.step()   # optimizer, zero_grad and the LR schedule
+        else:
+            average_gradients(params)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+        # the logged loss is the global batch's loss: the mean of the workers' local means
+        if world > 1 and dist.is_initialized():
+            t = torch.tensor([loss], device=device)
+            dist.all_reduce(t)
+            loss = float(t) / world
+        losses.append(loss)
+        done_here += 1
+        metrics = {"step": step + 1, "loss": loss, "lr": sched.get_last_lr()[0]}
+        if (step + 1) % e["save_steps"] == 0 and step + 1 < total:
+            _report_with_checkpoint(metrics, rank, embedder, engine, opt, sched, step + 1, losses)
+    elapsed = time.time() - t0
+    if rank == 0:
+        with _full_params(engine):
+            _export(embedder, config["export_url"], config["query_instruction"],
+                    max(e["max_query_length"], e["max_doc_length"]))
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+    final = {"step": total, "steps_this_attempt": done_here, "resumed_from_step": start,
+             "samples_per_s": done_here * e["batch_size"] / elapsed if elapsed > 0 else None,
+             "train_seconds": elapsed, "losses": losses}
+    _report_with_checkpoint(final, rank, embedder, engine, opt, sched, total, losses)
+
+
+def _report_with_checkpoint(metrics, rank, embedder, engine, opt, sched, step, losses) -> None:
+    """Every worker reports (Ray Train syncs on it); rank 0 attaches the trainable weights and optimizer state."""
+    import ray.train
+
+    from speed_ray.embedder.model import trainable_state
+
+    with tempfile.TemporaryDirectory(prefix="speedray-ckpt-") as d:
+        checkpoint = None
+        with _full_params(engine):
+            state = trainable_state(embedder) if rank == 0 else None
+        if rank == 0:
+            torch.save({"trainable": state, "optimizer": opt.state_dict() if engine is None else None,
+                        "scheduler": sched.state_dict(), "step": step, "losses": losses,
+                        "rng": torch.get_rng_state()}, os.path.join(d, "state.pt"))
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report({k: v for k, v in metrics.items() if k != "losses"} | {"losses": losses},
+                         checkpoint=checkpoint)
+
+
+def _full_params(engine):
+    """Under ZeRO-3 parameters are sharded: gather them to read or write whole weights; a no-op otherwise."""
+    if engine is None:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=0)
+
+
+def _deepspeed(embedder, opt, sched, precision: str, batch_size: int):
+    """DeepSpeed ZeRO-3 (SPEED Appendix B trains with ZeRO-3 and fp16). GPU only; imported lazily."""
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise RuntimeError("embedder.strategy=deepspeed_zero3 needs deepspeed: pip install deepspeed") from err
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    ds_config = {
+        "train_micro_batch_size_per_gpu": batch_size // world, "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "overlap_comm": True, "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": precision == "fp16"},
+    }
+    engine, opt, _, _ = deepspeed.initialize(model=embedder, optimizer=opt, lr_scheduler=sched, config=ds_config)
+    return engine, opt
