@@ -48,7 +48,7 @@ def _ctx(cfg, name: str, inputs: dict) -> StageContext:
 
 
 def _engine(**kw):
-    return {"kind": "stub", "batch_size": 4, "max_new_tokens": 200, **kw}
+    return {"kind": "stub", "batch_size": 4, "max_new_tokens": 200, "num_cpus_per_replica": 0.5, **kw}
 
 
 def _all_ids(ctx) -> list[str]:
@@ -175,7 +175,7 @@ _DRIVER = """
 import os, sys
 sys.path.insert(0, {repo!r})
 import ray
-ray.init(num_cpus=1, include_dashboard=False, _temp_dir={tmp!r})
+ray.init(num_cpus=2, include_dashboard=False, _temp_dir={tmp!r})
 ray.data.DataContext.get_current().enable_progress_bars = False
 from speed_ray.pipeline import StageContext
 from speed_ray.run_config import build_config
@@ -200,20 +200,22 @@ def test_driver_killed_mid_stage_resumes_exactly_once(ray_local, tmp_path):
     _tasks_stage(store)
     ctx = _ctx(cfg, "synthesis", {"tasks": store.stage("brainstorm", "fp-tasks")})
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ray_tmp = str(tmp_path / "ray2")
-    os.makedirs(ray_tmp)
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="sr-")   # short: Ray's socket paths must stay under 107 bytes
     script = "import json\n" + _DRIVER.format(repo=repo, tmp=ray_tmp, cfg=json.dumps(data))
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "driver.log", "w"),
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         deadline = time.time() + 240
         while time.time() < deadline and len(ctx.out.shard_names()) < 3 and proc.poll() is None:
             time.sleep(0.2)
-        assert proc.poll() is None, "the driver finished before it could be killed"
+        assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
         assert len(ctx.out.shard_names()) >= 3
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)   # the driver and the local Ray it started
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)   # the driver and the local Ray it started
         proc.wait()
     partial = set(_all_ids(ctx))
     assert 0 < len(partial) < n

@@ -42,9 +42,7 @@ def processor_kwargs(cfg: EngineConfig, model_source: str, adapter_path: str | N
         "engine_kwargs": engine_kwargs,
         "concurrency": (cfg.replicas_min, cfg.replicas_max),
         "batch_size": cfg.batch_size,
-        "apply_chat_template": True,
-        "tokenize": True,
-        "detokenize": True,
+        # chat template, tokenize and detokenize stages are on by default (chat_template_stage=... etc.)
         # a row that vLLM rejects (too long, bad schema) becomes an error row instead of failing the stage
         "should_continue_on_error": True,
     }
