@@ -1,0 +1,238 @@
+"""Serve a trained embedder on Ray Serve with an OpenAI-compatible /v1/embeddings (auth, limits, batching)."""
+
+# No `from __future__ import annotations` here: FastAPI reads handler annotations (Request) at definition time.
+
+import asyncio
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from speed_ray.serve.protocol import (APIError, embeddings_response, error_body, models_response,
+                                      parse_embeddings_request, parse_json, query_prefix, truncate_normalize)
+
+log = logging.getLogger("speed_ray.serve")
+
+APP_NAME = "speed-ray-embeddings"
+
+
+def find_run_model(run_dir: str) -> str | None:
+    """The newest completed train_embedder stage's model_path in a run directory, or None if it is not a run dir."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    if not fs.isdir(f"{root.rstrip('/')}/stages"):
+        return None
+    found = []
+    for url in fs.glob(f"{root.rstrip('/')}/stages/train_embedder/*/manifest.json"):
+        with fs.open(url) as f:
+            m = json.load(f)
+        if m.get("model_path"):
+            found.append((m.get("ended_at") or 0, url, m["model_path"]))
+    if not found:
+        raise FileNotFoundError(f"{run_dir} is a run directory but has no completed train_embedder stage "
+                                "(no stages/train_embedder/*/manifest.json with a model_path)")
+    _, url, path = max(found)
+    if "://" not in path and not os.path.isabs(path):   # a path relative to the stage directory
+        path = os.path.join(os.path.dirname(url), path)
+    return path
+
+
+def resolve_served_model(spec: str) -> str:
+    """MODEL_OR_RUN_DIR -> a local model dir or hub id SentenceTransformer loads."""
+    from speed_ray.models.offline import resolve_model
+
+    if not spec.startswith("offline:") and ("://" in spec or os.path.isdir(spec)):
+        path = find_run_model(spec)
+        if path is not None:
+            log.info("serving the embedder of run %s: %s", spec, path)
+            return path
+    return resolve_model(spec)
+
+
+def deployment_options(cfg) -> dict:
+    """Serve deployment options from a ServeConfig (pure: replicas or autoscaling, resources, queue depth)."""
+    opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+                            "max_ongoing_requests": max(64, 2 * cfg.target_ongoing_requests)}
+    if cfg.replicas_max > cfg.replicas_min:
+        opts["autoscaling_config"] = {"min_replicas": cfg.replicas_min, "max_replicas": cfg.replicas_max,
+                                      "target_ongoing_requests": cfg.target_ongoing_requests}
+    else:
+        opts["num_replicas"] = cfg.replicas_min
+    opts["max_ongoing_requests"] = int(opts["max_ongoing_requests"])
+    return opts
+
+
+def _count_texts(items: list) -> int:
+    return sum(len(texts) for _, texts in items)
+
+
+def build_embeddings_app(model_path: str, cfg, served_name: str | None = None, token_digest: str | None = None):
+    """The Serve application: one FastAPI ingress deployment whose requests are batched into shared encodes."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from ray import serve
+    from starlette.exceptions import HTTPException
+
+    from speed_ray.serve.auth import authorized
+
+    api = FastAPI(title="speed-ray embeddings")
+    max_body = cfg.max_inputs * (cfg.max_input_chars * 6 + 16) + 65536   # worst-case escaped JSON, then a 413
+
+    @api.exception_handler(HTTPException)
+    async def _http_error(request, exc):
+        return JSONResponse(error_body(exc.status_code, str(exc.detail), code=str(exc.status_code)), exc.status_code)
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        return JSONResponse(error_body(422, str(exc), code="invalid_request"), 422)
+
+    @serve.deployment(name="Embedder", **deployment_options(cfg))
+    @serve.ingress(api)
+    class Embedder:
+        def __init__(self, model_path: str, name: str, digest: str | None):
+            import torch
+            from sentence_transformers import SentenceTransformer
+
+            if cfg.num_gpus == 0:
+                # Ray pins a fractional-CPU actor to one thread; the config says how many this replica may use.
+                torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.num_cpus)))
+            device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+            self.model = SentenceTransformer(model_path, device=device)
+            self.dim = self.model.get_sentence_embedding_dimension()
+            self.prompts = dict(getattr(self.model, "prompts", None) or {})
+            self.name, self.digest, self.created = name, digest, int(time.time())
+            self._embed.set_max_batch_size(max(cfg.max_batch_size, cfg.max_inputs))
+            self._embed.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+        # batch_size_fn counts texts, so a batch is bounded in texts, not in requests.
+        @serve.batch(max_batch_size=512, batch_wait_timeout_s=0.01, batch_size_fn=_count_texts)
+        async def _embed(self, items: list) -> list:
+            return await asyncio.to_thread(self._encode, items)
+
+        def _encode(self, items: list) -> list:
+            """(prefix, texts) per request -> (normalized float32 vectors, token count) per request."""
+            import numpy as np
+
+            by_prefix: dict[str, list[tuple[int, int]]] = {}
+            for i, (prefix, texts) in enumerate(items):
+                by_prefix.setdefault(prefix, []).extend((i, j) for j in range(len(texts)))
+            out = [np.zeros((len(t), self.dim), np.float32) for _, t in items]
+            tokens = [0] * len(items)
+            for prefix, slots in by_prefix.items():
+                texts = [items[i][1][j] for i, j in slots]
+                vecs = self.model.encode(texts, prompt=prefix or None, batch_size=cfg.encode_batch_size,
+                                         normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+                lens = self.model.tokenize([prefix + t for t in texts])["attention_mask"].sum(dim=1).tolist()
+                for (i, j), v, n in zip(slots, vecs, lens):
+                    out[i][j] = v
+                    tokens[i] += int(n)
+            return list(zip(out, tokens))
+
+        def _denied(self, request):
+            if authorized(request.headers.get("authorization"), self.digest):
+                return None
+            return JSONResponse(error_body(401, "missing or invalid bearer token", code="invalid_api_key"), 401)
+
+        @api.get("/health")
+        async def health(self):
+            return {"status": "ok"}
+
+        @api.get("/v1/models")
+        async def models(self, request: Request):
+            return self._denied(request) or models_response(self.name, self.created)
+
+        @api.post("/v1/embeddings")
+        async def embeddings(self, request: Request):
+            denied = self._denied(request)
+            if denied is not None:
+                return denied
+            try:
+                raw = await request.body()
+                if len(raw) > max_body:
+                    raise APIError(413, f"request body is {len(raw)} bytes; the limit is {max_body}",
+                                   code="request_too_large")
+                p = parse_embeddings_request(parse_json(raw), cfg.max_inputs, cfg.max_input_chars, self.dim)
+                vecs, n_tokens = await self._embed((query_prefix(p, self.prompts), tuple(p.texts)))
+                return embeddings_response(truncate_normalize(vecs, p.dimensions), self.name, p.encoding_format,
+                                           n_tokens)
+            except APIError as e:
+                return JSONResponse(e.body(), e.status)
+            except Exception as e:  # a bug or an encode failure: a 500 body, never a dead replica
+                log.exception("embedding request failed")
+                return JSONResponse(error_body(500, f"{type(e).__name__}: {e}", "server_error"), 500)
+
+    return Embedder.bind(model_path, served_name or cfg.model_name or model_path, token_digest)
+
+
+def _serve_cfg(args) -> tuple[Any, Any]:
+    """(RunSection, ServeConfig) from --config/overrides plus the command line's --host/--port/--allow-..."""
+    import dataclasses
+
+    from speed_ray.run_config import RunConfig, load_config, replace
+
+    overrides = list(getattr(args, "overrides", None) or [])
+    cfg = load_config(args.config, overrides) if getattr(args, "config", None) else replace(RunConfig(), overrides)
+    s = cfg.serve
+    s = dataclasses.replace(s, host=getattr(args, "host", None) or s.host, port=getattr(args, "port", None) or s.port,
+                            allow_unauthenticated_public=bool(getattr(args, "allow_unauthenticated_public", False))
+                            or s.allow_unauthenticated_public)
+    return cfg.run, s
+
+
+def start(model: str, cfg, ray_address: str | None = None, timeout_s: float = 600.0) -> str:
+    """Resolve the model, check auth and binding, deploy, and return the base URL once /v1/models answers."""
+    from ray import serve
+
+    from speed_ray.generate.server import _connect_host, _wait_healthy
+    from speed_ray.raylocal import ensure_ray
+    from speed_ray.serve.auth import check_bind, load_token, token_digest
+
+    token = load_token(cfg.token_env, cfg.token_file)
+    check_bind(cfg.host, token is not None, cfg.allow_unauthenticated_public)
+    if token is None:
+        log.warning("no API token configured ($%s or serve.token_file): the server is unauthenticated",
+                    cfg.token_env)
+    path = resolve_served_model(model)
+    ensure_ray(ray_address)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location="EveryNode")
+    serve.run(build_embeddings_app(path, cfg, cfg.model_name or model, token_digest(token) if token else None),
+              name=APP_NAME, route_prefix="/", blocking=False)
+    base_url = f"http://{_connect_host(cfg.host)}:{cfg.port}/v1"
+    _wait_healthy(base_url, timeout_s, {"Authorization": f"Bearer {token}"} if token else None)
+    return base_url
+
+
+def serve_main(args) -> int:
+    """`speed-ray serve MODEL_OR_RUN_DIR [--config c.yaml] [--host H] [--port P]`: serve until Ctrl-C."""
+    from ray import serve
+
+    run, cfg = _serve_cfg(args)
+    base_url = start(args.model, cfg, run.ray_address)
+    print(f"serving {args.model} at {base_url} (POST /embeddings, GET /models); Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.delete(APP_NAME)
+
+
+def app_builder(args: dict[str, str]):
+    """`serve run speed_ray.serve.app:app_builder model=RUN_DIR_OR_MODEL [config=c.yaml] [serve.x=y ...]`.
+
+    The token is read here, in the process that deploys, and only its digest travels to the replicas.
+    """
+    import argparse
+
+    from speed_ray.serve.auth import load_token, token_digest
+
+    args = dict(args)
+    model = args.pop("model")
+    ns = argparse.Namespace(config=args.pop("config", None),
+                            overrides=[f"{k if k.startswith('serve.') else 'serve.' + k}={v}" for k, v in args.items()])
+    _, cfg = _serve_cfg(ns)
+    token = load_token(cfg.token_env, cfg.token_file)
+    return build_embeddings_app(resolve_served_model(model), cfg, cfg.model_name or model,
+                                token_digest(token) if token else None)
