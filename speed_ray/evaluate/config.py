@@ -12,17 +12,17 @@ class EvalConfig:
     benchmark: str | None = None              # a named mteb benchmark, e.g. "MTEB(eng, v2)" or "MTEB(eng, v1)"
     tasks: tuple[str, ...] = ()               # mteb task names
     local_tasks: tuple[str, ...] = ()         # YAML task descriptions over local files (offline)
-    data_root: str | None = None              # base dir for relative paths in local task YAMLs
+    data_root: str | None = None              # base dir for local task YAML paths (overrides the YAML's data_root)
     instructions: bool = True                 # E5-mistral query instructions per task
-    batch_size: int = 64
-    max_length: int = 512
+    batch_size: int = 64                      # texts per encode batch (per actor when distributed)
+    max_length: int = 512                     # caps (never raises) the model's own max_seq_length
     limit: int | None = None                  # evaluate on at most this many examples per task (smoke tests)
     cache: bool = True                        # embedding cache per (model, text, instruction)
     cache_dir: str | None = None              # None: ~/.cache/speed-ray/embeddings ($SPEED_RAY_CACHE)
     distributed: bool = False                 # encode large corpora on Ray Data
     distributed_min_texts: int = 10000        # only inputs at least this large go to Ray Data
-    num_workers: int = 1
-    use_gpu: bool = False
+    num_workers: int = 1                      # encoder actors on Ray Data (at most)
+    use_gpu: bool = False                     # one GPU per encoder actor / the local encoder on cuda
     baselines: tuple[str, ...] = field(default_factory=tuple)   # extra models to evaluate side by side
 
     def __post_init__(self):

@@ -92,9 +92,12 @@ def evaluate_model(encoder: Any, tasks: list[Any], cfg: EvalConfig) -> dict[str,
     t0 = time.time()
     for task in tasks:
         name = task.metadata.name
-        if cfg.limit and not hasattr(task, "local_spec") and not task.data_loaded:
-            task.load_data()
-            limit_loaded_task(task, cfg.limit)
+        if cfg.limit and not hasattr(task, "local_spec"):
+            # An aggregate task (CQADupstackRetrieval) is limited through its sub-tasks.
+            for sub in getattr(task.metadata, "tasks", None) or [task]:
+                if not sub.data_loaded:
+                    sub.load_data()
+                    limit_loaded_task(sub, cfg.limit)
         log.info("evaluating %s on %s", encoder.label, name)
         res = mteb.evaluate(encoder, [task], cache=None, overwrite_strategy="always", show_progress_bar=False,
                             encode_kwargs={"batch_size": cfg.batch_size})
