@@ -1,0 +1,62 @@
+"""PNG plots for the studies: the scaling curve with fits and bands, and the influence heatmap."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: clusters and CI have no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def scaling_plot(path: str, sizes, means, fits: dict[str, Any], bands: dict[str, dict], title: str = "") -> str:
+    """Points (mean over tasks), each fit's curve and its bootstrap band, on a log-x axis."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    ax.scatter(sizes, means, color="black", zorder=3, label="runs")
+    colors = {"loglinear": "tab:blue", "power": "tab:orange"}
+    for kind, fit in fits.items():
+        band = bands[kind]
+        label = (f"log-linear: {fit.params['a']:.2f} + {fit.params['b']:.2f} ln N" if kind == "loglinear" else
+                 f"power: {fit.params['c']:.2f} - {fit.params['k']:.3g} N^-{fit.params['alpha']:.2f}")
+        ax.plot(band["n"], band["mean"], color=colors.get(kind), label=label)
+        ax.fill_between(band["n"], band["lo"], band["hi"], color=colors.get(kind), alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("synthetic samples (N)")
+    ax.set_ylabel("average score")
+    ax.set_title(title or "Score vs synthetic data size")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def influence_heatmap(path: str, result, title: str = "") -> str:
+    """Normalized influence (category x task); '*' marks cells whose bootstrap interval excludes 0."""
+    plt = _plt()
+    z = np.nan_to_num(result.normalized)
+    w = max(4.0, 0.55 * len(result.tasks) + 2)
+    fig, ax = plt.subplots(figsize=(w, 0.6 * len(result.categories) + 2), dpi=120)
+    lim = max(float(np.abs(z).max()), 1e-6)
+    im = ax.imshow(z, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xticks(range(len(result.tasks)), result.tasks, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(result.categories)), result.categories, fontsize=8)
+    for i in range(z.shape[0]):
+        for j in range(z.shape[1]):
+            mark = "*" if result.significant[i, j] else ""
+            ax.text(j, i, f"{z[i, j]:.2f}{mark}", ha="center", va="center", fontsize=6)
+    fig.colorbar(im, ax=ax, label="normalized influence")
+    ax.set_title(title or "Influence of synthetic categories (* significant)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
