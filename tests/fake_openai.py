@@ -7,7 +7,7 @@ Usage (in-process; the server runs on its own event loop in a daemon thread):
         srv.add_fault(Fault("status", status=429, retry_after="1", times=1))
         ... point a TeacherClient at srv.base_url ...
         srv.received                                 # Counter: request hash -> times received
-        srv.total, srv.max_inflight, srv.log         # counts, peak concurrency, (t, hash, outcome) per request
+        srv.total, srv.max_inflight, srv.log         # counts, peak concurrency, (arrival monotonic t, hash, outcome)
 
 Default answer: a deterministic function of the request, always a valid JSON object as the message content:
     {"request_hash": <12 hex>, "model": ..., "n_messages": ..., "last_user": <first 200 chars>}
@@ -35,7 +35,8 @@ from aiohttp import web
 
 REFUSAL = "I'm sorry, I can't help with that."
 
-FaultKind = Literal["status", "hang", "truncate", "refusal", "wrong_schema", "garbage_body", "refusal_field"]
+FaultKind = Literal["status", "hang", "truncate", "refusal", "wrong_schema", "garbage_body", "refusal_field",
+                    "disconnect"]
 
 
 @dataclass
@@ -45,7 +46,8 @@ class Fault:
     kind: status (HTTP `status`, optional Retry-After header), hang (sleep `hang_s` then answer normally),
     truncate (content is the normal JSON cut in half, finish_reason=length), refusal (content is a refusal
     sentence), refusal_field (content null + message.refusal, as OpenAI structured outputs do), wrong_schema
-    (valid JSON, wrong keys), garbage_body (HTTP 200 with a non-JSON body).
+    (valid JSON, wrong keys), garbage_body (HTTP 200 with a non-JSON body), disconnect (the connection is
+    dropped without an answer).
     times: how often it fires in total (None: forever); with per_request=True, how often per distinct request."""
 
     kind: FaultKind
@@ -131,6 +133,7 @@ class FakeOpenAI:
             return web.json_response({"error": {"message": "body is not JSON", "type": "invalid_request_error"}},
                                      status=400)
         h = request_hash(body)
+        arrived = time.monotonic()
         with self._lock:
             self.total += 1
             self.received[h] += 1
@@ -155,13 +158,16 @@ class FakeOpenAI:
                                          status=fault.status, headers=headers)
             if fault is not None and fault.kind == "hang":
                 await asyncio.sleep(fault.hang_s)
+            if fault is not None and fault.kind == "disconnect":
+                request.transport.close()
+                raise asyncio.CancelledError  # nothing more to send on a closed connection
             if fault is not None and fault.kind == "garbage_body":
                 return web.Response(text='{"id": "chatcmpl-x", "choices": [{"mess', content_type="application/json")
             return web.json_response(self._completion(body, h, fault))
         finally:
             with self._lock:
                 self.inflight -= 1
-                self.log.append((time.monotonic(), h, outcome))
+                self.log.append((arrived, h, outcome))
 
     def _completion(self, body: dict, h: str, fault: Fault | None) -> dict:
         out = self.responder(body)

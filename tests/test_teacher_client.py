@@ -107,7 +107,7 @@ def test_budget_caps_calls_and_tokens():
 def test_429_retry_after_is_honoured(srv, form):
     c = client(srv)
     r = req(1)
-    value = "1" if form == "seconds" else email.utils.formatdate(time.time() + 2, usegmt=True)
+    value = "1" if form == "seconds" else email.utils.formatdate(time.time() + 3, usegmt=True)
     srv.add_fault(Fault("status", status=429, retry_after=value, times=1))
     [res] = c.complete_many_sync([r])
     assert res.error is None and res.attempts == 2 and res.text
@@ -134,15 +134,20 @@ def test_5xx_retried_then_exhausted_and_4xx_not_retried(srv):
     assert srv.total == sum(r.attempts for r in res)
 
 
-def test_timeouts_and_garbage_bodies_are_retried(srv):
+def test_timeouts_dropped_connections_and_garbage_bodies_are_retried(srv):
     c = client(srv, timeout_s=0.3, max_retries=1)
     srv.add_fault(Fault("hang", match="slow-once", times=1, hang_s=5),
                   Fault("hang", match="slow-always", times=None, hang_s=5),
-                  Fault("garbage_body", match="garbled", times=1))
-    res = c.complete_many_sync([req(0, "slow-once"), req(1, "slow-always"), req(2, "garbled")])
+                  Fault("garbage_body", match="garbled", times=1),
+                  Fault("disconnect", match="dropped", times=1),
+                  Fault("disconnect", match="gone", times=None))
+    res = c.complete_many_sync([req(0, "slow-once"), req(1, "slow-always"), req(2, "garbled"), req(3, "dropped"),
+                                req(4, "gone")])
     assert (res[0].error, res[0].attempts) == (None, 2)
     assert (res[1].error, res[1].attempts) == ("timeout_exhausted", 2)
     assert (res[2].error, res[2].attempts) == (None, 2)
+    assert (res[3].error, res[3].attempts) == (None, 2)
+    assert (res[4].error, res[4].attempts) == ("connection_exhausted", 2)
 
 
 def test_content_faults_are_answers_for_the_parser(srv, tmp_path):
@@ -162,6 +167,22 @@ def test_content_faults_are_answers_for_the_parser(srv, tmp_path):
     assert len(cache) == 3
 
 
+def test_custom_responder_and_cache_outage_keep_answers(tmp_path):
+    class BrokenCache(ResponseCache):
+        def put(self, key, value):
+            raise OSError("bucket unreachable")
+
+    def responder(body):
+        q = body["messages"][-1]["content"]
+        return {"content": json.dumps({"query": q.upper()}), "finish_reason": "stop",
+                "usage": {"prompt_tokens": 11, "completion_tokens": 7}}
+
+    with FakeOpenAI(responder=responder) as srv:
+        [res] = client(srv, cache=BrokenCache(str(tmp_path))).complete_many_sync([req(1)])
+    assert res.error is None and json.loads(res.text) == {"query": "QUESTION 1 "}
+    assert (res.prompt_tokens, res.completion_tokens) == (11, 7)
+
+
 def test_concurrency_bound_is_respected():
     with FakeOpenAI(latency_s=0.1) as srv:
         c = client(srv, concurrency=4)
@@ -172,10 +193,12 @@ def test_concurrency_bound_is_respected():
 
 def test_rpm_limit_spreads_requests(srv):
     c = client(srv, rpm=600)                         # 10/s with a burst of 10
+    t0 = time.monotonic()
     res = c.complete_many_sync([req(i) for i in range(25)])
     assert all(r.error is None for r in res)
-    t = sorted(t for t, _, _ in srv.log)
-    assert t[-1] - t[0] >= 1.4                       # 15 requests beyond the burst need >= 1.5 s at 10/s
+    # 15 requests beyond the burst need 1.5 s at 10/s: the last cannot reach the server sooner (a lower bound,
+    # which a slow machine cannot break)
+    assert max(t for t, _, _ in srv.log) - t0 >= 1.45
 
 
 def test_cache_rerun_sends_only_what_failed(srv, tmp_path):
@@ -289,7 +312,7 @@ def test_teacher_map_end_to_end_with_faults_and_resume(ray_local, tmp_path, monk
     from speed_ray.teacher.requests_ray import teacher_map
 
     monkeypatch.setenv("SPEED_RAY_TEST_KEY", KEY)
-    rows = _rows(120, doomed_every=10)
+    rows = _rows(60, doomed_every=10)
     rows[5]["messages"] = "not json"                 # bad input: an error on its row, the rest goes on
     cfg = TeacherConfig(model="fake-model", api_key_env="SPEED_RAY_TEST_KEY", concurrency=16, max_retries=1,
                         backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=5.0)
@@ -298,16 +321,16 @@ def test_teacher_map_end_to_end_with_faults_and_resume(ray_local, tmp_path, monk
         srv.add_fault(Fault("status", status=500, match="doomed", times=None),
                       Fault("status", status=429, retry_after="0.05", per_request=True, times=1, match="q3"),
                       Fault("truncate", match="q7", times=None))
-        # run 1, "killed" after the first 60 rows: only they were written
+        # run 1, "killed" after the first 30 rows: only they were written
         out = StageOutput(str(tmp_path / "run"), "teacher", "fp1")
-        ds = ray.data.from_items(rows[:60], override_num_blocks=4)
-        n = write_stream(teacher_map(ds, cfg, srv.base_url, cache_url, num_actors=2, batch_size=8), out,
-                         rows_per_shard=20, id_col="request_id")
-        assert n == 60
+        ds = ray.data.from_items(rows[:30], override_num_blocks=3)
+        n = write_stream(teacher_map(ds, cfg, srv.base_url, cache_url, batch_size=8), out,
+                         rows_per_shard=10, id_col="request_id")
+        assert n == 30
         first = out.read_table()
         errs = dict(zip(first.column("request_id").to_pylist(), first.column("error").to_pylist()))
         assert errs["r0005"].startswith("bad_request:")
-        assert {k for k, v in errs.items() if v == "http_500_exhausted"} == {f"r{i:04d}" for i in range(0, 60, 10)}
+        assert {k for k, v in errs.items() if v == "http_500_exhausted"} == {f"r{i:04d}" for i in range(0, 30, 10)}
         assert srv.total == sum(first.column("attempts").to_pylist())
         assert srv.auth_headers[f"Bearer {KEY}"] == srv.total
         sent_first = set(srv.received)
@@ -316,30 +339,32 @@ def test_teacher_map_end_to_end_with_faults_and_resume(ray_local, tmp_path, monk
         srv.reset_counts()
         pending = filter_pending(ray.data.from_items(rows, override_num_blocks=4), done_ids(out, "request_id"),
                                  "request_id")
-        n2 = write_stream(teacher_map(pending, cfg, srv.base_url, cache_url, num_actors=2, batch_size=8), out,
-                          rows_per_shard=20, id_col="request_id")
-        assert n2 == 60 and out.num_rows() == 120
+        n2 = write_stream(teacher_map(pending, cfg, srv.base_url, cache_url, batch_size=8), out,
+                          rows_per_shard=10, id_col="request_id")
+        assert n2 == 30 and out.num_rows() == 60
         assert not set(srv.received) & sent_first
         table = out.read_table()
         ids = table.column("request_id").to_pylist()
         assert sorted(ids) == sorted(r["request_id"] for r in rows)
         led = ledger_from_table(table)
-        assert led["calls"] == 119 and led["failed_calls"] == 12 and led["budget_exhausted"] == 0
+        assert led["calls"] == 59 and led["failed_calls"] == 6 and led["budget_exhausted"] == 0
 
-        # run 3 re-asks everything with the faults gone: the cache answers all but the 12 failures
+        # run 3 re-asks everything with the faults gone: the cache answers all but the 6 failures
         srv.clear_faults()
         srv.reset_counts()
         fresh = StageOutput(str(tmp_path / "run"), "teacher", "fp2")
         write_stream(teacher_map(ray.data.from_items(rows, override_num_blocks=4), cfg, srv.base_url, cache_url,
-                                 num_actors=2, batch_size=8), fresh, rows_per_shard=40, id_col="request_id")
+                                 batch_size=8), fresh, rows_per_shard=30, id_col="request_id")
         third = fresh.read_table()
-        assert srv.total == 12
+        assert srv.total == 6
         led3 = ledger_from_table(third)
-        assert (led3["calls"], led3["cached_calls"], led3["failed_calls"]) == (12, 107, 0)
+        assert (led3["calls"], led3["cached_calls"], led3["failed_calls"]) == (6, 53, 0)
 
-    for p in Path(tmp_path).rglob("*"):
-        if p.is_file():
-            assert KEY not in p.read_bytes().decode("utf-8", "replace"), p
+    # nothing written (stage files, cache) and no Ray log (driver, workers, Ray Data) holds the key
+    ray_logs = Path(os.environ["RAY_TMPDIR"]).glob("session_*/logs/**/*")
+    for p in [*Path(tmp_path).rglob("*"), *ray_logs]:
+        if p.is_file() and p.stat().st_size < 50_000_000:
+            assert KEY.encode() not in p.read_bytes(), p
 
 
 def test_teacher_map_budget_is_shared_across_actors(ray_local, tmp_path):

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -246,13 +247,18 @@ class TeacherClient:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug must not lose the row: report it on the row, without the key
-            log.exception("teacher request %s failed unexpectedly", req.request_id)
+            log.error("teacher request %s failed unexpectedly:\n%s", req.request_id,
+                      self._redact(traceback.format_exc()))
             return ChatResult(req.request_id, None, error=self._redact(f"client_error: {type(e).__name__}: {e}")[:300])
 
     async def _complete(self, req: ChatRequest) -> ChatResult:
         key = ResponseCache.key_for(self.model, req) if self.cache is not None else None
         if key is not None:
-            hit = await asyncio.to_thread(self.cache.get, key)
+            try:
+                hit = await asyncio.to_thread(self.cache.get, key)
+            except OSError as e:  # an unreachable cache (object store hiccup) is a miss, not a lost row
+                log.warning("teacher cache read failed (%s); calling the endpoint", type(e).__name__)
+                hit = None
             if hit is not None and isinstance(hit.get("text"), str):
                 return ChatResult(req.request_id, hit["text"], int(hit.get("prompt_tokens", 0)),
                                   int(hit.get("completion_tokens", 0)), cached=True,
@@ -276,19 +282,23 @@ class TeacherClient:
                     out.kind == "status" and out.status in RETRYABLE_STATUS)
                 if self.limiter is not None:
                     usage = out.data.get("usage") or {}
-                    self.limiter.correct(est, int(usage.get("total_tokens") or 0) if out.kind == "ok" else 0)
+                    used = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+                    self.limiter.correct(est, used if out.kind == "ok" else 0)
                 if not retryable or attempt == self.max_retries:
                     break
                 delay = backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s, out.retry_after, self._rng)
-                log.info("teacher request %s: %s%s, retry %d/%d in %.2fs", req.request_id, out.kind,
+                log.debug("teacher request %s: %s%s, retry %d/%d in %.2fs", req.request_id, out.kind,
                          f" {out.status}" if out.status else "", attempt + 1, self.max_retries, delay)
                 await asyncio.sleep(delay)
             result = self._result(req, out, attempts, retryable)
             if key is not None and result.error is None:  # only successful answers are cached
-                await asyncio.to_thread(self.cache.put, key, {
-                    "text": result.text, "prompt_tokens": result.prompt_tokens,
-                    "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason,
-                    "model": self.model})
+                entry = {"text": result.text, "prompt_tokens": result.prompt_tokens,
+                         "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason,
+                         "model": self.model}
+                try:
+                    await asyncio.to_thread(self.cache.put, key, entry)
+                except OSError as e:  # the answer is paid for and still goes on the row; only a rerun would re-ask
+                    log.warning("teacher cache write failed (%s) for %s", type(e).__name__, req.request_id)
             return result
         finally:
             if admitted and self.budget is not None:

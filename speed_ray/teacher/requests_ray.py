@@ -55,8 +55,14 @@ class _ActorBudget:
         return self.handle.settle.remote(est_tokens, actual_tokens)
 
 
+REQUIRED_COLUMNS = ("request_id", "messages")
+
+
 def rows_to_requests(batch: pa.Table) -> tuple[list[ChatRequest | None], list[str]]:
     """Parse a batch's request columns; a malformed row becomes None plus an error naming the problem."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in batch.column_names]
+    if missing:
+        raise ValueError(f"teacher_map input lacks column(s) {missing}; it has {batch.column_names}")
     cols = batch.to_pydict()
     n = batch.num_rows
     reqs: list[ChatRequest | None] = []
@@ -143,6 +149,9 @@ def teacher_map(ds, cfg: "TeacherConfig", base_url: str, cache_url: str | None, 
         cfg, concurrency=max(1, math.ceil(cfg.concurrency / num_actors)),
         rpm=None if cfg.rpm is None else max(1, cfg.rpm // num_actors),
         tpm=None if cfg.tpm is None else max(1, cfg.tpm // num_actors))
+    # Ray Data runs 4 batches of an async UDF at once per task (RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY),
+    # so smaller batches could not fill the client's concurrency.
+    batch_size = max(batch_size, math.ceil(per.concurrency / 4))
     # The driver's key travels to the actors wrapped in Secret (never printed); an actor on a node without the
     # env var still authenticates, and nothing is put in a runtime_env, which the dashboard shows.
     key = os.environ.get(cfg.api_key_env)
