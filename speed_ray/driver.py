@@ -45,9 +45,42 @@ def print_summary(cfg: RunConfig, summary: dict[str, Any]) -> None:
                      f"{cost.get('calls', 0):>7} {cost.get('total_tokens', 0):>9}  "
                      f"{store.stage(name, fps[name]).url}")
     print("\n".join(lines), flush=True)
-    table = summary.get("evaluation")
-    if table:
-        print(table, flush=True)
+    for line in _where(cfg, store, fps):
+        print(line, flush=True)
+
+
+def _where(cfg: RunConfig, store: RunStore, fps: dict[str, str]) -> list[str]:
+    """Where the data, the models, the evaluation table and the report of this run are."""
+    out = []
+    for stage, what in (("dedup", "training data"), ("synthesis", "synthetic data"),
+                        ("teacher_synthesis", "synthetic data"), ("junior_sft", "junior generator"),
+                        ("senior_dpo", "senior generator"), ("revisor_sft", "revisor"),
+                        ("train_embedder", "embedder")):
+        if stage not in fps:
+            continue
+        st = store.stage(stage, fps[stage])
+        if st.done:
+            m = st.manifest
+            out.append(f"{what:>18}: {m.get('model_path') or st.data_url}")
+    ev = store.stage("evaluate", fps["evaluate"]) if "evaluate" in fps else None
+    if ev is not None and ev.done:
+        m = ev.manifest
+        md = m.get("results_md")
+        if md and store.exists(md):
+            import fsspec
+
+            with fsspec.open(md, "r") as f:
+                out += ["", f.read().rstrip()]
+        out.append(json.dumps(m.get("scores", {})))
+    try:
+        from speed_ray.studies.report import write_report
+
+        out.append(f"{'report':>18}: {write_report(store, cfg.run.name)}")
+    except ImportError:
+        pass
+    except Exception as e:  # a report problem never hides the run's own outcome
+        log.warning("could not write the run report: %s", e)
+    return out
 
 
 def status_main(args: argparse.Namespace) -> int:
