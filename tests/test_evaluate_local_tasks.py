@@ -133,8 +133,16 @@ def test_classification_and_pair_classification(tmp_path):
         test: {files: test.csv, columns: {text: text, label: category}}
         """))
     d = read_task(spec)
-    assert d["train"] == {"text": ["hello, there", "bye"], "label": ["greet", "leave"]}
-    assert d["test"]["label"] == ["greet"] and spec.n_experiments == 10 and spec.samples_per_label == 8
+    assert d["train"] == {"text": ["hello, there", "bye"], "label": [0, 1]} and d["label_names"] == ["greet", "leave"]
+    assert d["test"]["label"] == [0] and spec.n_experiments == 10 and spec.samples_per_label == 8
+    (tmp_path / "names.json").write_text('["leave", "greet", "other"]')
+    spec = load_spec(_yaml(tmp_path, "name: MyClf\ntype: classification\nlabels: names.json\n"
+                                     "train: {files: train.csv, columns: {text: text, label: category}}\n"
+                                     "test: {files: test.csv, columns: {text: text, label: category}}\n", "c2.yaml"))
+    assert read_task(spec)["train"]["label"] == [1, 0]
+    (tmp_path / "names.json").write_text('["leave"]')
+    with pytest.raises(LocalTaskError, match=r"train.csv:2: label is not in `labels`"):
+        read_task(spec)
     (tmp_path / "pairs.tsv").write_text("a\tb\t1\nc\td\t0\n")
     spec = load_spec(_yaml(tmp_path, "name: MyPairs\ntype: pair_classification\nfiles: [pairs.tsv]\n"
                                      "format: {header: false}\ncolumns: {sentence1: 0, sentence2: 1, label: 2}\n",
@@ -174,6 +182,7 @@ def test_shared_evaldata_row_counts(evaldata):
             counts[name] = (len(d["queries"]), len(d["corpus"]), sum(len(v) for v in d["qrels"].values()))
         elif "train" in d:
             counts[name] = (len(d["train"]["text"]), len(d["test"]["text"]), len(set(d["train"]["label"])))
+            assert d["label_names"][0] == "card_arrival"       # the order of categories.json
         else:
             counts[name] = len(d["test"]["score"])
     assert counts == {"stsb": 1379, "sickr": 9927, "scifact": (300, 5183, 339), "banking77": (10003, 3080, 77)}

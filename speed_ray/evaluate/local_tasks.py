@@ -73,6 +73,7 @@ class LocalTaskSpec:
     n_experiments: int = 10                        # classification: mteb's defaults
     samples_per_label: int = 8
     seed: int = 42
+    labels: tuple[str, ...] | str | None = None   # classification: label order (a list, or a JSON list file)
     tables: dict[str, Table] = field(default_factory=dict)   # test/train | corpus/queries/qrels
 
     def files(self) -> list[Path]:
@@ -253,6 +254,10 @@ def load_spec(path: str | Path, data_root: str | None = None) -> LocalTaskSpec:
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "seed" else 1):
             raise _err(f"expected a positive integer, got {v!r}", k, src)
         ints[k] = v
+    labels = raw.get("labels")
+    if labels is not None and not (isinstance(labels, str) and labels) and not (
+            isinstance(labels, list) and labels and all(isinstance(x, (str, int)) for x in labels)):
+        raise _err(f"expected a list of labels or a JSON file holding one, got {labels!r}", "labels", src)
     instruction = raw.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
         raise _err(f"expected a string, got {instruction!r}", "instruction", src)
@@ -260,7 +265,8 @@ def load_spec(path: str | Path, data_root: str | None = None) -> LocalTaskSpec:
         name=name.strip(), type=ttype, source=str(src), data_root=resolve_data_root(root, data_root, src),
         split=split, description=str(raw.get("description") or f"Local {ttype} task {name} from {src.name}"),
         instruction=instruction, main_score=str(raw.get("main_score") or MAIN_SCORES[ttype]),
-        score_range=(float(sr[0]), float(sr[1])), tables=tables, **ints)
+        score_range=(float(sr[0]), float(sr[1])), tables=tables,
+        labels=tuple(str(x) for x in labels) if isinstance(labels, list) else labels, **ints)
 
 
 # ---- reading files ---------------------------------------------------------------------------------
@@ -359,7 +365,7 @@ def read_task(spec: LocalTaskSpec, limit: int | None = None) -> dict[str, Any]:
     """The task's data as plain Python: the shapes `mteb_tasks.build_task` expects.
 
     sts / pair_classification: {"test": {"sentence1": [...], "sentence2": [...], "score"|"label": [...]}}
-    classification: {"train": {"text", "label"}, "test": {"text", "label"}} (labels as strings)
+    classification: {"train": {"text", "label"}, "test": {"text", "label"}, "label_names": [...]} (label ids)
     retrieval: {"corpus": {id: {"title", "text"}}, "queries": {id: text}, "qrels": {qid: {doc_id: int}}}
     """
     if spec.type in ("sts", "pair_classification"):
@@ -376,9 +382,32 @@ def read_task(spec: LocalTaskSpec, limit: int | None = None) -> dict[str, Any]:
         for part in ("train", "test"):
             rows = read_table(spec.tables[part], spec)
             rows = [rows[i] for i in subsample(len(rows), limit, spec.seed)]
-            out[part] = {"text": [str(r["text"]) for r in rows], "label": [str(r["label"]).strip() for r in rows]}
+            out[part] = {"text": [str(r["text"]) for r in rows], "label": [str(r["label"]).strip() for r in rows],
+                         "_where": [r["_where"] for r in rows]}
+        names = _label_names(spec) or sorted(set(out["train"]["label"]) | set(out["test"]["label"]))
+        ids = {n: i for i, n in enumerate(names)}
+        for part in ("train", "test"):
+            bad = next((w for w, lab in zip(out[part]["_where"], out[part]["label"]) if lab not in ids), None)
+            if bad:
+                raise LocalTaskError(f"{bad}: label is not in `labels`", "labels", spec.source)
+            # Integer ids, as mteb's hub datasets have (sklearn's binary AP needs numeric labels).
+            out[part] = {"text": out[part]["text"], "label": [ids[lab] for lab in out[part]["label"]]}
+        out["label_names"] = names
         return out
     return _read_retrieval(spec, limit)
+
+
+def _label_names(spec: LocalTaskSpec) -> list[str] | None:
+    if spec.labels is None or isinstance(spec.labels, tuple):
+        return list(spec.labels) if spec.labels else None
+    path = spec.path(spec.labels)
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LocalTaskError(f"cannot read the label list {path}: {e}", "labels", spec.source) from None
+    if not isinstance(names, list):
+        raise LocalTaskError(f"{path} must hold a JSON list of labels", "labels", spec.source)
+    return [str(n).strip() for n in names]
 
 
 def _read_retrieval(spec: LocalTaskSpec, limit: int | None) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def build_task(spec: LocalTaskSpec, limit: int | None = None):
                 cols = {"sentence1": cols["sentence1"], "sentence2": cols["sentence2"], "labels": cols["label"]}
             self.dataset = DatasetDict({split: Dataset.from_dict(cols)})
         elif spec.type == "classification":
-            self.dataset = DatasetDict({"train": Dataset.from_dict(data["train"]),
+            self.dataset = DatasetDict({"train": Dataset.from_dict(data["train"]),  # label ids (label_names)
                                         split: Dataset.from_dict(data["test"])})
         else:
             corpus = Dataset.from_dict({"id": list(data["corpus"]),
