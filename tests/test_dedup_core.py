@@ -186,3 +186,11 @@ def test_config_errors_name_the_key():
         DedupConfig(bands=20, rows=10)
     with pytest.raises(ConfigError, match="min_chars"):
         FiltersConfig(min_chars={"answer": 3})
+
+
+def test_shingle_tokens_are_encoded_shingles():
+    from speed_ray.dedup.minhash import shingle_tokens
+
+    for t in _texts(50, 9, 0, 12) + ["", "a", "Ünïcödé ТЕКСТ 中文, don't!"]:
+        for n in (1, 2, 3, 5):
+            assert shingle_tokens(t, n) == [s.encode("utf-8") for s in shingles(t, n)]

@@ -74,11 +74,12 @@ def find_duplicates(ids: Sequence, texts: Sequence[str | None], *, num_perm: int
     """The whole dedup in one process over a list of documents (tests, benchmark): the same core the stage
     runs distributed. Returns `clusters()` rows for every id in a cluster of two or more."""
     from speed_ray.dedup.lsh import bucket_edges, bucket_rows, band_hashes
-    from speed_ray.dedup.minhash import exact_hashes, signatures
+    from speed_ray.dedup.minhash import exact_hashes, normalize, signatures
 
     id_arr = pa.array(ids)
-    keys = (band_hashes(signatures(texts, num_perm, seed, ngram), bands, rows) if near
+    texts = [normalize(t) for t in texts]
+    keys = (band_hashes(signatures(texts, num_perm, seed, ngram, normalized=True), bands, rows) if near
             else np.empty((len(texts), 0), dtype=np.uint64))
-    ex = exact_hashes(texts) if exact else None
+    ex = exact_hashes(texts, normalized=True) if exact else None
     rows_t = bucket_rows(id_arr, keys, ex, keep)
     return clusters(bucket_edges(rows_t))

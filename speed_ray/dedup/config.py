@@ -11,11 +11,11 @@ from speed_ray.config import check
 class DedupConfig:
     exact: bool = True                        # drop exact duplicates (hash of normalized text)
     near: bool = True                         # MinHash-LSH near duplicates
-    fields: tuple[str, ...] = ("query", "positive")   # text fields joined into the shingled document
+    fields: tuple[str, ...] = ("query", "positive")   # columns joined into the document; ("sample",): whole sample
     ngram: int = 3                            # word n-gram shingles
-    num_perm: int = 128
+    num_perm: int = 128                       # MinHash permutations (signature length)
     bands: int | None = None                  # None: chosen from threshold (datasketch's optimal params)
-    rows: int | None = None
+    rows: int | None = None                   # signature values per band (set with bands)
     threshold: float = 0.8                    # Jaccard threshold
     seed: int = 1                             # datasketch's default MinHash seed
     batch_size: int = 4096                    # rows per map_batches call
@@ -35,10 +35,10 @@ class DedupConfig:
 
 @dataclass(frozen=True)
 class FiltersConfig:
-    min_chars: dict[str, int] = field(default_factory=lambda: {"query": 3, "positive": 3})
+    min_chars: dict[str, int] = field(default_factory=lambda: {"query": 3, "positive": 3})  # per field, when set
     max_chars: dict[str, int] = field(default_factory=lambda: {"query": 4000, "positive": 8000, "negative": 8000})
     require_negative: bool = False            # drop samples without a hard negative
-    drop_positive_equals_negative: bool = True
+    drop_positive_equals_negative: bool = True  # the hard negative is the positive (after normalization)
     drop_query_in_positive: bool = True       # query copied verbatim into the positive
     query_in_positive_min_words: int = 4      # shorter (keyword) queries may appear in their positive
     drop_invalid: bool = True                 # drop rows the generator's validation rejected (valid == False)

@@ -16,23 +16,32 @@ from typing import Sequence
 
 import numpy as np
 
-_WS = re.compile(r"\s+")
 _PUNCT = re.compile(r"[^\w\s]+")
 _MAX32 = np.uint32(0xFFFFFFFF)
 # Bound on the (shingles x num_perm) uint32 block hashed at once: 4M values = 16 MiB per worker at any N.
 _BLOCK_VALUES = 1 << 22
+_TEXT_CHUNK = 2048
+
+
+def _drop_table() -> dict[int, None]:
+    return {c: None for c in range(128) if not re.match(r"[\w\s]", chr(c))}
+
+
+_ASCII_DROP = _drop_table()
 
 
 def normalize(text: str | None) -> str:
     """NFKC, lower case, punctuation dropped, whitespace collapsed: "the same text" for exact and near dedup."""
     if not text:
         return ""
-    return _WS.sub(" ", _PUNCT.sub("", unicodedata.normalize("NFKC", text).lower())).strip()
+    if text.isascii():  # the common case, without the Unicode regex (same result)
+        return " ".join(text.lower().translate(_ASCII_DROP).split())
+    return " ".join(_PUNCT.sub("", unicodedata.normalize("NFKC", text).lower()).split())
 
 
-def shingles(text: str | None, ngram: int) -> list[str]:
+def shingles(text: str | None, ngram: int, normalized: bool = False) -> list[str]:
     """Word n-grams of the normalized text; a text shorter than n words is one shingle, an empty text none."""
-    words = normalize(text).split(" ")
+    words = (text or "" if normalized else normalize(text)).split(" ")
     if words == [""]:
         return []
     if len(words) <= ngram:
@@ -40,6 +49,18 @@ def shingles(text: str | None, ngram: int) -> list[str]:
     if ngram == 1:
         return words
     return [" ".join(words[i:i + ngram]) for i in range(len(words) - ngram + 1)]
+
+
+def shingle_tokens(text: str | None, ngram: int, normalized: bool = False) -> list[bytes]:
+    """`shingles` as the UTF-8 bytes datasketch is fed, built on bytes (no per-shingle encode)."""
+    words = (text or "" if normalized else normalize(text)).encode("utf-8").split(b" ")
+    if words == [b""]:
+        return []
+    if len(words) <= ngram:
+        return [b" ".join(words)]
+    if ngram == 1:
+        return words
+    return list(map(b" ".join, zip(*[words[i:] for i in range(ngram)])))
 
 
 @lru_cache(maxsize=16)
@@ -56,7 +77,8 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def sha1_hash32(tokens: Sequence[bytes]) -> np.ndarray:
     """datasketch.hashfunc.sha1_hash32 over many tokens: the first 4 bytes of SHA-1, little-endian."""
     sha1 = hashlib.sha1
-    return np.frombuffer(b"".join([sha1(t).digest()[:4] for t in tokens]), dtype="<u4").astype(np.uint32)
+    # Whole 20-byte digests, then every 5th little-endian word: cheaper than slicing each digest.
+    return np.frombuffer(b"".join([sha1(t).digest() for t in tokens]), dtype="<u4")[::5].astype(np.uint32)
 
 
 def fmix32(h: np.ndarray) -> np.ndarray:
@@ -89,24 +111,33 @@ def signatures_from_tokens(docs: Sequence[Sequence[bytes]], num_perm: int = 128,
         block = [t for d in docs[start:end] for t in d]
         if block:
             hv = fmix32(sha1_hash32(block))
-            phv = hv[:, None] * a[None, :]
-            phv += b[None, :]
+            # (num_perm, shingles) with shingles contiguous: reduceat along the last axis is ~7x faster.
+            phv = a[:, None] * hv[None, :]
+            phv += b[:, None]
             lens = lengths[start:end]
             nonempty = np.flatnonzero(lens > 0)
             offsets = np.concatenate(([0], np.cumsum(lens)[:-1]))[nonempty]
-            out[start + nonempty] = np.minimum.reduceat(phv, offsets, axis=0)
+            out[start + nonempty] = np.minimum.reduceat(phv, offsets, axis=1).T
         start = end
     return out
 
 
-def signatures(texts: Sequence[str | None], num_perm: int = 128, seed: int = 1, ngram: int = 3) -> np.ndarray:
+def signatures(texts: Sequence[str | None], num_perm: int = 128, seed: int = 1, ngram: int = 3,
+               normalized: bool = False) -> np.ndarray:
     """MinHash signatures of the texts' word n-gram shingles (UTF-8 bytes, as datasketch is fed)."""
-    return signatures_from_tokens([[s.encode("utf-8") for s in shingles(t, ngram)] for t in texts], num_perm, seed)
+    out = np.empty((len(texts), num_perm), dtype=np.uint32)
+    for start in range(0, len(texts), _TEXT_CHUNK):  # shingle lists are Python objects: keep few alive
+        chunk = texts[start:start + _TEXT_CHUNK]
+        out[start:start + len(chunk)] = signatures_from_tokens(
+            [shingle_tokens(t, ngram, normalized) for t in chunk], num_perm, seed)
+    return out
 
 
-def exact_hashes(texts: Sequence[str | None]) -> np.ndarray:
+def exact_hashes(texts: Sequence[str | None], normalized: bool = False) -> np.ndarray:
     """uint64 hash of each normalized text: equal values are exact duplicates (2^-64 collision odds)."""
-    blob = b"".join([hashlib.blake2b(normalize(t).encode("utf-8"), digest_size=8).digest() for t in texts])
+    if not normalized:
+        texts = [normalize(t) for t in texts]
+    blob = b"".join([hashlib.blake2b((t or "").encode("utf-8"), digest_size=8).digest() for t in texts])
     return np.frombuffer(blob, dtype="<u8").astype(np.uint64)
 
 

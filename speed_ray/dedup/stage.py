@@ -1,0 +1,237 @@
+"""The dedup stage on Ray: signatures -> buckets -> clusters -> apply, each sub-step resumable from the store.
+
+The layout follows datatrove's MinHash pipeline (signature, buckets, cluster, filter steps that each write
+their own output, https://github.com/huggingface/datatrove/blob/main/src/datatrove/pipeline/dedup/minhash.py):
+
+    artifacts/signatures/*.parquet         id, filter_reason, exact_hash     (one shard per input batch)
+    artifacts/bucket_rows/p=NNNNN/*.parquet band, key, id                    (hash-partitioned by key: the shuffle)
+    artifacts/edges/pNNNNN.parquet          src, dst, exact                   (candidate pairs, per partition)
+    artifacts/clusters/*.parquet            id, dedup_cluster, duplicate_of, removed_reason  (only removed or
+                                            clustered ids: the table every apply worker gets)
+    artifacts/removed/*.parquet             removed rows + removed_reason, duplicate_of, dedup_cluster
+    data/*.parquet                          kept rows + dedup_cluster (lineage.dedup_cluster too)
+    artifacts/steps/<step>.json             a step's completion marker, written after its outputs
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from speed_ray.config import to_dict
+from speed_ray.dedup.components import clusters
+from speed_ray.dedup.filters import filter_reasons, langid_classifier
+from speed_ray.dedup.lsh import band_hashes, band_layout, bucket_edges, bucket_rows, partition_of
+from speed_ray.dedup.minhash import exact_hashes, join_fields, normalize, signatures
+from speed_ray.store import StageOutput
+from speed_ray.streaming import done_ids, filter_pending, shard_name_for, write_stream
+
+STEPS = ("signatures", "buckets", "clusters", "removed")
+_LIGHT = 0.25  # CPUs for I/O-bound Ray tasks, so a 2-CPU cluster keeps room for the CPU-bound ones
+
+
+def shards_at(out: StageOutput, *rel: str) -> StageOutput:
+    """A StageOutput whose shards live under artifacts/<rel>: reuses the store's atomic shard I/O."""
+    sub = StageOutput(out.run_dir, out.stage, out.fingerprint)
+    sub.data_url = out.artifact(*rel)
+    return sub
+
+
+class _Steps:
+    """Completion markers of the sub-steps (artifacts/steps/<name>.json), each written after its outputs."""
+
+    def __init__(self, out: StageOutput):
+        self.out = out
+
+    def _path(self, name: str) -> str:
+        return self.out._path(self.out.artifact("steps", f"{name}.json"))
+
+    def get(self, name: str) -> dict | None:
+        fs = self.out.fs
+        if not fs.exists(self._path(name)):
+            return None
+        with fs.open(self._path(name), "r") as f:
+            return json.load(f)
+
+    def mark(self, name: str, info: dict) -> None:
+        from speed_ray.store import _atomic_write_bytes
+
+        _atomic_write_bytes(self.out.fs, self._path(name), json.dumps(info, sort_keys=True).encode())
+
+
+class _Signatures:
+    """map_batches UDF: quality reasons, exact hash and band keys for one batch, written from the worker."""
+
+    def __init__(self, sig_out: StageOutput, bucket_outs: list[StageOutput], fields, ngram, num_perm, seed,
+                 bands, rows, exact, near, rules):
+        self.sig_out, self.bucket_outs = sig_out, bucket_outs
+        self.fields, self.ngram, self.num_perm, self.seed = fields, ngram, num_perm, seed
+        self.bands, self.rows, self.exact, self.near, self.rules = bands, rows, exact, near, rules
+        self._lang = None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if batch.num_rows == 0:
+            return pa.table({"rows": pa.array([], pa.int64())})
+        cols = {c: batch.column(c).to_pylist() for c in {"query", "positive", "negative", "valid", *self.fields}
+                if c in batch.column_names}
+        if self.rules.get("language") and self._lang is None:
+            self._lang = langid_classifier()
+        reasons = filter_reasons(cols, self.rules, self._lang)
+        keep = np.array([r is None for r in reasons])
+        texts = [normalize(t) for t in join_fields(cols, self.fields)]
+        ids = batch.column("id").combine_chunks()
+        ex = exact_hashes(texts, normalized=True)
+        keys = (band_hashes(signatures(texts, self.num_perm, self.seed, self.ngram, normalized=True), self.bands,
+                            self.rows) if self.near else np.empty((len(texts), 0), np.uint64))
+        brows = bucket_rows(ids, keys, ex if self.exact else None, keep)
+        name = shard_name_for(ids.to_pylist(), "sig")
+        if brows.num_rows:
+            part = partition_of(brows.column("key").to_numpy(), len(self.bucket_outs))
+            for p in np.unique(part):
+                self.bucket_outs[p].write_shard(name, brows.filter(pa.array(part == p)))
+        # Written last: a batch is done (and skipped on resume) only when its bucket rows are on disk.
+        self.sig_out.write_shard(name, pa.table({"id": ids, "filter_reason": pa.array(reasons, pa.string()),
+                                                 "exact_hash": ex}))
+        return pa.table({"rows": [batch.num_rows]})
+
+
+def _bucket_partition(part: StageOutput, edges: StageOutput, name: str) -> int:
+    """One partition of the shuffle: every (band, key) bucket lies wholly in it, so its pairs are final."""
+    e = bucket_edges(part.read_table())
+    edges.write_shard(name, e)
+    return e.num_rows
+
+
+class _Apply:
+    """map_batches UDF: joins the removal table to a batch, returns its kept or its removed rows."""
+
+    def __init__(self, table_ref, removed: bool):
+        self.table_ref, self.removed = table_ref, removed
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import ray
+
+        table = ray.get(self.table_ref)
+        idx = pc.index_in(batch.column("id"), value_set=table.column("id").combine_chunks())
+        cluster = pc.coalesce(table.column("dedup_cluster").take(idx), batch.column("id"))
+        reason = table.column("removed_reason").take(idx)
+        mask = pc.is_valid(reason) if self.removed else pc.is_null(reason)
+        lineage = batch.column("lineage").to_pylist() if "lineage" in batch.column_names else [None] * len(batch)
+        lineage = [_with_cluster(lin, c) for lin, c in zip(lineage, cluster.to_pylist())]
+        out = batch.drop_columns([c for c in ("lineage", "dedup_cluster") if c in batch.column_names])
+        out = out.append_column("lineage", pa.array(lineage, pa.string())).append_column("dedup_cluster", cluster)
+        if self.removed:
+            out = out.append_column("removed_reason", reason).append_column(
+                "duplicate_of", table.column("duplicate_of").take(idx))
+        return out.filter(mask)
+
+
+def _with_cluster(lineage: str | None, cluster: str) -> str:
+    try:
+        d = json.loads(lineage) if lineage else {}
+    except json.JSONDecodeError:
+        d = {"unparsed_lineage": lineage}
+    if not isinstance(d, dict):
+        d = {"lineage": d}
+    d["dedup_cluster"] = cluster
+    return json.dumps(d, ensure_ascii=False)
+
+
+def num_partitions(n_docs: int, keys_per_doc: int, rows_per_partition: int) -> int:
+    return max(1, math.ceil(n_docs * keys_per_doc / rows_per_partition))
+
+
+def _reason_counts(out: StageOutput, column: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for batch in out.iter_batches(batch_size=65536, columns=[column]):
+        for item in pc.value_counts(batch.column(0)).to_pylist():
+            if item["values"] is not None:
+                counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    return dict(sorted(counts.items()))
+
+
+def dedup_stage(ctx) -> dict:
+    """Exact + MinHash-LSH dedup and quality filters over `samples`; kept rows to data/, removed to artifacts."""
+    import ray
+
+    dcfg, rules = ctx.cfg.dedup, to_dict(ctx.cfg.filters)
+    src: StageOutput = ctx.inputs["samples"]
+    if rules.get("language"):
+        langid_classifier()  # fail before any work when the language id package is missing
+    layout = band_layout(dcfg.threshold, dcfg.num_perm, dcfg.bands, dcfg.rows)
+    n_in = src.num_rows()
+    if n_in == 0:
+        raise ValueError(f"dedup got no input rows: {src} has no data shards at {src.data_url}")
+    columns = next(src.iter_batches(batch_size=1)).schema.names
+    missing = [c for c in ("id", "query", "positive", *dcfg.fields) if c not in columns]
+    if missing:
+        raise ValueError(f"dedup: the samples lack column(s) {missing} (dedup.fields={list(dcfg.fields)}; "
+                         f"columns: {columns})")
+    steps = _Steps(ctx.out)
+    keys_per_doc = (layout["bands"] if dcfg.near else 0) + (1 if dcfg.exact else 0)
+    n_parts = num_partitions(n_in, keys_per_doc, dcfg.bucket_partition_rows)
+    sig_out = shards_at(ctx.out, "signatures")
+    bucket_outs = [shards_at(ctx.out, "bucket_rows", f"p={p:05d}") for p in range(n_parts)]
+    edges_out = shards_at(ctx.out, "edges")
+    cl_out = shards_at(ctx.out, "clusters")
+    removed_out = shards_at(ctx.out, "removed")
+
+    if steps.get("signatures") is None:
+        ds = filter_pending(src.ray_dataset(), done_ids(sig_out))
+        udf = _Signatures(sig_out, bucket_outs, tuple(dcfg.fields), dcfg.ngram, dcfg.num_perm, dcfg.seed,
+                          layout["bands"], layout["rows"], dcfg.exact, dcfg.near, rules)
+        done = sum(int(r["rows"]) for r in ds.map_batches(udf, batch_size=dcfg.batch_size, batch_format="pyarrow",
+                                                            zero_copy_batch=True).iter_rows())
+        steps.mark("signatures", {"rows": sig_out.num_rows(), "rows_this_run": done, "partitions": n_parts})
+        ctx.log("signatures: %d rows, %d bucket partition(s)", n_in, n_parts)
+
+    if steps.get("buckets") is None:
+        task = ray.remote(num_cpus=1)(_bucket_partition)
+        todo = [p for p in range(n_parts) if not edges_out.has_shard(f"p{p:05d}")]
+        pending = [task.remote(bucket_outs[p], edges_out, f"p{p:05d}") for p in todo
+                   if bucket_outs[p].shard_names()]
+        pairs = sum(ray.get(pending))
+        steps.mark("buckets", {"partitions": n_parts, "pairs_this_run": pairs})
+
+    if steps.get("clusters") is None:
+        # Removal table: every id a later step must drop or relabel; far smaller than N (only dups + rejects).
+        cl = clusters(edges_out.read_table()) if edges_out.shard_names() else None
+        rejected = pa.concat_tables(  # streamed: only the rejected ids stay in memory
+            [pa.Table.from_batches([b]).filter(pc.is_valid(b.column(1)))
+             for b in sig_out.iter_batches(batch_size=65536, columns=["id", "filter_reason"])])
+        tables = [pa.table({"id": rejected.column("id"), "dedup_cluster": rejected.column("id"),
+                            "duplicate_of": pa.nulls(rejected.num_rows, rejected.schema.field("id").type),
+                            "removed_reason": rejected.column("filter_reason")})]
+        if cl is not None and cl.num_rows:
+            tables.append(cl.cast(tables[0].schema))
+        table = pa.concat_tables(tables)
+        n_clusters = 0 if cl is None else int(pc.sum(pc.is_null(cl.column("duplicate_of"))).as_py() or 0)
+        for old in cl_out.shard_names():
+            cl_out.fs.rm(cl_out._path(cl_out.shard_url(old)))
+        cl_out.write_shard("removal", table)
+        steps.mark("clusters", {"clusters": n_clusters, "clustered_ids": 0 if cl is None else cl.num_rows})
+
+    table_ref = ray.put(cl_out.read_table())
+    if steps.get("removed") is None:
+        ds = filter_pending(src.ray_dataset(), done_ids(removed_out))
+        write_stream(ds.map_batches(_Apply(table_ref, True), batch_format="pyarrow", batch_size=dcfg.batch_size),
+                     removed_out, rows_per_shard=dcfg.batch_size, prefix="removed")
+        steps.mark("removed", {"rows": removed_out.num_rows()})
+    ds = filter_pending(src.ray_dataset(), done_ids(ctx.out))
+    write_stream(ds.map_batches(_Apply(table_ref, False), batch_format="pyarrow", batch_size=dcfg.batch_size),
+                 ctx.out, rows_per_shard=dcfg.batch_size, prefix="part")
+
+    reasons = _reason_counts(removed_out, "removed_reason")
+    n_out = ctx.out.num_rows()
+    return {
+        "dedup": {"rows_in": n_in, "rows_out": n_out, "removed": sum(reasons.values()),
+                  "exact_duplicates": reasons.pop("exact_duplicate", 0),
+                  "near_duplicates": reasons.pop("near_duplicate", 0),
+                  "clusters": steps.get("clusters")["clusters"], "filtered": reasons,
+                  "band_layout": layout, "bucket_partitions": n_parts, "fields": list(dcfg.fields),
+                  "removed_url": removed_out.data_url},
+    }
