@@ -16,15 +16,20 @@ log = logging.getLogger("speed_ray.evaluate")
 
 
 def model_key(path: str, max_length: int) -> str:
-    """Identity of a model for the cache: its path plus the size and mtime of its weight files."""
+    """Identity of a model for the cache: its path, its JSON configs' contents and its weight files' sizes.
+
+    Not mtimes: offline model helpers may rewrite identical files, which must not invalidate the cache."""
+    import hashlib
+
     p = Path(path)
-    files = []
+    h = hashlib.sha256()
     if p.is_dir():
         for f in sorted(p.rglob("*")):
-            if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".pt"):
-                st = f.stat()
-                files.append(f"{f.relative_to(p)}:{st.st_size}:{int(st.st_mtime)}")
-    return "|".join([str(p.resolve()) if p.exists() else path, str(max_length), *files])
+            if f.is_file() and f.suffix == ".json":
+                h.update(f"{f.relative_to(p)}".encode() + f.read_bytes())
+            elif f.is_file() and f.suffix in (".safetensors", ".bin", ".pt"):
+                h.update(f"{f.relative_to(p)}:{f.stat().st_size}".encode())
+    return "|".join([str(p.resolve()) if p.exists() else path, str(max_length), h.hexdigest()])
 
 
 def instruction_for(task_metadata: Any) -> str:
