@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import fsspec
@@ -285,7 +285,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     _check_strategy(job.cfg)
     cfg = job.cfg
     storage = os.path.abspath(job.storage_url) if _is_local(job.storage_url) else job.storage_url
-    job = TrainJob(**{**job.__dict__, "storage_url": storage})
+    job = replace(job, storage_url=storage)
     found = latest_checkpoint(storage)
     if found:
         log.info("%s: resuming from %s (step %d)", job.kind, found[0], found[1])
