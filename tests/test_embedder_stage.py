@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from speed_ray.embedder.loss import compute_loss_from_embeddings
@@ -45,6 +46,7 @@ def _loss_of(encode, rows):
     return compute_loss_from_embeddings(q, p, n, 0.05).item()
 
 
+@pytest.mark.slow
 def test_stage_trains_exports_and_resumes(ray_local, tmp_path, minilm):
     from sentence_transformers import SentenceTransformer
 
