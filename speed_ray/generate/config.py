@@ -93,3 +93,6 @@ class LocalServerConfig:
     def __post_init__(self):
         check(0 < self.port < 65536, "port", "must be a TCP port")
         check(self.replicas >= 1, "replicas", "must be >= 1")
+        check(self.num_cpus > 0 or self.num_gpus > 0, "num_cpus", "a replica needs num_cpus > 0 or num_gpus > 0")
+        check(self.max_batch_size > 0, "max_batch_size", "must be > 0")
+        check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")

@@ -24,8 +24,9 @@ def vllm_llm_config(cfg, model_source: str) -> dict:
         "model_loading_config": {"model_id": cfg.model, "model_source": model_source},
         "deployment_config": {"autoscaling_config": {"min_replicas": cfg.replicas, "max_replicas": cfg.replicas},
                               "max_ongoing_requests": max(64, 4 * cfg.max_batch_size)},
+        # vLLM batches continuously: max_num_seqs is its concurrent-sequence cap; json_schema response_format is
+        # honoured by vLLM's own structured-output backend. Requests must name model_id (the config's model).
         "engine_kwargs": {"max_num_seqs": max(cfg.max_batch_size, 1), "tensor_parallel_size": 1,
-                          # Structured outputs (response_format json_schema) use vLLM's xgrammar backend.
                           "enable_prefix_caching": True},
     }
 
@@ -201,11 +202,10 @@ def start(cfg, token: str | None = None, app_name: str = APP_NAME, timeout_s: fl
         log.warning("Ray Serve already listens on %s:%s; the local server uses that port, not %s",
                     running[0], running[1], cfg.port)
     host, port = running or (cfg.host, cfg.port)
-    route = None if cfg.engine == "vllm" else "/"
     log.info("deploying %s (%s engine, %s replica(s)) on Ray Serve at %s:%s", cfg.model, cfg.engine, cfg.replicas,
              host, port)
-    serve.run(build_app(cfg, token_digest(token) if token else None), name=app_name,
-              route_prefix=route or "/", blocking=False)
+    serve.run(build_app(cfg, token_digest(token) if token else None), name=app_name, route_prefix="/",
+              blocking=False)
     base_url = f"http://{_connect_host(host)}:{port}/v1"
     _wait_healthy(base_url, timeout_s, {"Authorization": f"Bearer {token}"} if token else None)
     return base_url
@@ -259,5 +259,8 @@ def server_main(args) -> int:
     try:
         while True:
             time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
     finally:
         stop_local_server()
+    return 0
