@@ -51,6 +51,9 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._load())
 
+    def __bool__(self) -> bool:   # an empty cache is still a cache (`if cache:` must not skip writing to it)
+        return True
+
     def get(self, keys: list[str]) -> dict[int, np.ndarray]:
         """Position in `keys` -> embedding, for the keys that are cached."""
         index = self._load()

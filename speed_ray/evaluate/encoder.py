@@ -109,8 +109,8 @@ class Embedder:
         """Embeddings of prefix + text for each text, from the cache where possible."""
         if not texts:
             return np.zeros((0, self.model.get_sentence_embedding_dimension()), dtype=np.float32)
-        keys = [text_key(self.cache.model_key, prefix, t) for t in texts] if self.cache else []
-        found = self.cache.get(keys) if self.cache else {}
+        keys = [text_key(self.cache.model_key, prefix, t) for t in texts] if self.cache is not None else []
+        found = self.cache.get(keys) if self.cache is not None else {}
         missing = [i for i in range(len(texts)) if i not in found]
         new: dict[int, np.ndarray] = {}
         if missing:
@@ -120,7 +120,7 @@ class Embedder:
             self.encoded_texts += len(uniq)
             pos = {t: j for j, t in enumerate(uniq)}
             new = {i: emb[pos[texts[i]]] for i in missing}
-            if self.cache:
+            if self.cache is not None:
                 self.cache.put([text_key(self.cache.model_key, prefix, t) for t in uniq], emb)
         rows = [found[i] if i in found else new[i] for i in range(len(texts))]
         return np.stack(rows).astype(np.float32)
