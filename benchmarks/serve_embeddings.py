@@ -114,7 +114,7 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     try:
-        url = start(args.model, cfg)
+        url, _ = start(args.model, cfg)
         proc = subprocess.run([sys.executable, __file__, "--client", url, "--clients", str(args.clients),
                                "--requests", str(args.requests), "--batch", str(args.batch)],
                               capture_output=True, text=True, check=True)

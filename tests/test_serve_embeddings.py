@@ -131,7 +131,7 @@ def server(ray_local, prompted_minilm):
     cfg = ServeConfig(port=PORT, num_cpus=0.5, max_inputs=8, max_input_chars=200, token_env="SPEED_RAY_TEST_TOKEN",
                       model_name="speed-embedder", torch_threads=1)
     try:
-        yield start(prompted_minilm, cfg)
+        yield start(prompted_minilm, cfg)[0]
     finally:
         os.environ.pop("SPEED_RAY_TEST_TOKEN", None)
         serve.delete(APP_NAME)
@@ -214,3 +214,14 @@ def test_serve_main_refuses_public_bind_without_token(monkeypatch):
                               allow_unauthenticated_public=False, overrides=[])
     with pytest.raises(ConfigError, match="refusing to bind 0.0.0.0"):
         serve_main(args)
+
+
+def test_app_builder_for_serve_run(minilm):
+    from ray.serve import Application
+
+    from speed_ray.serve.app import app_builder
+
+    app = app_builder({"model": minilm, "max_inputs": "4", "serve.model_name": "mine"})
+    assert isinstance(app, Application)
+    with pytest.raises(ConfigError, match="max_inputs"):
+        app_builder({"model": minilm, "max_inputs": "0"})

@@ -60,7 +60,8 @@ def build_hf_app(cfg, token_digest: str | None = None):
     async def _validation_error(request, exc):
         return JSONResponse(error_body(422, str(exc), code="invalid_request"), 422)
 
-    @serve.deployment(name="ChatServer", num_replicas=cfg.replicas, max_ongoing_requests=max(64, 4 * cfg.max_batch_size),
+    @serve.deployment(name="ChatServer", num_replicas=cfg.replicas,
+                      max_ongoing_requests=max(64, 4 * cfg.max_batch_size),
                       ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus})
     @serve.ingress(api)
     class ChatServer:
@@ -150,72 +151,32 @@ def app_builder(args: dict[str, str]):
     return build_app(from_dict(LocalServerConfig, typed))
 
 
-def _serve_http_port() -> tuple[str, int] | None:
-    """The host/port of the Serve proxies already running in this cluster, if any (private API, best effort)."""
-    try:
-        from ray.serve.context import _get_global_client
-
-        client = _get_global_client(raise_if_no_controller_running=False)
-        if client is None:
-            return None
-        http = client.http_config
-        return http.host, http.port
-    except Exception:  # pragma: no cover - the private API moved
-        return None
-
-
-def _wait_healthy(base_url: str, timeout_s: float, headers: dict | None = None) -> None:
-    import httpx
-
-    deadline = time.time() + timeout_s
-    last = ""
-    while time.time() < deadline:
-        try:
-            r = httpx.get(f"{base_url}/models", timeout=5, headers=headers)
-            if r.status_code == 200:
-                return
-            last = f"HTTP {r.status_code}: {r.text[:200]}"
-        except httpx.HTTPError as e:
-            last = f"{type(e).__name__}: {e}"
-        time.sleep(0.5)
-    raise RuntimeError(f"the local model server at {base_url} did not become healthy in {timeout_s:.0f}s ({last})")
-
-
-def _connect_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-
-
 def start(cfg, token: str | None = None, app_name: str = APP_NAME, timeout_s: float = 600.0) -> str:
     """Deploy the app on the connected Ray's Serve and return its base URL once /v1/models answers."""
     from ray import serve
 
     from speed_ray.serve.auth import check_bind, token_digest
+    from speed_ray.serve.lifecycle import connect_host, ensure_serve, wait_healthy
 
     check_bind(cfg.host, token is not None, allow_unauthenticated_public=False)
-    running = _serve_http_port()
-    if running is None:
-        # Proxies on every node, all bound to the configured host: a Ray worker on any node reaches the teacher
-        # on its own loopback, so a multi-node pipeline needs no open port.
-        serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location="EveryNode")
-        _STATE["started_serve"] = True
-    elif running[1] != cfg.port:
-        log.warning("Ray Serve already listens on %s:%s; the local server uses that port, not %s",
-                    running[0], running[1], cfg.port)
-    host, port = running or (cfg.host, cfg.port)
+    host, port, started = ensure_serve(cfg.host, cfg.port)
+    _STATE["started_serve"] = _STATE.get("started_serve", False) or started
     log.info("deploying %s (%s engine, %s replica(s)) on Ray Serve at %s:%s", cfg.model, cfg.engine, cfg.replicas,
              host, port)
     serve.run(build_app(cfg, token_digest(token) if token else None), name=app_name, route_prefix="/",
               blocking=False)
-    base_url = f"http://{_connect_host(host)}:{port}/v1"
-    _wait_healthy(base_url, timeout_s, {"Authorization": f"Bearer {token}"} if token else None)
+    base_url = f"http://{connect_host(host)}:{port}/v1"
+    wait_healthy(base_url, timeout_s, {"Authorization": f"Bearer {token}"} if token else None)
     return base_url
 
 
 def start_local_server(server_cfg, run_cfg) -> str:
     """The pipeline's teacher endpoint: start (once per driver) and return e.g. http://127.0.0.1:8011/v1."""
     if _STATE.get("base_url"):
+        from speed_ray.serve.lifecycle import wait_healthy
+
         try:
-            _wait_healthy(_STATE["base_url"], 10)
+            wait_healthy(_STATE["base_url"], 10)
             return _STATE["base_url"]
         except RuntimeError:
             log.warning("the local model server at %s stopped answering; redeploying", _STATE["base_url"])
@@ -229,15 +190,10 @@ def start_local_server(server_cfg, run_cfg) -> str:
 
 def stop_local_server() -> None:
     """Delete the teacher app; shut Serve down too when this driver started it (never someone else's apps)."""
-    from ray import serve
+    from speed_ray.serve.lifecycle import stop_app
 
-    if not _STATE.pop("base_url", None):
-        return
-    try:
-        serve.delete(APP_NAME)
-    finally:
-        if _STATE.pop("started_serve", False) and not serve.status().applications:
-            serve.shutdown()
+    if _STATE.pop("base_url", None):
+        stop_app(APP_NAME, _STATE.pop("started_serve", False))
 
 
 def server_main(args) -> int:

@@ -182,13 +182,13 @@ def _serve_cfg(args) -> tuple[Any, Any]:
     return cfg.run, s
 
 
-def start(model: str, cfg, ray_address: str | None = None, timeout_s: float = 600.0) -> str:
-    """Resolve the model, check auth and binding, deploy, and return the base URL once /v1/models answers."""
+def start(model: str, cfg, ray_address: str | None = None, timeout_s: float = 600.0) -> tuple[str, bool]:
+    """Resolve the model, check auth and binding, deploy; returns (base URL once /v1/models answers, started Serve)."""
     from ray import serve
 
-    from speed_ray.generate.server import _connect_host, _wait_healthy
     from speed_ray.raylocal import ensure_ray
     from speed_ray.serve.auth import check_bind, load_token, token_digest
+    from speed_ray.serve.lifecycle import connect_host, ensure_serve, wait_healthy
 
     token = load_token(cfg.token_env, cfg.token_file)
     check_bind(cfg.host, token is not None, cfg.allow_unauthenticated_public)
@@ -197,26 +197,29 @@ def start(model: str, cfg, ray_address: str | None = None, timeout_s: float = 60
                     cfg.token_env)
     path = resolve_served_model(model)
     ensure_ray(ray_address)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location="EveryNode")
+    host, port, started = ensure_serve(cfg.host, cfg.port)
     serve.run(build_embeddings_app(path, cfg, cfg.model_name or model, token_digest(token) if token else None),
               name=APP_NAME, route_prefix="/", blocking=False)
-    base_url = f"http://{_connect_host(cfg.host)}:{cfg.port}/v1"
-    _wait_healthy(base_url, timeout_s, {"Authorization": f"Bearer {token}"} if token else None)
-    return base_url
+    base_url = f"http://{connect_host(host)}:{port}/v1"
+    wait_healthy(base_url, timeout_s, {"Authorization": f"Bearer {token}"} if token else None)
+    return base_url, started
 
 
 def serve_main(args) -> int:
     """`speed-ray serve MODEL_OR_RUN_DIR [--config c.yaml] [--host H] [--port P]`: serve until Ctrl-C."""
-    from ray import serve
+    from speed_ray.serve.lifecycle import stop_app
 
     run, cfg = _serve_cfg(args)
-    base_url = start(args.model, cfg, run.ray_address)
+    base_url, started = start(args.model, cfg, run.ray_address)
     print(f"serving {args.model} at {base_url} (POST /embeddings, GET /models); Ctrl-C to stop", flush=True)
     try:
         while True:
             time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
     finally:
-        serve.delete(APP_NAME)
+        stop_app(APP_NAME, started)
+    return 0
 
 
 def app_builder(args: dict[str, str]):
