@@ -179,8 +179,8 @@ def finalize(ctx, run: dict, errors: Counter, failed_ledger: dict, total_request
             f"teacher.max_tokens_budget={ctx.cfg.teacher.max_tokens_budget}): {answered} of {total_requests} "
             f"requests are written, {pending} pending. Raise the cap and rerun to complete them, or set "
             f"teacher.on_budget_exhausted=finish to accept a partial stage.")
-    failed = run.get("failed", 0)
-    if failed and failed > ctx.cfg.teacher.max_failed_fraction * max(1, total_requests):
+    failed = run.get("failed", 0) - errors.get("budget_exhausted", 0)   # never sent: not a failure
+    if failed > 0 and failed > ctx.cfg.teacher.max_failed_fraction * max(1, total_requests):
         raise TooManyFailures(
             f"{failed} of {total_requests} teacher requests got no answer after retries ({dict(errors)}); "
             f"{answered} are written. Rerun to retry the missing ones, or raise teacher.max_failed_fraction.")
