@@ -173,5 +173,6 @@ def test_latest_checkpoint_picks_the_highest_complete_step(tmp_path):
         d.mkdir(parents=True)
         if step is not None:
             (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")         # Ray's own file, not a checkpoint
     url, step = latest_checkpoint(str(tmp_path))
     assert step == 6 and url.endswith("checkpoint_2024-01-01_00-00-01")

@@ -80,7 +80,7 @@ def checkpoint_step(ckpt_dir_url: str) -> int | None:
     try:
         with fs.open(state, "r") as f:
             return int(json.load(f)["global_step"])
-    except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError):
+    except (OSError, KeyError, ValueError):   # missing, not a directory, or half-written
         return None
 
 
@@ -91,8 +91,10 @@ def latest_checkpoint(storage_url: str, name: str = RAY_RUN_NAME) -> tuple[str, 
     if not fs.exists(run):
         return None
     best = None
-    for p in fs.ls(run, detail=False):
-        if not os.path.basename(p.rstrip("/")).startswith("checkpoint_"):
+    for entry in fs.ls(run, detail=True):
+        p = entry["name"]
+        # Ray keeps checkpoint_<time>/ directories next to its checkpoint_manager_snapshot.json
+        if entry.get("type") != "directory" or not os.path.basename(p.rstrip("/")).startswith("checkpoint_"):
             continue
         url = p if _is_local(storage_url) else fs.unstrip_protocol(p)
         step = checkpoint_step(url)
