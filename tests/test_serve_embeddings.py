@@ -46,6 +46,15 @@ def test_parse_rejects_bad_input(body, status):
     assert e.value.body()["error"]["message"] and e.value.body()["error"]["type"] == "invalid_request_error"
 
 
+def test_parse_json_errors():
+    from speed_ray.serve.protocol import parse_json
+
+    for raw, status in ((b"{", 400), (b"\xff\xfe", 400), (b"[" * 100000, 400), (b'"s"', 422)):
+        with pytest.raises(APIError) as e:
+            parse_json(raw)
+        assert e.value.status == status
+
+
 def test_query_prefix_uses_the_models_prompts():
     prompts = {"query": "Instruct: retrieve\nQuery: "}
     assert query_prefix(EmbedParams(["a"], input_type="query"), prompts) == prompts["query"]

@@ -37,6 +37,8 @@ def parse_json(raw: bytes) -> dict:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(422, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_type")
     return body
