@@ -28,9 +28,13 @@ class InfluenceConfig:
     categories: tuple[str, ...] = ("matching_short", "retrieval", "classification", "matching_long")
     n_bootstrap: int = 1000
     alpha: float = 0.05
-    max_concurrent: int = 1
-    n_samples: int | None = None              # rows per category (None: all)
+    max_concurrent: int = 1                   # models trained in parallel
+    num_cpus_per_point: float = 1.0           # CPUs each model's task reserves (its trainer asks for its own)
+    num_gpus_per_point: float = 0.0
+    n_samples: int | None = None              # rows per category (None: all); a model on k categories gets k x this
 
     def __post_init__(self):
         check(len(self.categories) >= 1, "categories", "need at least one category")
         check(0 < self.alpha < 1, "alpha", "must be in (0, 1)")
+        check(self.max_concurrent >= 1, "max_concurrent", "must be >= 1")
+        check(len(set(self.categories)) == len(self.categories), "categories", "must not repeat")

@@ -60,3 +60,41 @@ def influence_heatmap(path: str, result, title: str = "") -> str:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def axis_plot(path: str, labels: list[str], scores: list[float], title: str = "") -> str:
+    """A one-setting grid (SPEED Fig. 3, Tables 3-4): the average score at each value of the swept setting."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 2), 3.8), dpi=120)
+    x = np.arange(len(labels))
+    ax.plot(x, scores, marker="o", color="tab:blue")
+    for xi, s in zip(x, scores):
+        if np.isfinite(s):
+            ax.annotate(f"{s:.2f}", (xi, s), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("average score")
+    ax.set_title(title or "Score per setting")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def bar_plot(path: str, labels: list[str], series: dict[str, list[float]], title: str = "", ylabel: str = "") -> str:
+    """Grouped bars (the report's per-stage cost and duration)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(labels) + 2), 3.8), dpi=120)
+    x = np.arange(len(labels))
+    width = 0.8 / max(1, len(series))
+    for i, (name, vals) in enumerate(series.items()):
+        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=name)
+    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -37,31 +37,39 @@ def fit_loglinear(n, y) -> dict[str, float]:
 
 
 def fit_power(n, y) -> dict[str, float]:
-    """Least squares for the saturating y = c - k N^-alpha (c: the asymptote), alpha in (0, 2]."""
-    from scipy.optimize import curve_fit
+    """Least squares for the saturating y = c - k N^-alpha (c: the asymptote), k >= 0, alpha in (0, 2].
+
+    For a fixed alpha the model is linear in (c, k), so alpha is profiled: a log-spaced grid, then a bounded 1-d
+    refinement around the best grid value. Fast and deterministic (the bootstrap calls it hundreds of times), and it
+    cannot stall on the flat (k, alpha) valley that makes a 3-parameter curve_fit crawl on three points.
+    """
+    from scipy.optimize import minimize_scalar
 
     n, y = np.asarray(n, float), np.asarray(y, float)
     _check(n, y, 3)
+    scale = n.min()   # N / N_min keeps N^-alpha in (0, 1] for every alpha: well conditioned
 
-    def f(x, c, k, alpha):
-        return c - k * np.power(x, -alpha)
+    def solve(alpha: float) -> tuple[float, float, float]:
+        x = np.power(n / scale, -alpha)
+        X = np.stack([np.ones_like(x), -x], axis=1)
+        (c, k), *_ = np.linalg.lstsq(X, y, rcond=None)
+        if k < 0:   # a falling curve is not a saturating law: the best k >= 0 is k = 0
+            c, k = float(y.mean()), 0.0
+        return float(np.sum((c - k * x - y) ** 2)), float(c), float(k)
 
-    best = None
-    for alpha0 in (0.1, 0.3, 0.6, 1.0):  # a few starts: the surface is flat along (k, alpha)
-        c0 = y.max() + abs(y.max() - y.min()) * 0.5 + 1e-3
-        k0 = max((c0 - y.min()) * n.min() ** alpha0, 1e-6)
-        try:
-            popt, _ = curve_fit(f, n, y, p0=(c0, k0, alpha0), bounds=([-np.inf, 0.0, 1e-4], [np.inf, np.inf, 2.0]),
-                                maxfev=2000)
-        except (RuntimeError, ValueError):
-            continue
-        sse = float(np.sum((f(n, *popt) - y) ** 2))
-        if best is None or sse < best[0]:
-            best = (sse, popt)
-    if best is None:
+    grid = np.geomspace(1e-4, 2.0, 120)
+    sses = [solve(a)[0] for a in grid]
+    i = int(np.argmin(sses))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    alpha = float(grid[i])
+    if hi > lo:
+        r = minimize_scalar(lambda a: solve(a)[0], bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
+        if r.success and r.fun <= sses[i]:
+            alpha = float(r.x)
+    sse, c, k = solve(alpha)
+    if not np.isfinite(sse):
         raise ValueError("power-law fit did not converge")
-    c, k, alpha = best[1]
-    return {"c": float(c), "k": float(k), "alpha": float(alpha)}
+    return {"c": c, "k": k * scale ** alpha, "alpha": alpha}
 
 
 def _check(n: np.ndarray, y: np.ndarray, min_points: int) -> None:
