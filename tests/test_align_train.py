@@ -130,13 +130,14 @@ def test_senior_dpo_stage_starts_from_the_junior(ray_local, tiny_llama, tmp_path
 @pytest.mark.slow
 def test_revisor_sft_stage(ray_local, tiny_llama, tmp_path):
     cfg = build_config({"run": {"run_dir": str(tmp_path / "run"), "seed": 0},
-                        "revisor_sft": {**SFT, "max_steps": 4, "save_steps": 2, "max_length": 320, "n_samples": 12}})
+                        "revisor_sft": {**SFT, "max_steps": 4, "save_steps": 2, "max_length": 1024, "n_samples": 12}})
     store = RunStore(cfg.run.run_dir)
     rows = [{"id": f"r{i}", "prompt": _prompt(t), "root_text": '{"query": "x"}', "revised_text": _sample(t)}
             for i, t in enumerate(TOPICS * 2)]
     data = _upstream(store, "revise_signals", rows)
     res = revisor_sft_stage(_stage_ctx(cfg, store, "revisor_sft", {"data": data}))
     assert res["train_examples"] == 12 and res["metrics"]["global_step"] == 4
+    assert res["metrics"]["examples"] == 12 and res["metrics"]["examples_dropped_too_long"] == 0
     assert os.path.exists(os.path.join(res["model_path"], "model.safetensors"))
     assert res["metrics"]["last_loss"] < res["metrics"]["first_loss"]
 

@@ -150,3 +150,15 @@ def test_dpo_from_the_junior_grows_the_reward_margin(junior, tmp_path):
     pol_c, pol_r = completion_logps(job.model_url, prompts, chosen), completion_logps(job.model_url, prompts, rejected)
     margins = [beta * ((pc - rc) - (pr - rr)) for pc, rc, pr, rr in zip(pol_c, ref_c, pol_r, ref_r)]
     assert _mean(margins) > 0.05 and sum(m > 0 for m in margins) >= 6, margins
+
+
+def test_prompts_that_fill_max_length_give_a_clear_error(junior, tmp_path):
+    from dataclasses import replace
+
+    from speed_ray.align.data import DataError
+    from speed_ray.align.train import build_trainer
+
+    job, _ = junior
+    short = replace(job, cfg=replace(job.cfg, max_length=8))
+    with pytest.raises(DataError, match="max_length=8"):
+        build_trainer(short, str(tmp_path / "hf"), callbacks=[])

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import fsspec
 
 from speed_ray.align.config import DPOTrainerConfig, TrainerConfig, resolve_precision, training_args
-from speed_ray.align.data import FALLBACK_CHAT_TEMPLATE, from_columns
+from speed_ray.align.data import FALLBACK_CHAT_TEMPLATE, DataError, from_columns
 
 log = logging.getLogger("speed_ray")
 
@@ -175,16 +175,24 @@ def build_trainer(job: TrainJob, output_dir: str, callbacks: list):
         from trl import SFTConfig, SFTTrainer
 
         # prompt/completion data: the loss covers the completion (the sample) only, as in SPEED Eq. 1 and 3
-        return SFTTrainer(model=job.base_model, args=SFTConfig(**args, completion_only_loss=True),
-                          train_dataset=ds, processing_class=tok, peft_config=peft, callbacks=callbacks)
-    from trl import DPOConfig, DPOTrainer
+        trainer = SFTTrainer(model=job.base_model, args=SFTConfig(**args, completion_only_loss=True),
+                             train_dataset=ds, processing_class=tok, peft_config=peft, callbacks=callbacks)
+    else:
+        from trl import DPOConfig, DPOTrainer
 
-    assert isinstance(cfg, DPOTrainerConfig), "DPO needs a DPOTrainerConfig"
-    # ref_model=None: with LoRA the reference is the base with the adapter disabled, without it TRL loads a
-    # frozen copy of base_model. Either way the reference is the junior, because base_model is the junior.
-    return DPOTrainer(model=job.base_model, ref_model=None,
-                      args=DPOConfig(**args, beta=cfg.beta, loss_type=[cfg.loss_type]),
-                      train_dataset=ds, processing_class=tok, peft_config=peft, callbacks=callbacks)
+        assert isinstance(cfg, DPOTrainerConfig), "DPO needs a DPOTrainerConfig"
+        # ref_model=None: with LoRA the reference is the base with the adapter disabled, without it TRL loads a
+        # frozen copy of base_model. Either way the reference is the junior, because base_model is the junior.
+        trainer = DPOTrainer(model=job.base_model, ref_model=None,
+                             args=DPOConfig(**args, beta=cfg.beta, loss_type=[cfg.loss_type]),
+                             train_dataset=ds, processing_class=tok, peft_config=peft, callbacks=callbacks)
+    # TRL silently drops examples whose prompt alone fills max_length (nothing left to learn from)
+    kept = len(trainer.train_dataset)
+    if kept == 0:
+        raise DataError(f"all {len(ds)} {job.kind} examples were dropped: their prompts fill max_length="
+                        f"{cfg.max_length} tokens, leaving no completion tokens; raise max_length")
+    trainer.speed_ray_counts = {"examples": len(ds), "examples_dropped_too_long": len(ds) - kept}
+    return trainer
 
 
 def save_outputs(trainer, job: TrainJob, local_dir: str, is_main: bool) -> None:
@@ -262,6 +270,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             metrics = summarize_log_history(trainer.state.log_history)
             metrics.update({k: v for k, v in out.metrics.items() if isinstance(v, (int, float))})
+            metrics.update(trainer.speed_ray_counts)
             metrics.update({"global_step": trainer.state.global_step, "resumed_from_step": resumed_from,
                             "world_size": ctx.get_world_size()})
             _write_json(job.metrics_url, {"metrics": metrics, "log_history": trainer.state.log_history})
