@@ -98,7 +98,7 @@ def test_interrupted_sweep_resumes_point_by_point(tmp_path, fakes, monkeypatch):
 
 
 def test_points_fan_out_as_ray_tasks(tmp_path, fakes, ray_local, monkeypatch):
-    import cloudpickle
+    from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(studies_fakes)   # the fake stages travel to the Ray workers by value
     monkeypatch.setattr(sweep, "_slots", lambda m, c, cfg: (2, 0.25))

@@ -1,0 +1,58 @@
+"""The run report over a fake-stage run directory: stage table with costs and rates, evaluation, our result next to
+the paper's, the cost comparison with Table 5, the sweep section, and the cross-run (ablation/generator) table."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+import studies_fakes
+from speed_ray import pipeline
+from speed_ray.run_config import build_config
+from speed_ray.studies.report import report_main, runs_table, write_report
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    monkeypatch.setattr(pipeline, "_load", studies_fakes.fake_load)
+
+
+def _cfg(tmp_path, name, variant, paper):
+    return build_config({"run": {"name": name, "run_dir": str(tmp_path / "run")}, "synthesis": {"n_samples": 50},
+                         "pipeline": {"variant": variant, "paper_result": paper}})
+
+
+def test_report_has_stages_costs_scores_and_the_paper(tmp_path, fakes):
+    cfg = _cfg(tmp_path, "full", "full", 63.2)
+    pipeline.run_pipeline(cfg)
+    url = write_report(cfg.run.run_dir, "full")
+    md = open(url).read()
+    assert "| synthesis | done | 50 |" in md and "parse_rate=0.950" in md
+    assert "| seed_data | done |" in md and "| 10 | 1,500 |" in md              # teacher calls and tokens
+    assert "SPEED paper | 63.2" in md and "Δ" in md
+    assert "E5-mistral | 500,000 | 180,000,000" in md and "this run" in md
+    assert "SciFact" in md
+    assert os.path.getsize(os.path.join(os.path.dirname(url), "stages.png")) > 0
+
+
+def test_cross_run_table_shows_ablations_and_generators(tmp_path, fakes, capsys):
+    for name, variant, paper in (("full", "full", 63.2), ("no-dpo", "no_dpo", 62.8), ("sft", "sft_only", 62.6)):
+        pipeline.run_pipeline(_cfg(tmp_path, name, variant, paper))
+    rows = {r["run"]: r for r in runs_table(__import__("speed_ray.store", fromlist=["RunStore"]).RunStore(
+        str(tmp_path / "run")))}
+    assert set(rows) == {"full", "no-dpo", "sft"}
+    assert rows["no-dpo"]["variant"] == "no_dpo" and rows["no-dpo"]["paper"] == 62.8
+    assert rows["full"]["calls"] > rows["sft"]["calls"]                  # judge + revise_signals cost teacher calls
+    assert "(junior)" in rows["sft"]["generator"] and "(senior)" in rows["full"]["generator"]
+    assert report_main(SimpleNamespace(run_dir=str(tmp_path / "run"), run=None)) == 0
+    md = open(tmp_path / "run" / "report.md").read()
+    assert "| no-dpo | no_dpo |" in md and "62.8" in md
+    for name in rows:
+        assert (tmp_path / "run" / "runs" / name / "report" / "report.md").exists()
+
+
+def test_report_names_a_missing_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no run 'nope'"):
+        write_report(str(tmp_path), "nope")
