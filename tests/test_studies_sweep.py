@@ -123,3 +123,20 @@ def test_one_setting_grid_draws_score_per_value(tmp_path, fakes):
     ran = studies_fakes.calls(cfg.run.run_dir)
     assert ran.count("senior_dpo") == 3 and ran.count("junior_sft") == 1   # each beta re-runs DPO and downstream only
     assert os.path.getsize(os.path.join(cfg.run.run_dir, "runs", "sw", "sweep", "axis.png")) > 0
+
+
+@pytest.mark.slow
+def test_real_three_point_sweep_on_the_tiny_config(tmp_path, ray_local, evaldata):
+    """The real stages end to end: one tiny pool, three nested sizes, fits and plots (tens of minutes on 2 CPUs)."""
+    from pathlib import Path
+
+    from speed_ray.run_config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "tiny_sweep.yaml",
+                      [f"run.run_dir={tmp_path / 'run'}"])
+    res = run_sweep(cfg)
+    done = [p for p in res["points"] if p["state"] == "done"]
+    assert len(done) + len(res["skipped_points"]) == 3 and len(done) >= 2
+    assert [p["rows_used"] for p in done] == sorted(p["rows_used"] for p in done)
+    assert all(p["scores"] for p in done)
+    assert os.path.exists(os.path.join(cfg.run.run_dir, "runs", "tiny-sweep", "sweep", "sweep.md"))
