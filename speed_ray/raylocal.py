@@ -20,7 +20,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                         if k.startswith(("SPEED_RAY_", "HF_", "TRANSFORMERS_")) or k in ("RAY_TMPDIR",)}}
     if address:
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        # Inside `ray job submit` the job's runtime env (working dir, env vars) already applies; passing another
+        # one here would fail to merge with it.
+        in_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+        ray.init(address=address, runtime_env=None if in_job else env, log_to_driver=True)
     else:
         log.info("starting a local Ray (num_cpus=%s)", num_cpus)
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)

@@ -27,6 +27,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _node_ports() -> list[str]:
+    """Two nodes on one host (and other Ray clusters beside them) must not share agent/metrics ports."""
+    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+            f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}"]
+
+
 def _ours(marker: str) -> list[psutil.Process]:
     procs = []
     for p in psutil.process_iter(["pid", "cmdline"]):
@@ -40,20 +47,33 @@ def _ours(marker: str) -> list[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def two_node_cluster():
+    import secrets
+
     temp = tempfile.mkdtemp(prefix="speedray-2node-")
     gcs, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_TMPDIR": temp, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Ray >= 2.5x enables token auth: give this cluster its own token, shared by both nodes and the Jobs client.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    saved = {k: os.environ.get(k) for k in auth}
+    os.environ.update(auth)
+    # The nodes' `python` is this environment's, as on a cluster image with speed-ray installed.
+    env = {**os.environ, "RAY_TMPDIR": temp, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     head = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1",
             f"--temp-dir={temp}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}", "--disable-usage-stats", f"--ray-client-server-port={_free_port()}",
-            f"--min-worker-port={_free_port() % 1000 + 20000}", "--max-worker-port=29999"]
+            *_node_ports()]
     subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
     try:
         subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                        "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
+                        "--disable-usage-stats", *_node_ports()], check=True, env=env, capture_output=True, timeout=180)
         yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "temp": temp}
     finally:
-        procs = _ours(temp) + _ours(f"127.0.0.1:{gcs}")
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        procs = {p.pid: p for p in _ours(temp) + _ours(f":{gcs}")}.values()
         for p in procs:
             try:
                 p.terminate()
@@ -69,6 +89,7 @@ def test_two_nodes_joined(two_node_cluster):
                           "print(json.dumps([n['Alive'] for n in ray.nodes()]))" % two_node_cluster["gcs"]],
                          capture_output=True, text=True, timeout=120,
                          env={**os.environ, "RAY_TMPDIR": two_node_cluster["temp"]})
+    assert out.returncode == 0, out.stderr[-2000:]
     alive = json.loads(out.stdout.strip().splitlines()[-1])
     assert alive.count(True) == 2, out.stderr
 
@@ -84,7 +105,15 @@ def test_submit_pipeline_job_through_jobs_api(two_node_cluster, tmp_path):
     # The cheap head of the tiny pipeline (no LLM): proves submission, stage execution on the cluster and the store.
     entry = (f"python -m jobs.speed_pipeline --config configs/tiny.yaml --stages topics "
              f"run.run_dir={run_dir} run.num_cpus=null")
-    job = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+    deadline = time.time() + 180
+    while True:  # the job agent may still be starting ("No available agent to submit job")
+        try:
+            job = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(3)
     deadline = time.time() + 600
     status = None
     while time.time() < deadline:
