@@ -114,7 +114,8 @@ def run_stage(ids, texts, num_perm, bands, rows, ngram) -> tuple[set, float]:
     src = store.stage("revision", "in")
     for k in range(0, len(ids), 50000):
         sl = slice(k, k + 50000)
-        src.write_shard(f"in-{k:09d}", {"id": ids[sl], "query": ["q"] * len(ids[sl]), "positive": texts[sl],
+        src.write_shard(f"in-{k:09d}", {"id": ids[sl], "query": ["which passage is this"] * len(ids[sl]),
+                                        "positive": texts[sl],
                                         "lineage": ["{}"] * len(ids[sl])})
     cfg = dataclasses.replace(RunConfig(), dedup=DedupConfig(fields=("positive",), num_perm=num_perm, bands=bands,
                                                              rows=rows, ngram=ngram))
