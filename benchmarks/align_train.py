@@ -55,9 +55,11 @@ def main() -> None:
     cfg = TrainerConfig(base_model=base, lora_dropout=0.0, learning_rate=1e-3, batch_size=8, per_device_batch_size=4,
                         num_workers=a.workers, max_steps=a.steps, save_steps=max(1, a.steps // 2), max_length=256)
 
+    import peft  # noqa: F401  (import before timing: the Ray worker's imports are part of its cost, ours not)
+    import trl  # noqa: F401
+
     t0 = time.time()
-    plain_cfg = TrainerConfig(**{**cfg.__dict__, "num_workers": 1,
-                                 "per_device_batch_size": cfg.per_device_batch_size})
+    plain_cfg = TrainerConfig(**{**cfg.__dict__, "num_workers": 1})
     job = TrainJob("sft", data, plain_cfg, base, f"{tmp}/plain/model", f"{tmp}/plain/adapter", f"{tmp}/plain/ray",
                    f"{tmp}/plain/m.json")
     trainer = build_trainer(job, f"{tmp}/plain/hf", callbacks=[])
