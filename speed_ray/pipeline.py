@@ -15,7 +15,8 @@ from speed_ray.store import CostLedger, RunStore, StageOutput, library_versions,
 
 log = logging.getLogger("speed_ray")
 
-# Bump a stage's version when its code changes what it writes, so old outputs are not reused.
+# Bump STAGE_VERSION (all stages) or a StageSpec's version when code changes what is written, so old outputs
+# are not reused.
 STAGE_VERSION = "1"
 
 
@@ -27,16 +28,21 @@ class StageSpec:
     config_keys: tuple[str, ...] = ()        # dotted config sections the output depends on
     uses_teacher: bool = False
     doc: str = ""
+    version: str = "1"                       # bump when the stage's code changes what it writes
 
+
+# What identifies the teacher's answers: the model name, the model actually served when the teacher is the local
+# server, and the constrained-output mode.
+_TEACHER = ("teacher.model", "teacher.local_server.model", "teacher.json_mode")
 
 # Every stage SPEED has. The variant picks a subset and rewires the generator roles (paper Table 1 and 2).
 _ALL = {
     "topics": StageSpec("topics", "speed_ray.teacher.stages:topics_stage", {}, ("topics", "run.seed"),
                         doc="sample multi-grained topics from the taxonomy"),
     "brainstorm": StageSpec("brainstorm", "speed_ray.teacher.stages:brainstorm_stage", {"topics": "topics"},
-                            ("brainstorm", "teacher.model", "run.seed"), True, "teacher brainstorms task descriptions"),
+                            ("brainstorm", *_TEACHER, "run.seed"), True, "teacher brainstorms task descriptions"),
     "seed_data": StageSpec("seed_data", "speed_ray.teacher.stages:seed_data_stage", {"tasks": "brainstorm"},
-                           ("seed_data", "mixture", "teacher.model", "teacher.sampling", "run.seed"), True,
+                           ("seed_data", "mixture", *_TEACHER, "teacher.sampling", "run.seed"), True,
                            "teacher writes D_seed"),
     "junior_sft": StageSpec("junior_sft", "speed_ray.align.stages:junior_sft_stage", {"data": "seed_data"},
                             ("junior_sft", "run.seed"), doc="SFT the junior generator on D_seed"),
@@ -44,9 +50,10 @@ _ALL = {
                            {"generator": "junior_sft", "tasks": "brainstorm"}, ("root_data", "mixture", "run.seed"),
                            doc="junior generator writes k samples per prompt (D_root)"),
     "judge": StageSpec("judge", "speed_ray.teacher.stages:judge_stage", {"root": "root_data"},
-                       ("judge", "teacher.model"), True, "teacher picks best/worst: D_DPO"),
+                       ("judge", *_TEACHER), True, "teacher picks best/worst: D_DPO",
+                       version="2"),
     "revise_signals": StageSpec("revise_signals", "speed_ray.teacher.stages:revise_signals_stage",
-                                {"root": "root_data"}, ("revise_signals", "teacher.model", "teacher.sampling"), True,
+                                {"root": "root_data"}, ("revise_signals", *_TEACHER, "teacher.sampling"), True,
                                 "teacher revises root samples: D_revise"),
     "senior_dpo": StageSpec("senior_dpo", "speed_ray.align.stages:senior_dpo_stage",
                             {"pairs": "judge", "reference": "junior_sft"}, ("senior_dpo", "run.seed"),
@@ -57,7 +64,7 @@ _ALL = {
                            {"generator": "senior_dpo", "tasks": "brainstorm"}, ("synthesis", "mixture", "run.seed"),
                            doc="generator synthesizes at scale (D_syn)"),
     "teacher_synthesis": StageSpec("teacher_synthesis", "speed_ray.teacher.stages:teacher_synthesis_stage",
-                                   {"tasks": "brainstorm"}, ("synthesis.n_samples", "mixture", "teacher.model",
+                                   {"tasks": "brainstorm"}, ("synthesis.n_samples", "mixture", *_TEACHER,
                                                              "teacher.sampling", "run.seed"), True,
                                    "the teacher itself synthesizes (direct baseline)"),
     "revision": StageSpec("revision", "speed_ray.generate.stages:revision_stage",
@@ -76,7 +83,7 @@ VARIANTS = ("full", "sft_only", "no_dpo", "no_revisor", "direct_instruct", "dire
 
 def _rewire(spec: StageSpec, **inputs: str | None) -> StageSpec:
     new = {k: v for k, v in {**spec.inputs, **inputs}.items() if v is not None}
-    return StageSpec(spec.name, spec.fn, new, spec.config_keys, spec.uses_teacher, spec.doc)
+    return StageSpec(spec.name, spec.fn, new, spec.config_keys, spec.uses_teacher, spec.doc, spec.version)
 
 
 def build_plan(variant: str) -> list[StageSpec]:
@@ -124,7 +131,8 @@ def fingerprints(cfg: RunConfig, plan: list[StageSpec]) -> dict[str, str]:
     for spec in plan:
         settings = {k: _select(cfg_dict, k) for k in spec.config_keys}
         inputs = {role: out[up] for role, up in sorted(spec.inputs.items())}
-        out[spec.name] = stable_hash({"stage": spec.name, "v": STAGE_VERSION, "settings": settings, "inputs": inputs})
+        out[spec.name] = stable_hash({"stage": spec.name, "v": f"{STAGE_VERSION}.{spec.version}", "settings": settings,
+                                      "inputs": inputs})
     return out
 
 

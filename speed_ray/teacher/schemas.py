@@ -34,13 +34,22 @@ def sample_schema(task_type: str, min_length: int = 1) -> dict:
 
 JUDGE_SCHEMA = _object({"reason": {"type": "string"}, "best": {"type": "integer"}, "worst": {"type": "integer"}})
 
+# A bounded reason keeps a small constrained teacher from looping inside the string until max_tokens.
+REASON_MAX_CHARS = 400
+
+
+def judge_schema(n_outputs: int) -> dict:
+    """The judge answer for a list of n outputs: indices limited to 0..n-1, reason bounded (App. C.2 key order)."""
+    idx = {"type": "integer", "enum": list(range(max(n_outputs, 1)))}
+    return _object({"reason": {"type": "string", "maxLength": REASON_MAX_CHARS}, "best": idx, "worst": dict(idx)})
+
 # The paper asks for "revision" as a string; an object is accepted too (and is what constrained decoding writes).
 REVISE_SCHEMA = _object({"reason": {"type": "string"}, "revision": {"anyOf": [{"type": "string"}, {"type": "object"}]}})
 
 
 def revise_schema(task_type: str) -> dict:
     """The teacher's revise answer with the revision constrained to a valid sample object."""
-    return _object({"reason": {"type": "string"}, "revision": sample_schema(task_type)})
+    return _object({"reason": {"type": "string", "maxLength": REASON_MAX_CHARS}, "revision": sample_schema(task_type)})
 
 
 # The E5 brainstorm prompt asks for a bare list; OpenAI's response_format needs an object at the root, so the

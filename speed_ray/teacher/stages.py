@@ -253,11 +253,10 @@ def judge_stage(ctx) -> dict:
     rids = {stable_id("judge", i): i for i in ids}
     done = written_ids(ctx.out)
     wanted = {i for r, i in rids.items() if r not in done}
-    schema = schemas.JUDGE_SCHEMA
-
     def build(row: dict) -> list[dict]:
         rid = stable_id("judge", row["id"])
         outputs, samples = list(row["outputs"]), list(row["samples"])
+        schema = schemas.judge_schema(len(outputs))
         base = {"id": rid, "request_id": rid, "task_type": row["task_type"], "data_prompt": row["prompt"],
                 "outputs_json": json.dumps(outputs, ensure_ascii=False),
                 "samples_json": json.dumps(samples, ensure_ascii=False),
