@@ -28,15 +28,40 @@ class EngineUDF:
             self.engine = HFEngine(model, dtype=dtype, batch_size=batch_size, max_model_len=max_model_len)
         else:
             raise ValueError(f"EngineUDF runs the hf and stub engines, not {kind!r}")
-        # fault injection for the worker-kill test: "stub:crash_once=<marker file>"
-        self._crash_marker = stub_options(model).get("crash_once") if kind == "stub" else None
+        # fault injection for the stage tests (stub only): "stub:crash_once=<marker>" kills the actor process;
+        # "stub:fail_once=<marker>,fail_when=<dir>" raises in the UDF once <dir> holds 2 shards
+        opts = stub_options(model) if kind == "stub" else {}
+        self._crash_marker = opts.get("crash_once")
+        self._fail_marker, self._fail_when = opts.get("fail_once"), opts.get("fail_when")
+        self._calls = 0
 
     def __call__(self, batch):
         import pyarrow as pa
 
         cols = batch.to_pydict() if isinstance(batch, pa.Table) else {k: list(v) for k, v in batch.items()}
         self._maybe_crash()
+        self._maybe_fail()
+        self._calls += 1
         return pa.Table.from_pydict(generate_batch(self.engine, cols, self.kind))
+
+    def _maybe_fail(self) -> None:
+        # A user-code error fails the whole Dataset (Ray retries only system failures), so the stage dies with
+        # some shards written: the resume test's deterministic stand-in for a crash. After 3 batches it waits
+        # for the downstream writer to land 2 shards, then raises once.
+        m = self._fail_marker
+        if not m or self._calls < 3 or not os.path.exists(m):
+            return
+        import glob
+        import time
+
+        deadline = time.time() + 120
+        while len(glob.glob(os.path.join(self._fail_when or ".", "*.parquet"))) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        try:
+            os.remove(m)
+        except FileNotFoundError:
+            return
+        raise RuntimeError("injected stub failure (fail_once)")
 
     def _maybe_crash(self) -> None:
         # Tests kill one worker mid-stage: the first actor to see the marker file deletes it and dies hard.
@@ -87,4 +112,7 @@ def generate_dataset(ds, cfg: EngineConfig, model: str, adapter_path: str | None
     kw = map_kwargs(cfg, model)
     if kw["num_gpus"] is None:
         kw.pop("num_gpus")
+    # One engine batch per block: a task's outputs leave the actor only when the task ends, so a 1024-row
+    # planning block would hold hours of CPU generation back from the shard writer (and lose it on a crash).
+    ds = ds.repartition(target_num_rows_per_block=kw["batch_size"])
     return ds.map_batches(EngineUDF, **kw)
