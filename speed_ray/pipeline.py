@@ -51,7 +51,7 @@ _ALL = {
                            doc="junior generator writes k samples per prompt (D_root)"),
     "judge": StageSpec("judge", "speed_ray.teacher.stages:judge_stage", {"root": "root_data"},
                        ("judge", *_TEACHER), True, "teacher picks best/worst: D_DPO",
-                       version="2"),
+                       version="3"),
     "revise_signals": StageSpec("revise_signals", "speed_ray.teacher.stages:revise_signals_stage",
                                 {"root": "root_data"}, ("revise_signals", *_TEACHER, "teacher.sampling"), True,
                                 "teacher revises root samples: D_revise"),

@@ -218,7 +218,8 @@ class RunStore:
     """A run directory: stage outputs by fingerprint, and one plan per named run."""
 
     def __init__(self, run_dir: str):
-        self.run_dir = str(run_dir).rstrip("/")
+        run_dir = str(run_dir)
+        self.run_dir = (run_dir if "://" in run_dir else os.path.abspath(os.path.expanduser(run_dir))).rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.run_dir)
 
     def stage(self, name: str, fingerprint: str) -> StageOutput:

@@ -129,3 +129,30 @@ def test_grad_cache_matches_plain_on_minilm(minilm):
     for name in want:
         if want[name] is not None:
             torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("model_fixture", ["minilm", "tiny_llama"])
+def test_packed_encoding_equals_side_by_side(model_fixture, request):
+    """The plain step's packed encoding (all sides, length-sorted chunks) gives the same embeddings, loss and
+    gradients as encoding each side on its own, for mean pooling (MiniLM) and EOS pooling (a decoder)."""
+    from speed_ray.embedder.model import load_embedder
+
+    torch.manual_seed(0)
+    base = load_embedder(request.getfixturevalue(model_fixture), lora=True, lora_r=4, max_length=24).eval()
+    sides = _sides(9)
+    sides[1][3] = "a much longer document " * 12            # truncated to its side's max length
+    lengths = [16, 24, 24]
+    loss_fn = lambda q, p, n: compute_loss_from_embeddings(q, p, n, 0.02)  # noqa: E731
+
+    side_m, packed_m = copy.deepcopy(base), copy.deepcopy(base)
+    want = plain_step(lambda i, t: side_m.encode(t, lengths[i]), sides, loss_fn)
+    got = plain_step(None, sides, loss_fn, encode_all=lambda sd: packed_m.encode_packed(sd, lengths, min_chunk=2))
+    assert got.item() == pytest.approx(want.item(), abs=1e-5)
+    for a, b in zip(packed_m.encode_packed(sides, lengths, min_chunk=2),
+                    [side_m.encode(t, lengths[i]) for i, t in enumerate(sides)]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    g_want, g_got = _grads(side_m), _grads(packed_m)
+    assert sum(g is not None for g in g_want.values()) >= 4
+    for name, g in g_want.items():
+        if g is not None:
+            torch.testing.assert_close(g_got[name], g, atol=1e-5, rtol=1e-4, msg=name)

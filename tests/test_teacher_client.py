@@ -382,3 +382,16 @@ def test_teacher_map_budget_is_shared_across_actors(ray_local, tmp_path):
         assert table.num_rows == 60
         assert (led["calls"], led["budget_exhausted"]) == (25, 35)
         assert srv.total == 25
+
+
+def test_max_completion_tokens_for_newer_models(srv):
+    """o-series / gpt-5 endpoints reject max_tokens: the config names the field the request carries."""
+    from speed_ray.config import ConfigError
+    from speed_ray.run_config import build_config
+
+    cfg = build_config({"teacher": {"base_url": srv.base_url, "max_tokens_param": "max_completion_tokens"}}).teacher
+    body = TeacherClient.from_config(cfg, None, None)._body(req(0))
+    assert body["max_completion_tokens"] == 64 and "max_tokens" not in body
+    assert client(srv)._body(req(0))["max_tokens"] == 64
+    with pytest.raises(ConfigError, match="max_tokens_param"):
+        build_config({"teacher": {"max_tokens_param": "max_output_tokens"}})

@@ -166,6 +166,22 @@ def test_schema_validates_with_xgrammar():
     xgr.Grammar.from_json_schema(json.dumps(schemas.BRAINSTORM_SCHEMA))
 
 
+def test_judge_schema_admits_only_distinct_in_range_indices():
+    """A small constrained judge otherwise answers best == worst (no DPO pair): the schema rules it out."""
+    xgr = pytest.importorskip("xgrammar")
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    g = xgr.Grammar.from_json_schema(json.dumps(schemas.judge_schema(3)), any_whitespace=False)
+    answer = lambda b, w: json.dumps({"reason": "r", "best": b, "worst": w})  # noqa: E731
+    assert all(accepts(g, answer(b, w)) for b in range(3) for w in range(3) if b != w)
+    assert not any(accepts(g, answer(i, i)) for i in range(3))
+    assert not accepts(g, answer(3, 0)) and not accepts(g, answer(0, -1))
+    assert not accepts(g, json.dumps({"best": 0, "worst": 1, "reason": "r"}))     # App. C.2 key order
+    assert not accepts(g, answer(0, 1).replace('"r"', '"' + "x" * (schemas.REASON_MAX_CHARS + 1) + '"'))
+    one = xgr.Grammar.from_json_schema(json.dumps(schemas.judge_schema(1)), any_whitespace=False)
+    assert accepts(one, answer(0, 0))        # a one-output list still parses (the stage rejects it as no pair)
+
+
 # ---- parsing ------------------------------------------------------------------------------------------------
 def test_extract_json_tolerates_fences_prose_trailing_commas():
     assert extract_json('```json\n{"a": 1}\n```') == {"a": 1}

@@ -9,6 +9,7 @@ resumes from the newest checkpoint in `storage_url`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -247,6 +248,25 @@ def _resume_point(job: TrainJob):
     return max(found, key=lambda cs: cs[1]) if found else (None, 0)
 
 
+@contextlib.contextmanager
+def _builtin_print():
+    """Python's own print while TRL prepares its datasets. Ray Train patches builtins.print to log every print,
+    even one made while sys.stdout is redirected, so dill's hashing of the datasets map functions (it captures
+    `dis.dis` output by swapping sys.stdout) would dump thousands of lines of bytecode into the worker logs."""
+    import builtins
+
+    try:
+        from ray.train.v2._internal.logging.patch_print import _original_print
+    except ImportError:          # another Ray version: nothing to undo
+        yield
+        return
+    patched, builtins.print = builtins.print, _original_print
+    try:
+        yield
+    finally:
+        builtins.print = patched
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's per-worker function: build the TRL trainer, resume if a checkpoint exists, train, save."""
     import ray.train
@@ -257,7 +277,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ctx.get_world_rank()
     local_dir = tempfile.mkdtemp(prefix=f"speed-ray-{job.kind}-rank{rank}-")
     try:
-        trainer = build_trainer(job, os.path.join(local_dir, "hf"), [RayTrainReportCallback(), *job.callbacks])
+        with _builtin_print():
+            trainer = build_trainer(job, os.path.join(local_dir, "hf"), [RayTrainReportCallback(), *job.callbacks])
         trainer = prepare_trainer(trainer)
         ckpt, resumed_from = _resume_point(job)
         if ckpt is not None:

@@ -92,10 +92,12 @@ LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def plain_step(encode: Encode, sides: Sequence[list[str]], loss_fn: LossFn,
-               backward: Callable[[Tensor], object] | None = None) -> Tensor:
-    """Embed every side with grad, compute the loss, backprop (with `backward`, e.g. a DeepSpeed engine's).
-    Returns the detached loss."""
-    loss = loss_fn(*(encode(i, texts) for i, texts in enumerate(sides)))
+               backward: Callable[[Tensor], object] | None = None,
+               encode_all: Callable[[Sequence[list[str]]], list[Tensor]] | None = None) -> Tensor:
+    """Embed every side with grad (side by side with `encode`, or all at once with `encode_all`), compute the
+    loss, backprop (with `backward`, e.g. a DeepSpeed engine's). Returns the detached loss."""
+    embs = encode_all(sides) if encode_all is not None else [encode(i, texts) for i, texts in enumerate(sides)]
+    loss = loss_fn(*embs)
     (backward or Tensor.backward)(loss)
     return loss.detach()
 

@@ -103,6 +103,51 @@ class Embedder(nn.Module):
     def encode(self, texts: list[str], max_length: int | None = None) -> Tensor:
         return self(self.tokenize(texts, max_length))
 
+    def _pad(self, seqs: list[list[int]]) -> dict[str, Tensor]:
+        """input_ids + attention_mask for token id lists, padded on the tokenizer's padding side."""
+        width = max(len(x) for x in seqs)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        left = self.tokenizer.padding_side == "left"
+        for r, x in enumerate(seqs):
+            sl = slice(width - len(x), width) if left else slice(0, len(x))
+            ids[r, sl] = torch.tensor(x, dtype=torch.long)
+            mask[r, sl] = 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def encode_packed(self, sides: list[list[str]], max_lengths: list[int], pad_waste: float = 0.25,
+                      min_chunk: int = 16) -> list[Tensor]:
+        """Embed the texts of several sides (queries, positives, negatives) in as few forward passes as padding
+        allows: every text is tokenized alone (truncated to its side's max length), all are sorted by length and
+        cut into chunks whose padding stays within `pad_waste` of their real tokens (and at least `min_chunk`
+        texts each). Per-side padding, as in three separate encode calls, pads every short text of a side to its
+        longest; here each chunk pads to its own longest. Returns one (n_side, d) tensor per side, in order,
+        with gradients flowing back to every chunk."""
+        ids: list[list[int]] = []
+        for texts, m in zip(sides, max_lengths):
+            ids.extend(self.tokenizer(list(texts), truncation=True, max_length=m or self.max_length)["input_ids"])
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+        chunks: list[list[int]] = []
+        longest = real = 0
+        for i in order:
+            n = len(ids[i])
+            cur = chunks[-1] if chunks else None
+            if cur is not None and (len(cur) < min_chunk or (len(cur) + 1) * longest <= (1 + pad_waste) * (real + n)):
+                cur.append(i)
+                real += n
+            else:
+                chunks.append([i])
+                longest, real = n, n
+        outs = []
+        for chunk in chunks:
+            outs.append(self(self._pad([ids[i] for i in chunk])))
+        flat = torch.cat(outs)                                   # rows in `order`
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor([i for c in chunks for i in c])] = torch.arange(len(order))
+        flat = flat.index_select(0, inverse.to(flat.device))     # rows back in input order
+        return list(flat.split([len(t) for t in sides]))
+
 
 def load_embedder(path: str, pooling: str = "auto", lora: bool = True, lora_r: int = 16, lora_alpha: int = 16,
                   lora_dropout: float = 0.0, precision: str = "fp32", gradient_checkpointing: bool = False,

@@ -31,6 +31,7 @@ class StepSettings:
     gather: bool = True
     max_query_length: int = 512
     max_doc_length: int = 512
+    pack: bool = True                 # plain loss: length-sorted chunks over all sides (Embedder.encode_packed)
 
 
 def train_step(embedder, batch: list[dict], s: StepSettings, loss_scale: float = 1.0, backward=None) -> float:
@@ -50,7 +51,8 @@ def train_step(embedder, batch: list[dict], s: StepSettings, loss_scale: float =
             raise ValueError("GradCache runs its own backward passes; it cannot use a custom backward (DeepSpeed)")
         loss = grad_cache_step(encode, sides, loss_fn, s.mini_batch_size)
     else:
-        loss = plain_step(encode, sides, loss_fn, backward)
+        loss = plain_step(encode, sides, loss_fn, backward,
+                          encode_all=(lambda sd: embedder.encode_packed(sd, list(lengths))) if s.pack else None)
     return float(loss) / loss_scale
 
 

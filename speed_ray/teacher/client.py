@@ -132,7 +132,8 @@ class TeacherClient:
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 64,
                  rpm: int | None = None, tpm: int | None = None, timeout_s: float = 120.0, max_retries: int = 6,
                  backoff_base_s: float = 1.0, backoff_max_s: float = 60.0, cache: ResponseCache | None = None,
-                 budget: Any = None, api_key: Secret | str | None = None, rng: random.Random | None = None):
+                 budget: Any = None, api_key: Secret | str | None = None, rng: random.Random | None = None,
+                 max_tokens_param: str = "max_tokens"):
         if not base_url:
             raise ValueError("TeacherClient needs a base_url (e.g. https://api.openai.com/v1)")
         if concurrency <= 0:
@@ -140,6 +141,9 @@ class TeacherClient:
         self.base_url = base_url.rstrip("/")
         self.url = f"{self.base_url}/chat/completions"
         self.model = model
+        if max_tokens_param not in ("max_tokens", "max_completion_tokens"):
+            raise ValueError(f"max_tokens_param must be max_tokens or max_completion_tokens, got {max_tokens_param!r}")
+        self.max_tokens_param = max_tokens_param
         self.api_key_env = api_key_env
         self.concurrency = concurrency
         self.timeout_s = timeout_s
@@ -177,7 +181,7 @@ class TeacherClient:
         return cls(url, cfg.model, cfg.api_key_env, concurrency=cfg.concurrency, rpm=cfg.rpm, tpm=cfg.tpm,
                    timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_base_s=cfg.backoff_base_s,
                    backoff_max_s=cfg.backoff_max_s, cache=ResponseCache(cache_url) if (cfg.cache and cache_url) else None,
-                   budget=budget, api_key=api_key)
+                   budget=budget, api_key=api_key, max_tokens_param=cfg.max_tokens_param)
 
     # ---- plumbing ----------------------------------------------------------------------------------
     def _state(self) -> _LoopState:
@@ -201,7 +205,7 @@ class TeacherClient:
 
     def _body(self, req: ChatRequest) -> dict:
         body = {"model": self.model, "messages": req.messages, "temperature": req.temperature, "top_p": req.top_p,
-                "max_tokens": req.max_tokens}
+                self.max_tokens_param: req.max_tokens}
         if req.response_format:
             body["response_format"] = req.response_format
         if req.seed is not None:

@@ -50,6 +50,8 @@ class TeacherConfig:
     max_calls: int | None = None             # budget cap per run (calls)
     max_tokens_budget: int | None = None     # budget cap per run (prompt + completion tokens)
     json_mode: Literal["none", "json_object", "json_schema"] = "none"   # response_format sent to the endpoint
+    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"   # newer OpenAI models
+    #                                          (o-series, gpt-5) reject max_tokens and want max_completion_tokens
     judge_temperature: float = 0.0           # paper App. B: 0.0 for preference signals
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     cache: bool = True                       # response cache keyed by the full request

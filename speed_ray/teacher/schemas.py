@@ -39,9 +39,17 @@ REASON_MAX_CHARS = 400
 
 
 def judge_schema(n_outputs: int) -> dict:
-    """The judge answer for a list of n outputs: indices limited to 0..n-1, reason bounded (App. C.2 key order)."""
-    idx = {"type": "integer", "enum": list(range(max(n_outputs, 1)))}
-    return _object({"reason": {"type": "string", "maxLength": REASON_MAX_CHARS}, "best": idx, "worst": dict(idx)})
+    """The judge answer for a list of n outputs (App. C.2 key order): indices in 0..n-1, best != worst (a DPO
+    pair needs two different outputs), reason bounded. JSON Schema cannot tie one property to another, so the
+    distinctness is an anyOf with one branch per `best` whose `worst` excludes it: n branches of one object."""
+    reason = {"type": "string", "maxLength": REASON_MAX_CHARS}
+    n = max(n_outputs, 1)
+    if n < 2:
+        return _object({"reason": reason, "best": {"type": "integer", "enum": [0]},
+                        "worst": {"type": "integer", "enum": [0]}})
+    return {"type": "object", "anyOf": [
+        _object({"reason": dict(reason), "best": {"type": "integer", "enum": [b]},
+                 "worst": {"type": "integer", "enum": [w for w in range(n) if w != b]}}) for b in range(n)]}
 
 # The paper asks for "revision" as a string; an object is accepted too (and is what constrained decoding writes).
 REVISE_SCHEMA = _object({"reason": {"type": "string"}, "revision": {"anyOf": [{"type": "string"}, {"type": "object"}]}})
