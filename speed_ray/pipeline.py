@@ -225,6 +225,10 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: list[st
                     raise StageError(f"stage {spec.name!r} needs {up!r}, which has not completed; "
                                      f"run it first or add it to --stages")
                 inputs[role] = up_out
+            if not spec.uses_teacher:
+                # A local teacher holds CPUs (or a GPU) and memory that training and synthesis need; on a small
+                # cluster Ray Data's other operators would wait on them forever. It restarts when needed again.
+                _stop_services(services)
             out.clear_manifest()
             ctx = StageContext(cfg=cfg, name=spec.name, out=out, inputs=inputs, store=store, run_name=run_name,
                                _services=services)
@@ -271,5 +275,7 @@ def _stop_services(services: dict) -> None:
             from speed_ray.generate.server import stop_local_server
 
             stop_local_server()
+            log.info("stopped the local teacher server")
         except Exception as e:  # never mask the run's own outcome
             log.warning("could not stop the local teacher server: %s", e)
+        services.pop("teacher_url", None)

@@ -134,3 +134,26 @@ def test_manifest_records_settings_versions_and_costs(tmp_path, fake_stages):
     assert "ray" in m["versions"] and "torch" in m["versions"]
     assert set(m["cost"]) >= {"calls", "prompt_tokens", "completion_tokens", "cpu_hours", "gpu_hours"}
     assert m["ended_at"] >= m["started_at"]
+
+
+def test_local_teacher_runs_only_during_teacher_stages(tmp_path, monkeypatch):
+    """The local teacher server holds CPUs: it is up for teacher stages and stopped before any other stage
+    (on 2 CPUs a lingering replica starved synthesis's Ray Data operators), then started again when needed."""
+    import speed_ray.generate.server as server
+
+    events: list[str] = []
+    monkeypatch.setattr(server, "start_local_server", lambda *a: events.append("start") or "http://t/v1")
+    monkeypatch.setattr(server, "stop_local_server", lambda: events.append("stop"))
+
+    def stage(ctx):
+        if pipeline._ALL[ctx.name].uses_teacher:
+            assert ctx.teacher_base_url() == "http://t/v1"
+        events.append(ctx.name)
+        ctx.out.write_shard("part-0", [{"id": f"{ctx.name}-0"}])
+
+    monkeypatch.setattr(pipeline, "_load", lambda fn: stage)
+    run_pipeline(_cfg(tmp_path))
+    seq = " ".join(events)
+    assert seq.startswith("topics start brainstorm seed_data stop junior_sft root_data start judge revise_signals "
+                          "stop senior_dpo"), seq
+    assert events.count("start") == events.count("stop") == 2

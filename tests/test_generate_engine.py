@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from speed_ray.generate.config import EngineConfig
 from speed_ray.generate.engine import (GenRequest, StubEngine, generate_batch, request_columns,
                                        requests_from_batch)
 
@@ -112,3 +113,19 @@ def test_hf_engine_bad_request_does_not_fail_batch(tiny_engine):
     res = tiny_engine.generate([too_long, ok])
     assert res[0].finish_reason == "error" and "max_model_len" in res[0].error
     assert res[1].finish_reason in ("stop", "length") and res[1].completion_tokens >= 1
+
+
+def test_hf_actor_pool_args_from_config():
+    """Replicas, per-replica CPUs and torch threads come from the engine config."""
+    from speed_ray.config import ConfigError
+    from speed_ray.generate.ray_engines import map_kwargs
+
+    kw = map_kwargs(EngineConfig(kind="hf", batch_size=4, replicas_min=1, replicas_max=3,
+                                 num_cpus_per_replica=0.5), "m")
+    assert (kw["compute"].min_size, kw["compute"].max_size) == (1, 3)
+    assert kw["num_cpus"] == 0.5 and kw["batch_size"] == 16
+    assert kw["fn_constructor_kwargs"]["num_threads"] == 1
+    kw = map_kwargs(EngineConfig(kind="hf", num_cpus_per_replica=1.0, torch_threads=2), "m")
+    assert kw["num_cpus"] == 1.0 and kw["fn_constructor_kwargs"]["num_threads"] == 2
+    with pytest.raises(ConfigError, match="torch_threads"):
+        EngineConfig(torch_threads=0)

@@ -20,6 +20,8 @@ class EngineConfig:
     replicas_max: int = 1
     num_gpus_per_replica: float = 0.0
     num_cpus_per_replica: float = 1.0
+    torch_threads: int | None = None          # hf: torch threads per replica (None: num_cpus_per_replica, rounded);
+    #                                           more than the reservation lets one replica use an idle small box
     tensor_parallel_size: int = 1
     structured_output: bool = True            # JSON-schema-constrained decoding per task type
     enforce_eager: bool = False               # vLLM: skip CUDA graphs (faster start for small runs)
@@ -37,6 +39,7 @@ class EngineConfig:
               "need 1 <= replicas_min <= replicas_max")
         check(self.num_gpus_per_replica >= 0, "num_gpus_per_replica", "must be >= 0")
         check(self.num_cpus_per_replica > 0, "num_cpus_per_replica", "must be > 0")
+        check(self.torch_threads is None or self.torch_threads > 0, "torch_threads", "must be > 0")
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
         check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
 

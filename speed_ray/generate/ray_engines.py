@@ -93,7 +93,7 @@ def map_kwargs(cfg: EngineConfig, model: str) -> dict[str, Any]:
     return dict(
         fn_constructor_kwargs={"kind": cfg.kind, "model": model, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
                                "max_model_len": cfg.max_model_len,
-                               "num_threads": max(1, math.floor(cfg.num_cpus_per_replica + 0.5))},
+                               "num_threads": cfg.torch_threads or max(1, math.floor(cfg.num_cpus_per_replica + 0.5))},
         compute=ActorPoolStrategy(min_size=cfg.replicas_min, max_size=cfg.replicas_max),
         batch_size=cfg.batch_size * 4 if cfg.kind == "hf" else cfg.batch_size,
         batch_format="pyarrow",
