@@ -88,6 +88,7 @@ class LocalServerConfig:
     port: int = 8011
     replicas: int = 1
     num_cpus: float = 0.5                     # fractional so a 2-CPU Ray does not deadlock
+    torch_threads: int | None = None          # hf: torch threads per replica (None: num_cpus, rounded, at least 1)
     num_gpus: float = 0.0
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.05
@@ -99,3 +100,4 @@ class LocalServerConfig:
         check(self.num_cpus > 0 or self.num_gpus > 0, "num_cpus", "a replica needs num_cpus > 0 or num_gpus > 0")
         check(self.max_batch_size > 0, "max_batch_size", "must be > 0")
         check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
+        check(self.torch_threads is None or self.torch_threads > 0, "torch_threads", "must be > 0")

@@ -66,8 +66,13 @@ def build_hf_app(cfg, token_digest: str | None = None):
     @serve.ingress(api)
     class ChatServer:
         def __init__(self, model: str, max_new_tokens: int, max_batch_size: int, batch_wait_timeout_s: float,
-                     digest: str | None):
+                     digest: str | None, torch_threads: int | None = None):
+            import torch
+
             from speed_ray.generate.hf_engine import HFEngine
+
+            if torch_threads:
+                torch.set_num_threads(torch_threads)
 
             self.model_name = model
             self.max_new_tokens = max_new_tokens
@@ -128,7 +133,9 @@ def build_hf_app(cfg, token_digest: str | None = None):
             return chat_response(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name, choices,
                                  results[0].prompt_tokens, sum(r.completion_tokens for r in results))
 
-    return ChatServer.bind(cfg.model, cfg.max_new_tokens, cfg.max_batch_size, cfg.batch_wait_timeout_s, token_digest)
+    threads = cfg.torch_threads or max(1, round(cfg.num_cpus))
+    return ChatServer.bind(cfg.model, cfg.max_new_tokens, cfg.max_batch_size, cfg.batch_wait_timeout_s, token_digest,
+                           threads)
 
 
 def build_app(cfg, token_digest: str | None = None):
