@@ -1,11 +1,13 @@
 """Embedder training throughput vs sentence-transformers (MNRL, Cached MNRL), and GradCache peak memory at batch 256.
 
-Same model (offline:minilm, full fine-tuning, fp32 CPU), same batches, same steps. Throughput: project's
+Same model (offline:minilm, full fine-tuning, fp32 CPU), same batches, same steps. The headline batches have
+SPEED-like lengths (queries 4-30 words, documents 20-110), where the project's length-sorted packing of all
+three sides pays off; near-uniform lengths, where it cannot, are reported beside them (uniform_*). Throughput: project's
 train_step (plain) vs sentence-transformers' losses called on the same batches with the same AdamW (their
 SentenceTransformerTrainer adds dataloader overhead that is not the loss; this measures the loss+model step).
 Memory: peak RSS (resource.getrusage ru_maxrss) of a fresh subprocess per measurement, which sees torch's CPU
 allocations; the baseline RSS after loading the model is subtracted. Last line: one JSON object.
-Usage: python benchmarks/embedder_train.py [--steps 5] [--batch 32] [--mem-batch 256]
+Usage: python benchmarks/embedder_train.py [--steps 5] [--batch 32] [--mem-batch 256] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -21,17 +23,28 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _batches(n_steps: int, b: int) -> list[list[dict]]:
-    words = "volcano tax chess bread jazz bee river opera satellite glacier".split()
-    out = []
-    for s in range(n_steps):
-        out.append([{"query": f"Instruct: Retrieve passages\nQuery: question {s}-{i} about {words[i % 10]}",
-                     "positive": f"passage {s}-{i} explaining {words[i % 10]} " * 4,
-                     "negative": f"passage {s}-{i} explaining {words[(i + 5) % 10]} " * 4} for i in range(b)])
-    return out
+_WORDS = ("the of and to in is was for on that with as by at from which or be are this had not but volcano tax "
+          "chess bread jazz bee river opera satellite glacier protein court harbor algorithm").split()
 
 
-def run_project(batches, mini: int = 0) -> float:
+def _batches(n_steps: int, b: int, shape: str = "varied") -> list[list[dict]]:
+    """Triples with SPEED-like lengths (varied: queries 4-30 words, documents 20-110 words, as synthetic
+    retrieval/classification samples run) or near-constant lengths (uniform: every text of a side about as
+    long, the case where per-side padding wastes nothing). Seeded: both trainers see the same batches."""
+    import random
+
+    rng = random.Random(0)
+
+    def text(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi)))
+
+    q, d = ((4, 30), (20, 110)) if shape == "varied" else ((10, 12), (30, 33))
+    return [[{"query": f"Instruct: Retrieve passages\nQuery: {text(*q)}", "positive": text(*d),
+              "negative": text(*d)} for _ in range(b)] for _ in range(n_steps)]
+
+
+def project_step(mini: int = 0):
+    """One training step of the project's trainer (train_step + AdamW) on a fresh model."""
     import torch
 
     from speed_ray.embedder.model import load_embedder
@@ -42,17 +55,17 @@ def run_project(batches, mini: int = 0) -> float:
     emb = load_embedder(resolve_model("offline:minilm"), lora=False, max_length=128).train()
     opt = torch.optim.AdamW([p for p in emb.parameters() if p.requires_grad], lr=1e-5)
     s = StepSettings(temperature=0.05, mini_batch_size=mini, max_query_length=128, max_doc_length=128)
-    train_step(emb, batches[0], s)
-    opt.zero_grad()
-    t0 = time.perf_counter()
-    for b in batches[1:]:
+
+    def step(b):
         train_step(emb, b, s)
         opt.step()
         opt.zero_grad()
-    return (len(batches) - 1) * len(batches[0]) / (time.perf_counter() - t0)
+
+    return step
 
 
-def run_st(batches, cached: bool = False, mini: int = 32) -> float:
+def st_step(cached: bool = False, mini: int = 32):
+    """One step of sentence-transformers' (Cached)MultipleNegativesRankingLoss + AdamW on a fresh model."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
@@ -75,11 +88,24 @@ def run_st(batches, cached: bool = False, mini: int = 32) -> float:
         opt.step()
         opt.zero_grad()
 
-    step(batches[0])
-    t0 = time.perf_counter()
-    for b in batches[1:]:
-        step(b)
-    return (len(batches) - 1) * len(batches[0]) / (time.perf_counter() - t0)
+    return step
+
+
+def compare(ours, theirs, batches, rounds: int) -> tuple[float, float]:
+    """Samples/s of each step function: one warm-up step each, then `rounds` timed passes over batches[1:],
+    alternating ours and theirs (so drift in the machine's speed hits both); the medians."""
+    import statistics
+
+    ours(batches[0])
+    theirs(batches[0])
+    rates: dict[int, list[float]] = {0: [], 1: []}
+    for _ in range(rounds):
+        for k, step in enumerate((ours, theirs)):
+            t0 = time.perf_counter()
+            for b in batches[1:]:
+                step(b)
+            rates[k].append((len(batches) - 1) * len(batches[0]) / (time.perf_counter() - t0))
+    return statistics.median(rates[0]), statistics.median(rates[1])
 
 
 def _peak_child(kind: str, batch: int, mini: int) -> float:
@@ -114,7 +140,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--mem-batch", type=int, default=256)
-    ap.add_argument("--mini", type=int, default=32)
+    ap.add_argument("--mini", type=int, default=32, help="GradCache chunk at --mem-batch (half of it at --batch)")
+    ap.add_argument("--rounds", type=int, default=3, help="timed passes per trainer; the median is reported")
     ap.add_argument("--child")
     a = ap.parse_args()
     if a.child:
@@ -122,14 +149,17 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    batches = _batches(a.steps + 1, a.batch)
-    res = {"batch": a.batch, "steps": a.steps}
-    res["project_plain_samples_s"] = run_project(batches)
-    res["st_mnrl_samples_s"] = run_st(batches)
-    res["project_gradcache_samples_s"] = run_project(batches, a.mini)
-    res["st_cmnrl_samples_s"] = run_st(batches, cached=True, mini=a.mini)
+    batches, uniform = _batches(a.steps + 1, a.batch), _batches(a.steps + 1, a.batch, "uniform")
+    res = {"batch": a.batch, "steps": a.steps, "rounds": a.rounds,
+           "data": "varied (SPEED-like lengths) for the headline; uniform lengths reported beside it"}
+    res["project_plain_samples_s"], res["st_mnrl_samples_s"] = compare(project_step(), st_step(), batches, a.rounds)
+    res["project_gradcache_samples_s"], res["st_cmnrl_samples_s"] = compare(
+        project_step(a.mini // 2), st_step(cached=True, mini=a.mini // 2), batches, a.rounds)
     res["plain_vs_st_mnrl"] = res["project_plain_samples_s"] / res["st_mnrl_samples_s"]
     res["gradcache_vs_st_cmnrl"] = res["project_gradcache_samples_s"] / res["st_cmnrl_samples_s"]
+    res["uniform_project_plain_samples_s"], res["uniform_st_mnrl_samples_s"] = compare(
+        project_step(), st_step(), uniform, a.rounds)
+    res["uniform_plain_vs_st_mnrl"] = res["uniform_project_plain_samples_s"] / res["uniform_st_mnrl_samples_s"]
     p, c = _peak_child("plain", a.mem_batch, a.mini), _peak_child("gradcache", a.mem_batch, a.mini)
     res["peak_mib_plain_b%d" % a.mem_batch], res["peak_mib_gradcache_b%d" % a.mem_batch] = p["peak_mib"], c["peak_mib"]
     res["abs_peak_mib_plain_b%d" % a.mem_batch] = plain = p["abs_peak_mib"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -160,11 +162,12 @@ class StageContext:
         """The teacher endpoint; starts the local OpenAI-compatible server when the config asks for one."""
         if self.cfg.teacher.base_url:
             return self.cfg.teacher.base_url
-        if "teacher_url" not in self._services:
-            from speed_ray.generate.server import start_local_server
+        with self._services.setdefault("lock", threading.Lock()):   # concurrent teacher stages start it once
+            if "teacher_url" not in self._services:
+                from speed_ray.generate.server import start_local_server
 
-            self._services["teacher_url"] = start_local_server(self.cfg.teacher.local_server, self.cfg.run)
-        return self._services["teacher_url"]
+                self._services["teacher_url"] = start_local_server(self.cfg.teacher.local_server, self.cfg.run)
+            return self._services["teacher_url"]
 
 
 def _load(fn: str) -> Callable[[StageContext], dict | None]:
@@ -206,62 +209,103 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: list[st
                                                                     "inputs": s.inputs} for s in plan]})
     dump_config(cfg, store.run_url(run_name, "config.yaml"))
     summary: dict[str, Any] = {"run": run_name, "run_dir": cfg.run.run_dir, "stages": {}}
-    services: dict = {}
+    services: dict = {"lock": threading.Lock()}
+    todo = []
+    for spec in plan:
+        out = store.stage(spec.name, fps[spec.name])
+        if spec.name not in selected:
+            if out.done:
+                summary["stages"][spec.name] = {"state": "done", **_brief(out.manifest)}
+        elif out.done and spec.name not in (force or []):
+            log.info("[%s] skipped: done at %s (%s)", spec.name, fps[spec.name], out.url)
+            summary["stages"][spec.name] = {"state": "skipped", **_brief(out.manifest)}
+        else:
+            todo.append(spec)
     try:
-        for spec in plan:
-            out = store.stage(spec.name, fps[spec.name])
-            if spec.name not in selected:
-                if out.done:
-                    summary["stages"][spec.name] = {"state": "done", **_brief(out.manifest)}
-                continue
-            if out.done and spec.name not in (force or []):
-                log.info("[%s] skipped: done at %s (%s)", spec.name, fps[spec.name], out.url)
-                summary["stages"][spec.name] = {"state": "skipped", **_brief(out.manifest)}
-                continue
-            inputs = {}
-            for role, up in spec.inputs.items():
-                up_out = store.stage(up, fps[up])
-                if not up_out.done:
-                    raise StageError(f"stage {spec.name!r} needs {up!r}, which has not completed; "
-                                     f"run it first or add it to --stages")
-                inputs[role] = up_out
-            if not spec.uses_teacher:
+        for group in stage_groups(todo, cfg.pipeline.concurrent_teacher_stages):
+            if not any(spec.uses_teacher for spec in group):
                 # A local teacher holds CPUs (or a GPU) and memory that training and synthesis need; on a small
                 # cluster Ray Data's other operators would wait on them forever. It restarts when needed again.
                 _stop_services(services)
-            out.clear_manifest()
-            ctx = StageContext(cfg=cfg, name=spec.name, out=out, inputs=inputs, store=store, run_name=run_name,
-                               _services=services)
-            resumed = len(out.shard_names())
-            log.info("[%s] running -> %s%s", spec.name, out.url,
-                     f" (resuming: {resumed} shard(s) already written)" if resumed else "")
-            t0 = time.time()
-            try:
-                extra = _load(spec.fn)(ctx) or {}
-            except Exception as e:  # keep everything written so far; the next run resumes from it
-                raise StageError(f"stage {spec.name!r} failed: {type(e).__name__}: {e}\n"
-                                 f"(its partial output stays at {out.url}; rerun to resume)\n"
-                                 + traceback.format_exc(limit=6)) from e
-            t1 = time.time()
-            ledger = ctx.ledger.as_dict()
-            if not ctx.ledger.cpu_seconds and not ctx.ledger.gpu_seconds:
-                ledger["cpu_hours"] = (t1 - t0) / 3600
-                ledger["cpu_seconds"] = t1 - t0
-            manifest = {
-                "stage": spec.name, "fingerprint": fps[spec.name], "variant_inputs": spec.inputs,
-                "inputs": {role: {"stage": up, "fingerprint": fps[up]} for role, up in spec.inputs.items()},
-                "settings": {k: _select(to_dict(cfg), k) for k in spec.config_keys},
-                "rows": out.num_rows(), "shards": len(out.shard_names()), "started_at": t0, "ended_at": t1,
-                "duration_s": t1 - t0, "cost": ledger, "versions": library_versions(), "run": run_name, **extra,
-            }
-            out.write_manifest(manifest)
-            log.info("[%s] done in %.1fs: %d rows, %d teacher calls, %d tokens", spec.name, t1 - t0,
-                     manifest["rows"], ledger["calls"], ledger["total_tokens"])
-            summary["stages"][spec.name] = {"state": "ran", **_brief(manifest)}
+            run = lambda spec: _run_stage(cfg, spec, store, fps, run_name, services)  # noqa: E731
+            if len(group) == 1:
+                summary["stages"][group[0].name] = run(group[0])
+                continue
+            log.info("running %s concurrently (independent teacher stages share the endpoint)",
+                     " + ".join(s.name for s in group))
+            with ThreadPoolExecutor(len(group), thread_name_prefix="stage") as pool:
+                futures = [(spec, pool.submit(run, spec)) for spec in group]
+            errors = []
+            for spec, fut in futures:
+                try:
+                    summary["stages"][spec.name] = fut.result()
+                except StageError as e:    # the other stages finished and kept their outputs
+                    errors.append(e)
+            if errors:
+                raise errors[0]
     finally:
         _stop_services(services)
+    summary["stages"] = {n: summary["stages"][n] for n in names if n in summary["stages"]}
     store.write_json(store.run_url(run_name, "summary.json"), summary)
     return summary
+
+
+def stage_groups(todo: list[StageSpec], concurrent_teacher: bool = True) -> list[list[StageSpec]]:
+    """The stages to run, in plan order, cut into groups that run together: consecutive teacher stages that do
+    not feed each other (judge and revise_signals both read root_data) share one group, so their requests
+    interleave at the endpoint (one batch on a local server; twice the requests in flight on an API).
+    Every other stage runs alone."""
+    groups: list[list[StageSpec]] = []
+    for spec in todo:
+        last = groups[-1] if groups else None
+        if (concurrent_teacher and last and spec.uses_teacher and all(s.uses_teacher for s in last)
+                and not set(spec.inputs.values()) & {s.name for s in last}):
+            last.append(spec)
+        else:
+            groups.append([spec])
+    return groups
+
+
+def _run_stage(cfg: RunConfig, spec: StageSpec, store: RunStore, fps: dict[str, str], run_name: str,
+               services: dict) -> dict:
+    """Run one stage into its output dir and write its manifest; returns its summary entry."""
+    out = store.stage(spec.name, fps[spec.name])
+    inputs = {}
+    for role, up in spec.inputs.items():
+        up_out = store.stage(up, fps[up])
+        if not up_out.done:
+            raise StageError(f"stage {spec.name!r} needs {up!r}, which has not completed; "
+                             f"run it first or add it to --stages")
+        inputs[role] = up_out
+    out.clear_manifest()
+    ctx = StageContext(cfg=cfg, name=spec.name, out=out, inputs=inputs, store=store, run_name=run_name,
+                       _services=services)
+    resumed = len(out.shard_names())
+    log.info("[%s] running -> %s%s", spec.name, out.url,
+             f" (resuming: {resumed} shard(s) already written)" if resumed else "")
+    t0 = time.time()
+    try:
+        extra = _load(spec.fn)(ctx) or {}
+    except Exception as e:  # keep everything written so far; the next run resumes from it
+        raise StageError(f"stage {spec.name!r} failed: {type(e).__name__}: {e}\n"
+                         f"(its partial output stays at {out.url}; rerun to resume)\n"
+                         + traceback.format_exc(limit=6)) from e
+    t1 = time.time()
+    ledger = ctx.ledger.as_dict()
+    if not ctx.ledger.cpu_seconds and not ctx.ledger.gpu_seconds:
+        ledger["cpu_hours"] = (t1 - t0) / 3600
+        ledger["cpu_seconds"] = t1 - t0
+    manifest = {
+        "stage": spec.name, "fingerprint": fps[spec.name], "variant_inputs": spec.inputs,
+        "inputs": {role: {"stage": up, "fingerprint": fps[up]} for role, up in spec.inputs.items()},
+        "settings": {k: _select(to_dict(cfg), k) for k in spec.config_keys},
+        "rows": out.num_rows(), "shards": len(out.shard_names()), "started_at": t0, "ended_at": t1,
+        "duration_s": t1 - t0, "cost": ledger, "versions": library_versions(), "run": run_name, **extra,
+    }
+    out.write_manifest(manifest)
+    log.info("[%s] done in %.1fs: %d rows, %d teacher calls, %d tokens", spec.name, t1 - t0,
+             manifest["rows"], ledger["calls"], ledger["total_tokens"])
+    return {"state": "ran", **_brief(manifest)}
 
 
 def _brief(m: dict) -> dict:

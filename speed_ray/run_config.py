@@ -44,6 +44,7 @@ class PipelineSection:
     variant: str = "full"                     # full | sft_only | no_dpo | no_revisor | direct_instruct | direct_teacher
     stages: tuple[str, ...] = ()              # run only these (empty: all of the variant)
     paper_result: float | None = None         # the paper's MTEB average for this experiment, for the report
+    concurrent_teacher_stages: bool = True    # run independent teacher stages (judge, revise_signals) together
 
     def __post_init__(self):
         from speed_ray.pipeline import VARIANTS

@@ -156,3 +156,27 @@ def test_packed_encoding_equals_side_by_side(model_fixture, request):
     for name, g in g_want.items():
         if g is not None:
             torch.testing.assert_close(g_got[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packing_sorts_varied_lengths_and_keeps_uniform_sides(minilm, monkeypatch):
+    """Varied lengths: chunks of similar length, each padded to its own longest (fewer tokens than per-side
+    padding). Uniform lengths: one pass per side, as three encode calls would do."""
+    from speed_ray.embedder.model import load_embedder
+
+    emb = load_embedder(minilm, lora=False, max_length=64).eval()
+    widths: list[tuple[int, int]] = []
+    forward = emb.forward
+    monkeypatch.setattr(emb, "forward", lambda f: widths.append(tuple(f["input_ids"].shape)) or forward(f))
+    words = "alpha beta gamma delta".split()
+    varied = [[" ".join(words[: 1 + i % 4]) * (1 + 3 * (i % 5)) for i in range(16)] for _ in range(3)]
+    with torch.no_grad():
+        emb.encode_packed(varied, [64, 64, 64], min_chunk=2)
+    padded = sum(n * w for n, w in widths)
+    per_side = sum(emb.tokenize(t)["input_ids"].numel() for t in varied)
+    assert len(widths) > 3 and padded < 0.8 * per_side, (widths, per_side)
+    widths.clear()
+    uniform = [[f"query {i}" for i in range(8)], [f"document number {i}" for i in range(8)],
+               [f"other document {i}" for i in range(8)]]
+    with torch.no_grad():
+        emb.encode_packed(uniform, [64, 64, 64])
+    assert widths == [tuple(emb.tokenize(t)["input_ids"].shape) for t in uniform]

@@ -154,6 +154,38 @@ def test_local_teacher_runs_only_during_teacher_stages(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "_load", lambda fn: stage)
     run_pipeline(_cfg(tmp_path))
     seq = " ".join(events)
-    assert seq.startswith("topics start brainstorm seed_data stop junior_sft root_data start judge revise_signals "
-                          "stop senior_dpo"), seq
+    assert seq.startswith("topics start brainstorm seed_data stop junior_sft root_data start"), seq
+    assert seq[len("topics start brainstorm seed_data stop junior_sft root_data start "):].startswith(
+        ("judge revise_signals stop senior_dpo", "revise_signals judge stop senior_dpo")), seq
     assert events.count("start") == events.count("stop") == 2
+
+
+def test_independent_teacher_stages_run_concurrently(tmp_path, monkeypatch):
+    """judge and revise_signals both read root_data: they run at the same time (their requests share the
+    endpoint's batches); stages that feed each other (brainstorm -> seed_data) never do. A failure in one keeps
+    the other's output and still fails the run."""
+    import threading
+    import time
+
+    from speed_ray.pipeline import stage_groups
+
+    groups = [[s.name for s in g] for g in stage_groups(build_plan("full"))]
+    assert ["judge", "revise_signals"] in groups and ["brainstorm"] in groups and ["seed_data"] in groups
+    assert all(len(g) == 1 for g in stage_groups(build_plan("full"), concurrent_teacher=False))
+
+    barrier = threading.Barrier(2, timeout=30)
+
+    def stage(ctx):
+        if ctx.name in ("judge", "revise_signals"):
+            barrier.wait()          # deadlocks (times out) unless both run at once
+            if ctx.name == "judge":
+                time.sleep(0.2)
+                raise RuntimeError("judge endpoint down")
+        ctx.out.write_shard("part-0", [{"id": f"{ctx.name}-0"}])
+
+    monkeypatch.setattr(pipeline, "_load", lambda fn: stage)
+    cfg = _cfg(tmp_path)
+    with pytest.raises(StageError, match="judge endpoint down"):
+        run_pipeline(cfg)
+    status = {r["stage"]: r["state"] for r in pipeline.plan_status(cfg)}
+    assert status["revise_signals"] == "done" and status["judge"] != "done" and status["senior_dpo"] == "pending"
