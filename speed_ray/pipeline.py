@@ -220,6 +220,10 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: list[st
             log.info("[%s] skipped: done at %s (%s)", spec.name, fps[spec.name], out.url)
             summary["stages"][spec.name] = {"state": "skipped", **_brief(out.manifest)}
         else:
+            if spec.name in (force or []):
+                moved = out.set_aside()
+                if moved:
+                    log.info("[%s] forced: its previous output is set aside at %s", spec.name, moved)
             todo.append(spec)
     try:
         for group in stage_groups(todo, cfg.pipeline.concurrent_teacher_stages):

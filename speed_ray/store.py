@@ -104,6 +104,17 @@ class StageOutput:
         if self.fs.exists(p):
             self.fs.rm(p)
 
+    def set_aside(self) -> str | None:
+        """Move everything this stage wrote (shards, artifacts, manifest) to run_dir/replaced/<stage>/, so a forced
+        re-run starts clean and nothing is deleted. Returns where it went (None: nothing was there)."""
+        src = self._path(self.url)
+        if not self.fs.exists(src):
+            return None
+        dest = _join(self.run_dir, "replaced", self.stage, f"{self.fingerprint}-{time.strftime('%Y%m%dT%H%M%S')}")
+        self.fs.makedirs(self._path(_join(self.run_dir, "replaced", self.stage)), exist_ok=True)
+        self.fs.mv(src, self._path(dest), recursive=True)
+        return dest
+
     # ---- shards ------------------------------------------------------------------------------------
     def shard_url(self, name: str) -> str:
         return _join(self.data_url, f"{name}.parquet")

@@ -189,3 +189,24 @@ def test_independent_teacher_stages_run_concurrently(tmp_path, monkeypatch):
         run_pipeline(cfg)
     status = {r["stage"]: r["state"] for r in pipeline.plan_status(cfg)}
     assert status["revise_signals"] == "done" and status["judge"] != "done" and status["senior_dpo"] == "pending"
+
+
+def test_force_recomputes_from_scratch_and_keeps_the_old_output(tmp_path, monkeypatch):
+    """--force re-runs a done stage from nothing (not a resume over its old shards); the old output is moved
+    under run_dir/replaced/, never deleted, and the stages downstream keep matching fingerprints."""
+    seen: list[tuple[str, int]] = []
+
+    def stage(ctx):
+        seen.append((ctx.name, len(ctx.out.shard_names())))
+        ctx.out.write_shard("part-0", [{"id": f"{ctx.name}-0"}])
+
+    monkeypatch.setattr(pipeline, "_load", lambda fn: stage)
+    cfg = _cfg(tmp_path)
+    run_pipeline(cfg)
+    seen.clear()
+    summary = run_pipeline(cfg, force=["dedup"])
+    assert seen == [("dedup", 0)]
+    assert summary["stages"]["dedup"]["state"] == "ran" and summary["stages"]["evaluate"]["state"] == "skipped"
+    old = list((tmp_path / "run" / "replaced" / "dedup").iterdir())
+    assert len(old) == 1 and (old[0] / "manifest.json").exists() and list((old[0] / "data").glob("*.parquet"))
+    assert RunStore(str(tmp_path / "run")).fingerprints("dedup") == [fingerprints(cfg, build_plan("full"))["dedup"]]
