@@ -45,6 +45,19 @@ def test_power_law_recovers_saturation():
     assert p["c"] == pytest.approx(70.0, abs=0.05) and p["alpha"] == pytest.approx(0.5, abs=0.02)
 
 
+def test_power_law_on_unsaturated_points_says_so():
+    """Points that keep rising (log-linear or faster, like the tiny sweep's) push alpha to its floor: the fit
+    then carries a note that c and k mean nothing; a genuine saturating curve carries none."""
+    from speed_ray.studies.scaling import fit_note
+
+    n = np.array([4.0, 8.0, 16.0])
+    p = fit_power(n, np.array([68.92, 68.98, 69.33]))
+    assert isinstance(p["k"], float) and "not identifiable" in fit_note("power", p)
+    sat = np.geomspace(1e3, 1e7, 9)
+    assert fit_note("power", fit_power(sat, 70.0 - 300.0 * sat ** -0.5)) is None
+    assert fit_note("loglinear", fit_loglinear(n, [1.0, 2.0, 3.0])) is None
+
+
 def test_fits_reject_too_few_points():
     with pytest.raises(ValueError, match="at least 2"):
         fit_loglinear([100, 100], [1, 2])

@@ -57,7 +57,7 @@ def fit_power(n, y) -> dict[str, float]:
             c, k = float(y.mean()), 0.0
         return float(np.sum((c - k * x - y) ** 2)), float(c), float(k)
 
-    grid = np.geomspace(1e-4, 2.0, 120)
+    grid = np.geomspace(ALPHA_FLOOR, 2.0, 120)
     sses = [solve(a)[0] for a in grid]
     i = int(np.argmin(sses))
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
@@ -69,7 +69,20 @@ def fit_power(n, y) -> dict[str, float]:
     sse, c, k = solve(alpha)
     if not np.isfinite(sse):
         raise ValueError("power-law fit did not converge")
-    return {"c": c, "k": k * scale ** alpha, "alpha": alpha}
+    return {"c": c, "k": float(k * scale ** alpha), "alpha": alpha}
+
+
+ALPHA_FLOOR = 1e-4      # the power law's smallest exponent: there, c - k N^-alpha is a + b ln N in disguise
+
+
+def fit_note(kind: str, params: dict[str, float]) -> str | None:
+    """Why a fit's parameters mean less than they seem, or None."""
+    if kind == "power" and params.get("alpha", 1.0) <= ALPHA_FLOOR * 1.01:
+        return ("no saturation in these points: alpha sits at its floor, so the power law reduces to the log-linear "
+                "law and c, k are not identifiable (only its predictions are meaningful)")
+    if kind == "power" and params.get("k", 1.0) == 0.0:
+        return "scores do not rise with N: the saturating law is flat (k = 0)"
+    return None
 
 
 def _check(n: np.ndarray, y: np.ndarray, min_points: int) -> None:

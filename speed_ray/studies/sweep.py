@@ -235,7 +235,7 @@ def collect(cfgs: list[RunConfig], points: list[Point]) -> list[dict]:
 def fit_settings(points: list[dict], n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
     """Per axis setting: mean over seeds per size, the log-linear and power-law fits with CIs, 2x/10x predictions,
     and the plotting bands. Settings with too few sizes get a reason instead of a fit."""
-    from speed_ray.studies.scaling import fit_with_bootstrap
+    from speed_ray.studies.scaling import fit_note, fit_with_bootstrap
 
     out: dict[str, dict] = {}
     for setting in dict.fromkeys(p["setting"] for p in points):
@@ -254,7 +254,8 @@ def fit_settings(points: list[dict], n_boot: int = 1000, seed: int = 0) -> dict[
             except ValueError as e:
                 entry["fits"][kind] = {"skipped": str(e)}
                 continue
-            entry["fits"][kind] = {"params": fit.params, "r2": fit.r2, "ci": fit.ci, "predictions": fit.predictions}
+            entry["fits"][kind] = {"params": fit.params, "r2": fit.r2, "ci": fit.ci, "predictions": fit.predictions,
+                                   "note": fit_note(kind, fit.params)}
             entry["bands"][kind] = band
         out[setting] = entry
     return out
@@ -319,7 +320,8 @@ def write_outputs(store: RunStore, run_name: str, points: list[dict], fits: dict
                            f"{k}={v:.3g}" for k, v in f["params"].items())
             pr = {m: f["predictions"][m] for m in ("2x", "10x") if m in f["predictions"]}
             cell = lambda d: f"{d['mean']:.2f} [{d['lo']:.2f}, {d['hi']:.2f}] at N={d['n']:.0f}" if d else "–"  # noqa: E731
-            md.append(f"| {kind} | {ps} | {f['r2']:.3f} | {cell(pr.get('2x'))} | {cell(pr.get('10x'))} |")
+            note = f" ({f['note']})" if f.get("note") else ""
+            md.append(f"| {kind} | {ps}{note} | {f['r2']:.3f} | {cell(pr.get('2x'))} | {cell(pr.get('10x'))} |")
         if costs and entry["sizes"]:
             md += ["", f"Cost per point (fixed {costs['fixed']:.3f} h from {', '.join(costs['fixed_stages']) or '–'}, "
                        f"unit {costs['unit']:.3g} h/sample from {', '.join(costs['unit_stages'])}):", "",
@@ -404,7 +406,9 @@ def sweep_main(args: argparse.Namespace) -> int:
         for kind, f in e["fits"].items():
             if "params" in f:
                 p10 = f["predictions"].get("10x", {})
-                print(f"  [{setting}] {kind}: {f['params']} R2={f['r2']:.3f}; at 10x N: {p10.get('mean', float('nan')):.2f} "
-                      f"[{p10.get('lo', float('nan')):.2f}, {p10.get('hi', float('nan')):.2f}]")
+                ps = ", ".join(f"{k}={v:.4g}" for k, v in f["params"].items())
+                print(f"  [{setting}] {kind}: {ps}; R2={f['r2']:.3f}; at 10x N: {p10.get('mean', float('nan')):.2f} "
+                      f"[{p10.get('lo', float('nan')):.2f}, {p10.get('hi', float('nan')):.2f}]"
+                      + (f"\n      note: {f['note']}" if f.get("note") else ""))
     print(f"outputs: {res['paths']['markdown']}")
     return 0
