@@ -46,7 +46,11 @@ def test_cross_run_table_shows_ablations_and_generators(tmp_path, fakes, capsys)
     assert rows["no-dpo"]["variant"] == "no_dpo" and rows["no-dpo"]["paper"] == 62.8
     assert rows["full"]["calls"] > rows["sft"]["calls"]                  # judge + revise_signals cost teacher calls
     assert "(junior)" in rows["sft"]["generator"] and "(senior)" in rows["full"]["generator"]
+    study = tmp_path / "run" / "runs" / "my-sweep" / "sweep"        # a study's dir holds its own markdown
+    study.mkdir(parents=True)
+    (study / "sweep.md").write_text("# Sweep\n")
     assert report_main(SimpleNamespace(run_dir=str(tmp_path / "run"), run=None)) == 0
+    assert f"my-sweep: {study / 'sweep.md'}" in capsys.readouterr().out
     md = open(tmp_path / "run" / "report.md").read()
     assert "| no-dpo | no_dpo |" in md and "62.8" in md
     for name in rows:

@@ -53,7 +53,8 @@ def influence_heatmap(path: str, result, title: str = "") -> str:
     for i in range(z.shape[0]):
         for j in range(z.shape[1]):
             mark = "*" if result.significant[i, j] else ""
-            ax.text(j, i, f"{z[i, j]:.2f}{mark}", ha="center", va="center", fontsize=6)
+            ax.text(j, i, f"{z[i, j]:.2f}{mark}", ha="center", va="center", fontsize=7,
+                    color="white" if abs(z[i, j]) > 0.6 * lim else "black")   # readable on the dark ends
     fig.colorbar(im, ax=ax, label="normalized influence")
     ax.set_title(title or "Influence of synthetic categories (* significant)")
     fig.tight_layout()

@@ -244,7 +244,17 @@ def report_main(args: argparse.Namespace) -> int:
     if not names:
         raise FileNotFoundError(f"no runs in {args.run_dir}")
     for n in names:
-        if args.run or not _is_study_point(n, names):
+        if args.run:
+            print(f"{n}: {write_report(store, n)}")
+        elif _is_study_point(n, names):
+            continue
+        elif not store.exists(store.run_url(n, "plan.json")):
+            # a sweep or influence study: its own markdown is its report (the points are runs of their own)
+            found = [store.run_url(n, d, f"{d}.md") for d in ("sweep", "influence")
+                     if store.exists(store.run_url(n, d, f"{d}.md"))]
+            if found:
+                print(f"{n}: {', '.join(found)}")
+        else:
             print(f"{n}: {write_report(store, n)}")
     if not args.run:
         rows = runs_table(store)
