@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
     r.add_argument("overrides", nargs="*", help="a.b=value overrides")
     r.add_argument("--stages", help="comma-separated stages to run (default: all of the variant)")
-    r.add_argument("--force", help="comma-separated stages to re-run from scratch even if done (their previous "
+    r.add_argument("--force", help="comma-separated stages to re-run from scratch even if done, with the stages "
+                   "downstream of them (their previous "
                    "output is moved to RUN_DIR/replaced/, not deleted)")
     r.set_defaults(fn=cmd_run)
 

@@ -211,16 +211,25 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: list[st
     summary: dict[str, Any] = {"run": run_name, "run_dir": cfg.run.run_dir, "stages": {}}
     services: dict = {"lock": threading.Lock()}
     todo = []
+    # A forced stage writes new data, so every stage downstream of it (in plan order) is forced too; one that is not
+    # selected this time is only warned about (its output was made from the data being replaced).
+    forced = set(force or [])
+    for spec in plan:
+        if set(spec.inputs.values()) & forced:
+            forced.add(spec.name)
     for spec in plan:
         out = store.stage(spec.name, fps[spec.name])
         if spec.name not in selected:
             if out.done:
                 summary["stages"][spec.name] = {"state": "done", **_brief(out.manifest)}
-        elif out.done and spec.name not in (force or []):
+                if spec.name in forced:
+                    log.warning("[%s] is downstream of a forced stage but not selected: its output (%s) was made "
+                                "from the replaced data; run it with --force to refresh it", spec.name, out.url)
+        elif out.done and spec.name not in forced:
             log.info("[%s] skipped: done at %s (%s)", spec.name, fps[spec.name], out.url)
             summary["stages"][spec.name] = {"state": "skipped", **_brief(out.manifest)}
         else:
-            if spec.name in (force or []):
+            if spec.name in forced:
                 moved = out.set_aside()
                 if moved:
                     log.info("[%s] forced: its previous output is set aside at %s", spec.name, moved)

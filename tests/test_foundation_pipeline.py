@@ -192,8 +192,8 @@ def test_independent_teacher_stages_run_concurrently(tmp_path, monkeypatch):
 
 
 def test_force_recomputes_from_scratch_and_keeps_the_old_output(tmp_path, monkeypatch):
-    """--force re-runs a done stage from nothing (not a resume over its old shards); the old output is moved
-    under run_dir/replaced/, never deleted, and the stages downstream keep matching fingerprints."""
+    """--force re-runs a done stage from nothing (not a resume over its old shards), and the stages that read
+    it; old outputs are moved under run_dir/replaced/, never deleted, and fingerprints stay the same."""
     seen: list[tuple[str, int]] = []
 
     def stage(ctx):
@@ -205,8 +205,10 @@ def test_force_recomputes_from_scratch_and_keeps_the_old_output(tmp_path, monkey
     run_pipeline(cfg)
     seen.clear()
     summary = run_pipeline(cfg, force=["dedup"])
-    assert seen == [("dedup", 0)]
-    assert summary["stages"]["dedup"]["state"] == "ran" and summary["stages"]["evaluate"]["state"] == "skipped"
+    down = ["dedup", "train_embedder", "evaluate"]           # what reads dedup's output is recomputed too
+    assert [n for n, _ in seen] == down and all(k == 0 for _, k in seen)
+    assert all(summary["stages"][n]["state"] == "ran" for n in down)
+    assert summary["stages"]["revision"]["state"] == "skipped"
     old = list((tmp_path / "run" / "replaced" / "dedup").iterdir())
     assert len(old) == 1 and (old[0] / "manifest.json").exists() and list((old[0] / "data").glob("*.parquet"))
     assert RunStore(str(tmp_path / "run")).fingerprints("dedup") == [fingerprints(cfg, build_plan("full"))["dedup"]]
