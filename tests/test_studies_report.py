@@ -53,6 +53,11 @@ def test_cross_run_table_shows_ablations_and_generators(tmp_path, fakes, capsys)
     assert f"my-sweep: {study / 'sweep.md'}" in capsys.readouterr().out
     md = open(tmp_path / "run" / "report.md").read()
     assert "| no-dpo | no_dpo |" in md and "62.8" in md
+    assert "| n/c |" in md and "not comparable" in md     # these fake runs do not evaluate MTEB(eng, v1)
+    full = build_config({"evaluate": {"benchmark": "MTEB(eng, v1)"}})
+    from speed_ray.config import to_dict
+    from speed_ray.studies.report import paper_comparable
+    assert paper_comparable(to_dict(full)) and not paper_comparable(to_dict(_cfg(tmp_path, "x", "full", 63.2)))
     for name in rows:
         assert (tmp_path / "run" / "runs" / name / "report" / "report.md").exists()
 

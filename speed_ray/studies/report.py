@@ -110,11 +110,19 @@ def summary_row(run: dict) -> dict[str, Any]:
     return {"run": run["name"], "variant": run["plan"].get("variant"), "generator": generator_of(run["config"]),
             "average": ours, "paper": paper,
             "delta": ours - paper if isinstance(ours, (int, float)) and isinstance(paper, (int, float)) else None,
+            "comparable": paper_comparable(run["config"]),
             "n_tasks": (ev.get("averages") or {}).get("n_tasks"), "calls": tot["calls"],
             "tokens": tot["total_tokens"], "gpu_hours": tot["gpu_hours"], "cpu_hours": tot["cpu_hours"],
             "synthetic_rows": max((done[s].get("rows", 0) for s in ("synthesis", "teacher_synthesis") if s in done),
                                   default=0),
             "done": all(run["manifests"].values())}
+
+
+def paper_comparable(cfg: dict) -> bool:
+    """The paper's numbers are MTEB(eng, v1) averages over whole tasks: only such an evaluation compares."""
+    ev = cfg.get("evaluate") or {}
+    return (ev.get("benchmark") == "MTEB(eng, v1)" and not ev.get("limit") and not ev.get("local_tasks")
+            and not ev.get("tasks"))
 
 
 def _is_study_point(name: str, names: list[str]) -> bool:
@@ -138,10 +146,14 @@ def comparison_markdown(rows: list[dict]) -> str:
     lines = ["| run | variant | generator | average | paper | Δ | tasks | synthetic rows | teacher calls | tokens | "
              "GPU h | CPU h |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        delta = _delta(r["delta"]) if r.get("comparable", True) or r["delta"] is None else "n/c"
         lines.append(f"| {r['run']} | {r['variant']} | {r['generator']} | {_fmt(r['average'])} | {_fmt(r['paper'], 1)} | "
-                     f"{_delta(r['delta'])} | {_fmt(r['n_tasks'])} | "
+                     f"{delta} | {_fmt(r['n_tasks'])} | "
                      f"{_fmt(r['synthetic_rows'])} | {_fmt(r['calls'])} | {_fmt(r['tokens'])} | "
                      f"{r['gpu_hours']:.3f} | {r['cpu_hours']:.3f} |")
+    if any(r["delta"] is not None and not r.get("comparable", True) for r in rows):
+        lines += ["", "n/c: not comparable. The paper's numbers are MTEB(eng, v1) averages over whole tasks; that run "
+                      "evaluates other tasks or a subsample."]
     return "\n".join(lines)
 
 
