@@ -209,7 +209,7 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: list[st
                                                                     "inputs": s.inputs} for s in plan]})
     dump_config(cfg, store.run_url(run_name, "config.yaml"))
     summary: dict[str, Any] = {"run": run_name, "run_dir": cfg.run.run_dir, "stages": {}}
-    services: dict = {"lock": threading.Lock()}
+    services: dict = {}
     todo = []
     # A forced stage writes new data, so every stage downstream of it (in plan order) is forced too; one that is not
     # selected this time is only warned about (its output was made from the data being replaced).

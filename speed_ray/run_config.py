@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,10 +32,9 @@ class RunSection:
     def __post_init__(self):
         check(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
         check(bool(self.run_dir), "run_dir", "must not be empty")
-        if "://" not in self.run_dir:
-            # A relative local path means the driver's working directory: Ray Train and Ray Data workers run
-            # elsewhere (their own session dirs), so they must be handed an absolute path.
-            object.__setattr__(self, "run_dir", os.path.abspath(os.path.expanduser(self.run_dir)))
+        from speed_ray.store import absolute_run_dir
+
+        object.__setattr__(self, "run_dir", absolute_run_dir(self.run_dir))
 
 
 @dataclass(frozen=True)

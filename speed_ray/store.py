@@ -225,12 +225,18 @@ class CostLedger:
                 **self.extra}
 
 
+def absolute_run_dir(run_dir: str) -> str:
+    """A local run directory as an absolute path (relative means the driver's working directory: Ray workers run
+    in their own session dirs); fsspec URLs (s3://, gs://, ...) unchanged."""
+    run_dir = str(run_dir)
+    return (run_dir if "://" in run_dir else os.path.abspath(os.path.expanduser(run_dir))).rstrip("/")
+
+
 class RunStore:
     """A run directory: stage outputs by fingerprint, and one plan per named run."""
 
     def __init__(self, run_dir: str):
-        run_dir = str(run_dir)
-        self.run_dir = (run_dir if "://" in run_dir else os.path.abspath(os.path.expanduser(run_dir))).rstrip("/")
+        self.run_dir = absolute_run_dir(run_dir)
         self.fs, self.root = fsspec.core.url_to_fs(self.run_dir)
 
     def stage(self, name: str, fingerprint: str) -> StageOutput:

@@ -153,10 +153,9 @@ class Embedder(nn.Module):
         outs = []
         for chunk in chunks:
             outs.append(self(self._pad([ids[i] for i in chunk])))
-        flat = torch.cat(outs)                                   # rows in `order`
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor([i for c in chunks for i in c])] = torch.arange(len(order))
-        flat = flat.index_select(0, inverse.to(flat.device))     # rows back in input order
+        flat = torch.cat(outs)                                   # rows in chunk order
+        back = torch.argsort(torch.tensor([i for c in chunks for i in c]))
+        flat = flat.index_select(0, back.to(flat.device))        # rows back in input order
         return list(flat.split([len(t) for t in sides]))
 
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Literal
 
 from speed_ray.config import check
+
+
+def torch_threads_for(torch_threads: int | None, num_cpus: float) -> int:
+    """Torch threads for a CPU replica: the configured number, else its CPU reservation rounded (at least 1)."""
+    return torch_threads or max(1, math.floor(num_cpus + 0.5))
 
 
 @dataclass(frozen=True)

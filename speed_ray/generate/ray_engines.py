@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
-from speed_ray.generate.config import EngineConfig
+from speed_ray.generate.config import EngineConfig, torch_threads_for
 from speed_ray.generate.engine import StubEngine, generate_batch, stub_options
 
 
@@ -93,7 +92,7 @@ def map_kwargs(cfg: EngineConfig, model: str) -> dict[str, Any]:
     return dict(
         fn_constructor_kwargs={"kind": cfg.kind, "model": model, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
                                "max_model_len": cfg.max_model_len,
-                               "num_threads": cfg.torch_threads or max(1, math.floor(cfg.num_cpus_per_replica + 0.5))},
+                               "num_threads": torch_threads_for(cfg.torch_threads, cfg.num_cpus_per_replica)},
         compute=ActorPoolStrategy(min_size=cfg.replicas_min, max_size=cfg.replicas_max),
         batch_size=cfg.batch_size * 4 if cfg.kind == "hf" else cfg.batch_size,
         batch_format="pyarrow",

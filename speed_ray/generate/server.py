@@ -8,6 +8,7 @@ import time
 import uuid
 from typing import Any
 
+from speed_ray.generate.config import torch_threads_for
 from speed_ray.serve.protocol import (APIError, apply_stop, chat_response, error_body, models_response,
                                       parse_chat_request, parse_json)
 
@@ -133,9 +134,8 @@ def build_hf_app(cfg, token_digest: str | None = None):
             return chat_response(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name, choices,
                                  results[0].prompt_tokens, sum(r.completion_tokens for r in results))
 
-    threads = cfg.torch_threads or max(1, round(cfg.num_cpus))
     return ChatServer.bind(cfg.model, cfg.max_new_tokens, cfg.max_batch_size, cfg.batch_wait_timeout_s, token_digest,
-                           threads)
+                           torch_threads_for(cfg.torch_threads, cfg.num_cpus))
 
 
 def build_app(cfg, token_digest: str | None = None):
