@@ -38,6 +38,8 @@ def test_parse_accepts_string_and_list():
     ({"input": "a", "encoding_format": "int8"}, 422), ({"input": "a", "dimensions": 9}, 400),
     ({"input": "a", "dimensions": 0}, 422), ({"input": "a", "dimensions": "4"}, 422),
     ({"input": "a", "input_type": "banana"}, 422), ({"input": "a", "model": 5}, 422),
+    ({"input": "a", "input_type": ["query"]}, 422), ({"input": "a", "input_type": {"q": 1}}, 422),
+    ({"input": "a", "encoding_format": {"f": 1}}, 422), ({"input": "a", "encoding_format": []}, 422),
 ])
 def test_parse_rejects_bad_input(body, status):
     with pytest.raises(APIError) as e:
@@ -49,10 +51,58 @@ def test_parse_rejects_bad_input(body, status):
 def test_parse_json_errors():
     from speed_ray.serve.protocol import parse_json
 
-    for raw, status in ((b"{", 400), (b"\xff\xfe", 400), (b"[" * 100000, 400), (b'"s"', 422)):
+    for raw, status in ((b"{", 400), (b"\xff\xfe", 400), (b"[" * 100000, 400), (b'"s"', 422),
+                        (b'{"n": ' + b"9" * 5000 + b"}", 400)):   # an int past Python's 4300-digit limit
         with pytest.raises(APIError) as e:
             parse_json(raw)
         assert e.value.status == status
+
+
+@pytest.mark.parametrize("raw,param", [
+    (b'{"input": "\\ud800"}', "input"),                         # the fuzzer's find: a 500 from the tokenizer
+    (b'{"input": ["ok", "a\\udfffb"]}', "input[1]"),
+    (b'{"input": "a", "instruction": "\\udc00"}', "instruction"),
+    (b'{"input": "a", "model": "m\\ud83d"}', "model"),            # half of a surrogate pair
+    (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+     "messages[0].content[0].text"),
+    (b'{"response_format": {"json_schema": {"schema": {"properties": {"\\ud800": {}}}}}}',
+     "response_format.json_schema.schema.properties.\\ud800"),
+])
+def test_lone_surrogates_are_a_400_naming_the_field(raw, param):
+    from speed_ray.serve.protocol import parse_json
+
+    with pytest.raises(APIError) as e:
+        parse_json(raw)
+    assert e.value.status == 400 and e.value.param == param and e.value.code == "invalid_unicode"
+    json.dumps(e.value.body()).encode("utf-8")   # the error body itself is valid UTF-8
+    # A real surrogate pair (an astral character) is valid Unicode and passes.
+    assert parse_json(b'{"input": "\\ud83d\\ude00 \\u0000"}')["input"] == "\U0001F600 \x00"
+
+
+def test_error_messages_are_bounded_whatever_the_value():
+    deep: dict = {}
+    node = deep
+    for _ in range(800):
+        node["a"] = {}
+        node = node["a"]
+    for bad in (deep, ["x" * 100000] * 3):
+        with pytest.raises(APIError) as e:
+            _parse({"input": "a", "input_type": bad})
+        assert len(e.value.message) < 400
+
+
+def test_model_routing():
+    from speed_ray.serve.protocol import route_model
+
+    served = ("speed-embedder", "alias")
+    assert route_model({}, served) == "speed-embedder" and route_model({"model": ""}, served) == "speed-embedder"
+    assert route_model({"model": "alias"}, served) == "alias"
+    with pytest.raises(APIError) as e:
+        route_model({"model": "text-embedding-3-small"}, served)
+    assert e.value.status == 404 and e.value.code == "model_not_found" and e.value.param == "model"
+    with pytest.raises(APIError) as e:
+        route_model({"model": ["x"]}, served)
+    assert e.value.status == 422
 
 
 def test_query_prefix_uses_the_models_prompts():
@@ -165,7 +215,7 @@ def test_openai_client_embeddings(server, local_model):
     got = np.array([d.embedding for d in r.data])
     assert got.shape == (2, 384) and np.allclose(got, want, atol=1e-5)
     assert [d.index for d in r.data] == [0, 1] and r.usage.prompt_tokens > 0
-    r = client.embeddings.create(model="x", input=texts[0], encoding_format="float", dimensions=64)
+    r = client.embeddings.create(model="speed-embedder", input=texts[0], encoding_format="float", dimensions=64)
     v = np.array(r.data[0].embedding)
     assert v.shape == (64,) and np.isclose(np.linalg.norm(v), 1.0, atol=1e-5)
     assert np.allclose(v, want[0][:64] / np.linalg.norm(want[0][:64]), atol=1e-5)
@@ -176,12 +226,12 @@ def test_query_embeddings_apply_the_prompt(server, local_model):
 
     client = openai.OpenAI(base_url=server, api_key=TOKEN, max_retries=0, timeout=120)
     q = "how do cats sit"
-    r = client.embeddings.create(model="x", input=[q], extra_body={"input_type": "query"})
+    r = client.embeddings.create(model="speed-embedder", input=[q], extra_body={"input_type": "query"})
     want = local_model.encode([q], prompt_name="query", normalize_embeddings=True)[0]
     assert np.allclose(r.data[0].embedding, want, atol=1e-5)
     plain = local_model.encode([q], normalize_embeddings=True)[0]
     assert not np.allclose(want, plain, atol=1e-3)
-    r = client.embeddings.create(model="x", input=[q], extra_body={"instruction": "Find cat facts"})
+    r = client.embeddings.create(model="speed-embedder", input=[q], extra_body={"instruction": "Find cat facts"})
     want = local_model.encode([q], prompt="Instruct: Find cat facts\nQuery: ", normalize_embeddings=True)[0]
     assert np.allclose(r.data[0].embedding, want, atol=1e-5)
 
@@ -191,9 +241,21 @@ def test_auth_required(server):
     import openai
 
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=server, api_key="wrong", max_retries=0).embeddings.create(model="x", input="a")
+        openai.OpenAI(base_url=server, api_key="wrong", max_retries=0).embeddings.create(model="speed-embedder",
+                                                                                          input="a")
     r = httpx.post(f"{server}/embeddings", json={"input": "a"}, timeout=30)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{server}/models", timeout=30).status_code == 401
+    assert httpx.get(f"{server.removesuffix('/v1')}/openapi.json", timeout=30).status_code == 404
+
+
+def test_unknown_model_is_a_404(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server, api_key=TOKEN, max_retries=0, timeout=60)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.embeddings.create(model="text-embedding-3-small", input="a")
+    assert e.value.body["code"] == "model_not_found"
 
 
 def test_bad_input_gets_4xx_and_the_replica_survives(server):
@@ -203,7 +265,8 @@ def test_bad_input_gets_4xx_and_the_replica_survives(server):
     cases = [(b"{nope", 400), (b"[1]", 422), (json.dumps({"input": []}).encode(), 400),
              (json.dumps({"input": ["a"] * 9}).encode(), 413), (json.dumps({"input": "x" * 201}).encode(), 413),
              (json.dumps({"input": [1, 2, 3]}).encode(), 422), (json.dumps({"input": "a", "dimensions": 999}).encode(),
-                                                                400)]
+                                                                400),
+             (b'{"input": "\\ud800"}', 400)]   # was a 500: the tokenizer's TypeError on a lone surrogate
     with httpx.Client(timeout=60, headers=h) as c:
         for body, status in cases:
             r = c.post(f"{server}/embeddings", content=body, headers={"Content-Type": "application/json"})
@@ -211,6 +274,20 @@ def test_bad_input_gets_4xx_and_the_replica_survives(server):
             assert set(r.json()["error"]) >= {"message", "type", "code"}
         r = c.post(f"{server}/embeddings", json={"input": ["still alive"], "encoding_format": "float"})
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 384
+
+
+def test_start_refuses_a_public_serve_already_running_without_token(monkeypatch):
+    """Serve has one HTTP address per cluster: a loopback config joining a Serve on 0.0.0.0 is public."""
+    from speed_ray import raylocal
+    from speed_ray.serve import app, lifecycle
+
+    monkeypatch.delenv("SPEED_RAY_API_TOKEN", raising=False)
+    monkeypatch.setattr(raylocal, "ensure_ray", lambda *a, **k: None)
+    monkeypatch.setattr(lifecycle, "ensure_serve", lambda host, port: ("0.0.0.0", 8000, False))
+    monkeypatch.setattr(app, "build_embeddings_app", lambda *a, **k: pytest.fail("must refuse before deploying"))
+    monkeypatch.setattr(app, "resolve_served_model", lambda m: m)
+    with pytest.raises(ConfigError, match="refusing to bind 0.0.0.0"):
+        app.start("some-model", ServeConfig(port=PORT + 2))
 
 
 def test_serve_main_refuses_public_bind_without_token(monkeypatch):
@@ -234,3 +311,11 @@ def test_app_builder_for_serve_run(minilm):
     assert isinstance(app, Application)
     with pytest.raises(ConfigError, match="max_inputs"):
         app_builder({"model": minilm, "max_inputs": "0"})
+
+
+def test_fuzz_embeddings_with_token(server):
+    """tests/fuzz_openai.py against this module's server (a token): never a 5xx; see tests/test_servers_fuzz.py."""
+    from fuzz_openai import MAX_INPUT_CHARS, MAX_INPUTS, run_fuzz  # tests/ is on sys.path under pytest
+
+    assert (MAX_INPUTS, MAX_INPUT_CHARS) == (8, 200)   # the fixture's limits, which the fuzz cases assume
+    run_fuzz(server, "emb", "speed-embedder", token=TOKEN, app_name="speed-ray-embeddings", seed=22)

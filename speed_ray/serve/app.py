@@ -1,6 +1,6 @@
 """Serve a trained embedder on Ray Serve with an OpenAI-compatible /v1/embeddings (auth, limits, batching)."""
 
-# No `from __future__ import annotations` here: FastAPI reads handler annotations (Request) at definition time.
+from __future__ import annotations
 
 import asyncio
 import json
@@ -9,8 +9,7 @@ import os
 import time
 from typing import Any
 
-from speed_ray.serve.protocol import (APIError, embeddings_response, error_body, models_response,
-                                      parse_embeddings_request, parse_json, query_prefix, truncate_normalize)
+from speed_ray.serve.protocol import embeddings_response, parse_embeddings_request, query_prefix, truncate_normalize
 
 log = logging.getLogger("speed_ray.serve")
 
@@ -68,103 +67,73 @@ def _count_texts(items: list) -> int:
     return sum(len(texts) for _, texts in items)
 
 
-def build_embeddings_app(model_path: str, cfg, served_name: str | None = None, token_digest: str | None = None):
-    """The Serve application: one FastAPI ingress deployment whose requests are batched into shared encodes."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from ray import serve
-    from starlette.exceptions import HTTPException
+class EmbeddingsBackend:
+    """POST /v1/embeddings behind the shared ingress (speed_ray.serve.ingress): concurrent requests are batched into
+    shared encodes, bounded in texts rather than in requests."""
 
-    from speed_ray.serve.auth import authorized
+    def __init__(self, model_path: str, cfg, served_name: str):
+        import torch
+        from ray import serve
+        from sentence_transformers import SentenceTransformer
 
-    api = FastAPI(title="speed-ray embeddings")
-    max_body = cfg.max_inputs * (cfg.max_input_chars * 6 + 16) + 65536   # worst-case escaped JSON, then a 413
+        from speed_ray.models.remote import local_model_dir
 
-    @api.exception_handler(HTTPException)
-    async def _http_error(request, exc):
-        return JSONResponse(error_body(exc.status_code, str(exc.detail), code=str(exc.status_code)), exc.status_code)
+        if cfg.num_gpus == 0:
+            # Ray pins a fractional-CPU actor to one thread; the config says how many this replica may use.
+            torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.num_cpus)))
+        device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.cfg = cfg
+        self.model = SentenceTransformer(local_model_dir(model_path), device=device)   # s3:// run dirs too
+        self.dim = self.model.get_sentence_embedding_dimension()
+        self.prompts = dict(getattr(self.model, "prompts", None) or {})
+        self.served_models = (served_name,)
 
-    @api.exception_handler(RequestValidationError)
-    async def _validation_error(request, exc):
-        return JSONResponse(error_body(422, str(exc), code="invalid_request"), 422)
-
-    @serve.deployment(name="Embedder", **deployment_options(cfg))
-    @serve.ingress(api)
-    class Embedder:
-        def __init__(self, model_path: str, name: str, digest: str | None):
-            import torch
-            from sentence_transformers import SentenceTransformer
-
-            if cfg.num_gpus == 0:
-                # Ray pins a fractional-CPU actor to one thread; the config says how many this replica may use.
-                torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.num_cpus)))
-            device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-            self.model = SentenceTransformer(model_path, device=device)
-            self.dim = self.model.get_sentence_embedding_dimension()
-            self.prompts = dict(getattr(self.model, "prompts", None) or {})
-            self.name, self.digest, self.created = name, digest, int(time.time())
-            self._embed.set_max_batch_size(max(cfg.max_batch_size, cfg.max_inputs))
-            self._embed.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-
-        # batch_size_fn counts texts, so a batch is bounded in texts, not in requests.
-        @serve.batch(max_batch_size=512, batch_wait_timeout_s=0.01, batch_size_fn=_count_texts)
-        async def _embed(self, items: list) -> list:
+        async def embed(items: list) -> list:
             return await asyncio.to_thread(self._encode, items)
 
-        def _encode(self, items: list) -> list:
-            """(prefix, texts) per request -> (normalized float32 vectors, token count) per request."""
-            import numpy as np
+        self._embed = serve.batch(max_batch_size=max(cfg.max_batch_size, cfg.max_inputs),
+                                  batch_wait_timeout_s=cfg.batch_wait_timeout_s, batch_size_fn=_count_texts)(embed)
 
-            by_prefix: dict[str, list[tuple[int, int]]] = {}
-            for i, (prefix, texts) in enumerate(items):
-                by_prefix.setdefault(prefix, []).extend((i, j) for j in range(len(texts)))
-            out = [np.zeros((len(t), self.dim), np.float32) for _, t in items]
-            tokens = [0] * len(items)
-            for prefix, slots in by_prefix.items():
-                texts = [items[i][1][j] for i, j in slots]
-                vecs = self.model.encode(texts, prompt=prefix or None, batch_size=cfg.encode_batch_size,
-                                         normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-                lens = self.model.tokenize([prefix + t for t in texts])["attention_mask"].sum(dim=1).tolist()
-                for (i, j), v, n in zip(slots, vecs, lens):
-                    out[i][j] = v
-                    tokens[i] += int(n)
-            return list(zip(out, tokens))
+    def _encode(self, items: list) -> list:
+        """(prefix, texts) per request -> (normalized float32 vectors, token count) per request."""
+        import numpy as np
 
-        def _denied(self, request):
-            if authorized(request.headers.get("authorization"), self.digest):
-                return None
-            return JSONResponse(error_body(401, "missing or invalid bearer token", code="invalid_api_key"), 401)
+        by_prefix: dict[str, list[tuple[int, int]]] = {}
+        for i, (prefix, texts) in enumerate(items):
+            by_prefix.setdefault(prefix, []).extend((i, j) for j in range(len(texts)))
+        out = [np.zeros((len(t), self.dim), np.float32) for _, t in items]
+        tokens = [0] * len(items)
+        for prefix, slots in by_prefix.items():
+            texts = [items[i][1][j] for i, j in slots]
+            vecs = self.model.encode(texts, prompt=prefix or None, batch_size=self.cfg.encode_batch_size,
+                                     normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+            lens = self.model.tokenize([prefix + t for t in texts])["attention_mask"].sum(dim=1).tolist()
+            for (i, j), v, n in zip(slots, vecs, lens):
+                out[i][j] = v
+                tokens[i] += int(n)
+        return list(zip(out, tokens))
 
-        @api.get("/health")
-        async def health(self):
-            return {"status": "ok"}
+    async def embeddings(self, body: dict) -> dict:
+        p = parse_embeddings_request(body, self.cfg.max_inputs, self.cfg.max_input_chars, self.dim)
+        vecs, n_tokens = await self._embed((query_prefix(p, self.prompts), tuple(p.texts)))
+        return embeddings_response(truncate_normalize(vecs, p.dimensions), p.model or self.served_models[0],
+                                   p.encoding_format, n_tokens)
 
-        @api.get("/v1/models")
-        async def models(self, request: Request):
-            return self._denied(request) or models_response(self.name, self.created)
 
-        @api.post("/v1/embeddings")
-        async def embeddings(self, request: Request):
-            denied = self._denied(request)
-            if denied is not None:
-                return denied
-            try:
-                raw = await request.body()
-                if len(raw) > max_body:
-                    raise APIError(413, f"request body is {len(raw)} bytes; the limit is {max_body}",
-                                   code="request_too_large")
-                p = parse_embeddings_request(parse_json(raw), cfg.max_inputs, cfg.max_input_chars, self.dim)
-                vecs, n_tokens = await self._embed((query_prefix(p, self.prompts), tuple(p.texts)))
-                return embeddings_response(truncate_normalize(vecs, p.dimensions), self.name, p.encoding_format,
-                                           n_tokens)
-            except APIError as e:
-                return JSONResponse(e.body(), e.status)
-            except Exception as e:  # a bug or an encode failure: a 500 body, never a dead replica
-                log.exception("embedding request failed")
-                return JSONResponse(error_body(500, f"{type(e).__name__}: {e}", "server_error"), 500)
+def max_body_bytes(cfg) -> int:
+    """The largest body a ServeConfig's limits allow (every input at its longest, \\uXXXX-escaped), then a 413."""
+    return cfg.max_inputs * (cfg.max_input_chars * 6 + 16) + 65536
 
-    return Embedder.bind(model_path, served_name or cfg.model_name or model_path, token_digest)
+
+def build_embeddings_app(model_path: str, cfg, served_name: str | None = None, token_digest: str | None = None):
+    """The Serve application: the shared OpenAI ingress over an EmbeddingsBackend, one per replica."""
+    import functools
+
+    from speed_ray.serve.ingress import build_ingress
+
+    backend = functools.partial(EmbeddingsBackend, model_path, cfg, served_name or cfg.model_name or model_path)
+    return build_ingress(backend, name="Embedder", title="speed-ray embeddings", token_digest=token_digest,
+                         max_body_bytes=max_body_bytes(cfg), deployment_options=deployment_options(cfg))
 
 
 def _serve_cfg(args) -> tuple[Any, Any]:
@@ -182,7 +151,8 @@ def _serve_cfg(args) -> tuple[Any, Any]:
     return cfg.run, s
 
 
-def start(model: str, cfg, ray_address: str | None = None, timeout_s: float = 600.0) -> tuple[str, bool]:
+def start(model: str, cfg, ray_address: str | None = None, timeout_s: float = 600.0, app_name: str = APP_NAME,
+          route_prefix: str = "/") -> tuple[str, bool]:
     """Resolve the model, check auth and binding, deploy; returns (base URL once /v1/models answers, started Serve)."""
     from ray import serve
 
@@ -198,9 +168,11 @@ def start(model: str, cfg, ray_address: str | None = None, timeout_s: float = 60
     path = resolve_served_model(model)
     ensure_ray(ray_address)
     host, port, started = ensure_serve(cfg.host, cfg.port)
+    # Serve has one HTTP address per cluster: one already running elsewhere (0.0.0.0) is where this app is reachable.
+    check_bind(host, token is not None, cfg.allow_unauthenticated_public)
     serve.run(build_embeddings_app(path, cfg, cfg.model_name or model, token_digest(token) if token else None),
-              name=APP_NAME, route_prefix="/", blocking=False)
-    base_url = f"http://{connect_host(host)}:{port}/v1"
+              name=app_name, route_prefix=route_prefix, blocking=False)
+    base_url = f"http://{connect_host(host)}:{port}{route_prefix.rstrip('/')}/v1"
     wait_healthy(base_url, timeout_s, {"Authorization": f"Bearer {token}"} if token else None)
     return base_url, started
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +15,7 @@ import numpy as np
 # Request fields we read; the rest of the OpenAI schema (user, logit_bias, ...) is accepted and ignored, the way
 # vLLM's server does, so stock clients work unchanged.
 _MAX_N = 16
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
 
 
 class APIError(Exception):
@@ -32,20 +35,85 @@ def error_body(status: int, message: str, type: str = "invalid_request_error", c
 
 
 def parse_json(raw: bytes) -> dict:
-    """The request body as a JSON object, or a 400 naming what is wrong with it."""
+    """The request body as a JSON object whose strings are all valid Unicode, or a 4xx naming what is wrong.
+
+    The bytes must be UTF-8 (RFC 8259 section 8.1; a leading BOM is ignored): json.loads alone would also take UTF-16
+    and UTF-32.
+    """
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+        text = raw.decode("utf-8-sig")
+        body = json.loads(text)
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"request body is not valid UTF-8 JSON: {e.reason} at byte {e.start}",
+                       code="invalid_json") from None
     except RecursionError:
         raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
+    except ValueError as e:   # JSONDecodeError, or an integer of more than 4300 digits
+        raise APIError(400, f"request body is not valid JSON: {_safe_text(str(e), 200)}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(422, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_type")
+    if _SURROGATE_ESCAPE.search(text):   # strict UTF-8 carries no surrogate: only a \\uD800-\\uDFFF escape can
+        check_unicode(body)
     return body
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def _is_valid_unicode(s: str) -> bool:
+    """Whether a str is a sequence of Unicode scalar values: JSON's \\ud800 escapes decode to lone surrogates, which
+    no tokenizer or UTF-8 encoder accepts."""
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _safe_text(s: str, limit: int) -> str:
+    """s cut to `limit` characters, lone surrogates escaped, for echoing in an error message."""
+    s = s[:limit]
+    return s if _is_valid_unicode(s) else s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_unicode(body: Any, root: str = "") -> None:
+    """400 naming the first field (keys included) holding a string that is not valid Unicode (a lone surrogate).
+
+    Iterative, so a deeply nested body costs no recursion; json.loads bounds the depth anyway.
+    """
+    stack: list[tuple[str, Any]] = [(root, body)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if not _is_valid_unicode(v):
+                raise APIError(400, f"'{path or 'body'}' is not a valid Unicode string (it contains a lone UTF-16 "
+                               "surrogate, e.g. an unpaired \\ud800 escape)", code="invalid_unicode",
+                               param=path or None)
+        elif isinstance(v, dict):
+            for k, x in reversed(list(v.items())):
+                key_path = f"{path}.{_safe_text(k, 80)}" if path else _safe_text(k, 80)
+                if not _is_valid_unicode(k):
+                    raise APIError(400, f"the key '{key_path}' is not a valid Unicode string (it contains a lone "
+                                   "UTF-16 surrogate)", code="invalid_unicode", param=key_path)
+                stack.append((key_path, x))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", x) for i, x in reversed(list(enumerate(v))))
+
+
+_PREVIEW = reprlib.Repr()
+_PREVIEW.maxlevel, _PREVIEW.maxstring, _PREVIEW.maxother, _PREVIEW.maxlong = 2, 60, 60, 40
+_PREVIEW.maxlist = _PREVIEW.maxdict = _PREVIEW.maxtuple = 4
+
+
+def preview(v: Any) -> str:
+    """A short repr of a request value for an error message: bounded in length and depth, whatever the value."""
+    return _safe_text(_PREVIEW.repr(v), 200)
+
+
 def _bad_type(param: str, want: str, got: Any) -> APIError:
-    return APIError(422, f"'{param}' must be {want}, got {type(got).__name__} {str(got)[:60]!r}",
+    return APIError(422, f"'{param}' must be {want}, got {type(got).__name__} {preview(got)}",
                     code="invalid_type", param=param)
 
 
@@ -53,10 +121,11 @@ def _number(body: dict, key: str, default: float, lo: float, hi: float, lo_open:
     v = body.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
         raise _bad_type(key, "a number", v)
+    # int-float comparisons are exact in Python, so an integer too large for a float is compared, not converted.
     if v < lo or v > hi or (lo_open and v == lo):
-        raise APIError(422, f"'{key}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}",
+        raise APIError(422, f"'{key}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {preview(v)}",
                        code="invalid_value", param=key)
     return float(v)
 
@@ -122,7 +191,7 @@ def _response_schema(rf: Any) -> dict | None:
             raise APIError(422, "response_format.json_schema.schema must be a JSON Schema object",
                            code="invalid_type", param="response_format.json_schema.schema")
         return schema
-    raise APIError(422, f"response_format.type must be text, json_object or json_schema, got {kind!r}",
+    raise APIError(422, f"response_format.type must be text, json_object or json_schema, got {preview(kind)}",
                    code="invalid_value", param="response_format.type")
 
 
@@ -140,8 +209,8 @@ def parse_chat_request(body: dict, max_new_tokens: int) -> ChatParams:
         if not isinstance(m, dict):
             raise _bad_type(f"messages[{i}]", "an object", m)
         role = m.get("role")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise APIError(422, f"messages[{i}].role must be system, user or assistant, got {role!r}",
+        if not isinstance(role, str) or role not in ("system", "developer", "user", "assistant"):
+            raise APIError(422, f"messages[{i}].role must be system, user or assistant, got {preview(role)}",
                            code="invalid_value", param=f"messages[{i}].role")
         messages.append({"role": "system" if role == "developer" else role,
                          "content": _content_text(m.get("content"), i)})
@@ -164,6 +233,9 @@ def parse_chat_request(body: dict, max_new_tokens: int) -> ChatParams:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise _bad_type("seed", "an integer", seed)
+    if seed is not None and not _INT64[0] <= seed <= _INT64[1]:   # OpenAI's range; engines seed 64-bit generators
+        raise APIError(422, f"'seed' must be a 64-bit integer, got {preview(seed)}", code="invalid_value",
+                       param="seed")
     model = body.get("model", "")
     if not isinstance(model, str):
         raise _bad_type("model", "a string", model)
@@ -194,8 +266,24 @@ def chat_response(request_id: str, created: int, model: str, choices: list[tuple
     }
 
 
-def models_response(model: str, created: int, owned_by: str = "speed-ray") -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": owned_by}]}
+def models_response(models: str | tuple[str, ...] | list[str], created: int, owned_by: str = "speed-ray") -> dict:
+    names = [models] if isinstance(models, str) else list(models)
+    return {"object": "list",
+            "data": [{"id": m, "object": "model", "created": created, "owned_by": owned_by} for m in names]}
+
+
+def route_model(body: dict, served: tuple[str, ...]) -> str:
+    """The served model a request names: its `model` when this server serves it, the default (the first served name)
+    when it names none; 404 model_not_found (OpenAI's answer) for any other name."""
+    model = body.get("model")
+    if model is None or model == "":
+        return served[0]
+    if not isinstance(model, str):
+        raise _bad_type("model", "a string", model)
+    if model not in served:
+        raise APIError(404, f"The model '{_safe_text(model, 100)}' does not exist; this server serves "
+                       f"{', '.join(repr(m) for m in served)}", code="model_not_found", param="model")
+    return model
 
 
 # ---------------------------------------------------------------- embeddings
@@ -241,9 +329,10 @@ def parse_embeddings_request(body: dict, max_inputs: int, max_input_chars: int, 
         if len(t) > max_input_chars:
             raise APIError(413, f"input[{i}] has {len(t)} characters; the limit is {max_input_chars}",
                            code="input_too_long", param="input")
-    fmt = body.get("encoding_format") or "float"
-    if fmt not in ("float", "base64"):
-        raise APIError(422, f"'encoding_format' must be float or base64, got {fmt!r}", code="invalid_value",
+    fmt = body.get("encoding_format")
+    fmt = "float" if fmt is None else fmt
+    if not isinstance(fmt, str) or fmt not in ("float", "base64"):
+        raise APIError(422, f"'encoding_format' must be float or base64, got {preview(fmt)}", code="invalid_value",
                        param="encoding_format")
     dims = _int(body, "dimensions", None)
     if dims is not None and dims > dim:
@@ -258,8 +347,8 @@ def parse_embeddings_request(body: dict, max_inputs: int, max_input_chars: int, 
     itype = body.get("input_type")
     if itype is None:
         itype = "query" if instruction else "document"
-    if itype not in INPUT_TYPES:
-        raise APIError(422, f"'input_type' must be one of {sorted(INPUT_TYPES)}, got {itype!r}",
+    if not isinstance(itype, str) or itype not in INPUT_TYPES:
+        raise APIError(422, f"'input_type' must be one of {sorted(INPUT_TYPES)}, got {preview(itype)}",
                        code="invalid_value", param="input_type")
     return EmbedParams(texts=list(texts), model=model, encoding_format=fmt, dimensions=dims,
                        input_type=INPUT_TYPES[itype], instruction=instruction or None)
