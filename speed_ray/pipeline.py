@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import threading
@@ -126,12 +127,26 @@ def _select(cfg_dict: dict, dotted: str) -> Any:
     return node
 
 
+def _inputs_dict(cfg: Any) -> Any:
+    """to_dict(cfg) without the fields that only check a stage's output (field metadata {"fingerprint": False},
+    e.g. min_valid_share): changing a check must not orphan the shards it judged."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: _inputs_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                if f.metadata.get("fingerprint", True)}
+    return to_dict(cfg)
+
+
+def fingerprint_settings(cfg: RunConfig, spec: StageSpec) -> dict[str, Any]:
+    """The settings a stage's fingerprint hashes (also recorded in its manifest): its config_keys' values."""
+    cfg_dict = _inputs_dict(cfg)
+    return {k: _select(cfg_dict, k) for k in spec.config_keys}
+
+
 def fingerprints(cfg: RunConfig, plan: list[StageSpec]) -> dict[str, str]:
     """Each stage's fingerprint: its settings, its version and its inputs' fingerprints."""
-    cfg_dict = to_dict(cfg)
     out: dict[str, str] = {}
     for spec in plan:
-        settings = {k: _select(cfg_dict, k) for k in spec.config_keys}
+        settings = fingerprint_settings(cfg, spec)
         inputs = {role: out[up] for role, up in sorted(spec.inputs.items())}
         out[spec.name] = stable_hash({"stage": spec.name, "v": f"{STAGE_VERSION}.{spec.version}", "settings": settings,
                                       "inputs": inputs})
@@ -166,7 +181,8 @@ class StageContext:
             if "teacher_url" not in self._services:
                 from speed_ray.generate.server import start_local_server
 
-                self._services["teacher_url"] = start_local_server(self.cfg.teacher.local_server, self.cfg.run)
+                self._services["teacher_url"] = start_local_server(self.cfg.teacher.local_server, self.cfg.run,
+                                                                     (self.cfg.teacher.model,))
             return self._services["teacher_url"]
 
 
@@ -311,7 +327,7 @@ def _run_stage(cfg: RunConfig, spec: StageSpec, store: RunStore, fps: dict[str, 
     manifest = {
         "stage": spec.name, "fingerprint": fps[spec.name], "variant_inputs": spec.inputs,
         "inputs": {role: {"stage": up, "fingerprint": fps[up]} for role, up in spec.inputs.items()},
-        "settings": {k: _select(to_dict(cfg), k) for k in spec.config_keys},
+        "settings": fingerprint_settings(cfg, spec),
         "rows": out.num_rows(), "shards": len(out.shard_names()), "started_at": t0, "ended_at": t1,
         "duration_s": t1 - t0, "cost": ledger, "versions": library_versions(), "run": run_name, **extra,
     }

@@ -13,7 +13,8 @@ from collections import Counter
 
 import pytest
 
-from speed_ray.pipeline import StageContext
+from speed_ray.generate.sink import LowValidShare, check_valid_share
+from speed_ray.pipeline import StageContext, StageError, build_plan, fingerprints, run_pipeline
 from speed_ray.run_config import build_config
 from speed_ray.store import RunStore
 
@@ -26,9 +27,11 @@ def _cfg(run_dir, **sections):
     return build_config(data)
 
 
-def _tasks_stage(store: RunStore):
-    out = store.stage("brainstorm", "fp-tasks")
-    rows = [{"id": f"t{t}{i}", "topic": f"Topic {i}", "task_type": t, "task": f"Find {t} documents about {i}.",
+def _tasks_stage(store: RunStore, fingerprint: str = "fp-tasks", fail_types: tuple[str, ...] = ()):
+    """A finished brainstorm stage; the tasks of `fail_types` carry STUB_FAIL (the stub engine fails them)."""
+    out = store.stage("brainstorm", fingerprint)
+    rows = [{"id": f"t{t}{i}", "topic": f"Topic {i}", "task_type": t,
+             "task": f"Find {t} documents about {i}." + (" STUB_FAIL" if t in fail_types else ""),
              "lineage": json.dumps({"topic": f"Topic {i}"})} for t in TYPES for i in range(3)]
     out.write_shard("part-0", rows)
     out.write_manifest({"rows": len(rows)})
@@ -98,12 +101,95 @@ def test_synthesis_rejects_are_counted_and_kept_out(ray_local, tmp_path):
                                     "engine": _engine(model="stub", structured_output=False)})
     store = RunStore(cfg.run.run_dir)
     ctx = _ctx(cfg, "synthesis", {"tasks": _tasks_stage(store)})
-    man = synthesis_stage(ctx)
+    with pytest.raises(LowValidShare, match=r"^synthesis: 0 of 12 rows valid \(0\.0%, floor 50%\); "
+                                            r"top reject reasons: missing_key:"):
+        synthesis_stage(ctx)                             # nothing valid: never a success
     assert ctx.out.num_rows() == 0
     rej = rejects_output(ctx.out).read_rows()
     assert len(rej) == 12 and not any(r["valid"] for r in rej)
-    assert man["metrics"]["rejected"] == 12 and man["metrics"]["parse_rate"] == 0.0
-    assert sum(man["metrics"]["reject_reasons"].values()) == 12
+    # the floor disabled (0) still fails a stage with nothing valid; the rerun only re-checks the written rejects
+    cfg0 = _cfg(tmp_path, synthesis={"n_samples": 12, "shard_size": 5, "min_valid_share": 0,
+                                     "engine": _engine(model="stub", structured_output=False)})
+    with pytest.raises(LowValidShare, match="Nothing valid fails a stage whatever its floor") as err:
+        synthesis_stage(_ctx(cfg0, "synthesis", ctx.inputs))
+    m = err.value.metrics
+    assert m["rejected"] == 12 and m["parse_rate"] == 0.0 and m["generated_this_run"] == 0
+    assert sum(m["reject_reasons"].values()) == 12 and len(rejects_output(ctx.out).read_rows()) == 12
+
+
+def test_valid_share_check_message_and_rules():
+    reasons = {"truncated": 812, "invalid_json: Expecting value: line 1": 100, "invalid_json": 50,
+               "generation_error": 35, "missing_key:query": 3, "refusal": 2, "empty:S1": 1}
+    with pytest.raises(LowValidShare) as err:
+        check_valid_share("synthesis", 3, 1000, 0.5, reasons, setting="synthesis.min_valid_share",
+                          where="/run/stages/synthesis/fp", examples={"CUDA error: out of memory": 30, "x": 5})
+    assert str(err.value) == (
+        "synthesis: 3 of 1000 rows valid (0.3%, floor 50%); top reject reasons: truncated 812, invalid_json 150, "
+        "generation_error 35 (e.g. 'CUDA error: out of memory'), missing_key:query 3, refusal 2, "
+        "1 more reason(s) 1. Its shards are kept at /run/stages/synthesis/fp: fix the cause and rerun to resume, "
+        "or lower synthesis.min_valid_share (0 disables the floor).")
+    assert err.value.metrics == {"valid_share": 0.003, "min_valid_share": 0.5}
+    assert check_valid_share("s", 500, 1000, 0.5, reasons) == {"valid_share": 0.5, "min_valid_share": 0.5}
+    assert check_valid_share("s", 1, 1000, 0.0, reasons)["valid_share"] == 0.001      # 0: floor disabled
+    with pytest.raises(LowValidShare, match="^revision: 0 of 4 revisions parsed .*floor 0%"):
+        check_valid_share("revision", 0, 4, 0.0, {"no_json": 4}, unit="revisions", verb="parsed")
+    with pytest.raises(LowValidShare, match="^judge: nothing valid: 0 of 7 planned requests have an answer"):
+        check_valid_share("judge", 0, 0, 0.0, {}, unit="requests", planned=7)
+    assert check_valid_share("s", 0, 0, 0.5, {})["valid_share"] == 0.0                 # nothing planned
+
+
+def test_floor_is_not_part_of_the_fingerprint(tmp_path):
+    """The floor checks the output, it does not shape it: changing it must reuse the shards it judged."""
+    def fps(**sections):
+        cfg = _cfg(tmp_path, pipeline={"variant": "full"}, **sections)
+        return fingerprints(cfg, build_plan("full"))
+
+    base = fps()
+    lowered = fps(synthesis={"min_valid_share": 0.1}, root_data={"min_valid_share": 0.0},
+                  revision={"min_valid_share": 0.9}, teacher={"min_valid_share": 0.2})
+    assert lowered == base
+    assert fps(synthesis={"n_samples": 7})["synthesis"] != base["synthesis"]      # a real setting still counts
+    with pytest.raises(Exception, match="synthesis.min_valid_share"):
+        fps(synthesis={"min_valid_share": 1.5})
+
+
+def test_mostly_rejects_fails_loudly_keeps_shards_and_lower_floor_reuses_them(ray_local, tmp_path):
+    """The pipeline fails a synthesis stage that writes mostly rejects, keeps what it wrote, and a rerun with a
+    lower floor (same fingerprint) completes from those shards without generating anything again."""
+    from types import SimpleNamespace
+
+    from speed_ray.generate.sink import rejects_output
+
+    def cfg_with(**synthesis):
+        # retrieval's 12-word stub JSON is cut at 10 tokens (truncated), classification tasks carry STUB_FAIL
+        # (generation_error), matching's 8-word JSON fits: 6 of 24 valid
+        return _cfg(tmp_path / "run", pipeline={"variant": "direct_instruct"},
+                    mixture={"weights": {"retrieval": 2, "classification": 1, "matching": 1}},
+                    synthesis={"n_samples": 24, "shard_size": 4, **synthesis,
+                               "engine": _engine(model="stub", max_new_tokens=10)})
+
+    cfg = cfg_with()
+    fps = fingerprints(cfg, build_plan("direct_instruct"))
+    store = RunStore(cfg.run.run_dir)
+    _tasks_stage(store, fps["brainstorm"], fail_types=("classification",))
+    with pytest.raises(StageError) as err:
+        run_pipeline(cfg, stages=["synthesis"])
+    assert ("synthesis: 6 of 24 rows valid (25.0%, floor 50%); top reject reasons: truncated 12, "
+            "generation_error 6 (e.g. 'stub engine asked to fail')") in str(err.value)
+    out = store.stage("synthesis", fps["synthesis"])
+    assert not out.done and out.num_rows() == 6 and rejects_output(out).num_rows() == 18
+    before = _settled(SimpleNamespace(out=out))
+
+    lowered = cfg_with(min_valid_share=0.2)
+    assert fingerprints(lowered, build_plan("direct_instruct")) == fps
+    summary = run_pipeline(lowered, stages=["synthesis"])
+    assert summary["stages"]["synthesis"]["state"] == "ran" and out.done
+    m = out.manifest["metrics"]
+    assert m["generated_this_run"] == 0 and m["rows"] == 6 and m["rejected"] == 18
+    assert m["valid_share"] == 0.25 and m["min_valid_share"] == 0.2
+    assert m["reject_reasons"] == {"truncated": 12, "generation_error": 6}
+    for url, mtime in before.items():                  # the written shards were reused untouched
+        assert os.stat(out._path(url)).st_mtime_ns == mtime, url
 
 
 def test_root_data_stage_k_outputs_per_prompt(ray_local, tmp_path):
@@ -121,7 +207,27 @@ def test_root_data_stage_k_outputs_per_prompt(ray_local, tmp_path):
         assert len(set(r["outputs"])) == 3              # each of the k samples has its own seed
         assert all(json.loads(s) for s in r["samples"])
         assert r["generator"] == "junior_sft@fp-junior_sft"
-    assert man["metrics"]["parse_rate"] == 1.0
+    assert man["metrics"]["parse_rate"] == 1.0 and man["metrics"]["valid_share"] == 1.0
+    assert all(r["output_reject_reasons"] == ["", "", ""] for r in rows)
+
+
+def test_root_data_floor_counts_outputs_not_lists(ray_local, tmp_path):
+    from speed_ray.generate.stages import root_data_stage
+
+    # 3 of 4 prompts are classification tasks the stub fails: 2 of 8 outputs parse, although every list is written
+    cfg = _cfg(tmp_path, root_data={"n_prompts": 4, "samples_per_prompt": 2, "engine": _engine()},
+               mixture={"weights": {"classification": 3, "retrieval": 1}})
+    store = RunStore(cfg.run.run_dir)
+    ctx = _ctx(cfg, "root_data", {"tasks": _tasks_stage(store, fail_types=("classification",)),
+                                  "generator": _model_stage(store, "junior_sft", "stub")})
+    with pytest.raises(LowValidShare) as err:
+        root_data_stage(ctx)
+    assert str(err.value).startswith(
+        "root_data: 2 of 8 outputs parsed (25.0%, floor 50%); top reject reasons: generation_error 6 "
+        "(e.g. 'stub engine asked to fail'). Its shards are kept")
+    rows = ctx.out.read_rows()
+    assert len(rows) == 4 and sum(r["n_valid"] for r in rows) == 2
+    assert sorted(x for r in rows for x in r["output_reject_reasons"]) == [""] * 2 + ["generation_error"] * 6
 
 
 def test_revision_stage_keeps_original_and_counts_failures(ray_local, tmp_path):
@@ -134,7 +240,12 @@ def test_revision_stage_keeps_original_and_counts_failures(ray_local, tmp_path):
     synthesis_stage(syn)
     syn.out.write_manifest({"rows": 10})
     ctx = _ctx(cfg, "revision", {"samples": syn.out, "revisor": _model_stage(store, "revisor_sft", "stub")})
-    man = revision_stage(ctx)
+    # a revisor that fails on every row is broken: the stage fails, with the failed revisions' reasons, and its
+    # rows (each keeping its original sample) stay on disk
+    with pytest.raises(LowValidShare, match=r"^revision: 0 of 10 revisions parsed \(0\.0%, floor 50%\); top reject "
+                                            r"reasons: missing_key:\w+ \d+") as err:
+        revision_stage(ctx)
+    man = {"metrics": err.value.metrics}
     rows = ctx.out.read_rows()
     originals = {r["id"]: r for r in syn.out.read_rows()}
     assert len(rows) == 10 and {r["id"] for r in rows} == set(originals)

@@ -246,3 +246,39 @@ def test_judge_and_revise_signals(ray_local, tmp_path, server):
     assert len({(json.loads(r["lineage"])["root_id"], json.loads(r["lineage"])["root_index"]) for r in rows}) == 12
     assert len({json.loads(r["lineage"])["root_id"] for r in rows}) == 10          # one per list first
     assert all(json.loads(r["revised_text"])["S1"].startswith("a ") and r["reason"] for r in rows)
+
+
+def garbage_responder(body: dict) -> str:
+    """A teacher that answers most sample requests with garbage: prose for classification, a refusal for matching,
+    the wrong keys for STS; retrieval samples and brainstorm lists stay good."""
+    user = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
+    if user.startswith("Brainstorm") or "retrieval task" in user:
+        return responder(body)
+    if "classification task" in user:
+        return "Sure! Here is a great example of a classification sample for you."
+    if "matching task" in user:
+        return "I'm sorry, I can't help with that."
+    return json.dumps({"sentence": "not the keys the parser wants"})
+
+
+def test_teacher_answering_garbage_fails_loudly_keeps_shards_and_lower_floor_reuses_them(ray_local, tmp_path,
+                                                                                          server):
+    server.responder = garbage_responder
+    cfg = make_cfg(tmp_path, server.base_url)          # seed_data: 40 samples, 12 of them retrieval
+    with pytest.raises(StageError) as err:
+        run_pipeline(cfg, stages=["topics", "brainstorm", "seed_data"])
+    assert ("seed_data: 12 of 40 answered requests valid (30.0%, floor 50%); top reject reasons: "
+            "missing_key:S1 12, no_json 12, refusal 4. Its shards are kept") in str(err.value)
+    out = stage_out(cfg, "seed_data")
+    assert stage_out(cfg, "brainstorm").done and not out.done
+    assert out.num_rows() == 12 and rejects_output(out).num_rows() == 28
+
+    lowered = make_cfg(tmp_path, server.base_url, teacher={"min_valid_share": 0.25})
+    assert stage_out(lowered, "seed_data").url == out.url        # the floor is not part of the fingerprint
+    server.reset_counts()
+    summary = run_pipeline(lowered, stages=["seed_data"])
+    assert summary["stages"]["seed_data"]["state"] == "ran" and out.done
+    assert server.total == 0                                        # nothing asked again
+    man = out.manifest
+    assert man["valid"] == 12 and man["rejected"] == 28 and man["valid_share"] == 0.3
+    assert man["min_valid_share"] == 0.25 and man["this_run"] == {}

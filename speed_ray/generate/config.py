@@ -9,6 +9,16 @@ from typing import Literal
 
 from speed_ray.config import check
 
+# Field metadata of a setting that checks a stage's output instead of shaping it (min_valid_share): it is left out
+# of the stage's fingerprint (speed_ray.pipeline.fingerprint_settings), so changing it reuses the written shards.
+CHECK_ONLY = {"fingerprint": False}
+
+
+def check_min_valid_share(value: float) -> None:
+    """min_valid_share: below this share of valid output a stage fails (speed_ray.generate.sink.check_valid_share),
+    keeping its shards, so a rerun resumes. 0 disables the floor; a stage with nothing valid fails whatever it is."""
+    check(0.0 <= value <= 1.0, "min_valid_share", "must be in [0, 1] (0 disables the floor)")
+
 
 def torch_threads_for(torch_threads: int | None, num_cpus: float) -> int:
     """Torch threads for a CPU replica: the configured number, else its CPU reservation rounded (at least 1)."""
@@ -34,7 +44,7 @@ class EngineConfig:
     enforce_eager: bool = False               # vLLM: skip CUDA graphs (faster start for small runs)
     gpu_memory_utilization: float = 0.9       # vLLM: share of GPU memory for weights + KV cache
     accelerator_type: str | None = None       # vLLM: pin replicas to a GPU type (e.g. "H100", "A10G")
-    use_adapter: bool = False                 # vLLM: serve the upstream LoRA adapter on its base model (else merged)
+    use_adapter: bool = False                 # load the upstream LoRA adapter on its base model (vLLM: dynamic LoRA; hf: merged at load), else the merged checkpoint
     max_lora_rank: int = 64                   # vLLM: largest LoRA rank it reserves for
     max_restarts: int = -1                    # actor restarts after a worker dies (-1: unlimited)
     max_task_retries: int = -1                # batch retries on a restarted actor (-1: unlimited)
@@ -58,10 +68,13 @@ class RootDataConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     engine: EngineConfig = field(default_factory=EngineConfig)
+    min_valid_share: float = field(default=0.5, metadata=CHECK_ONLY)   # floor on the share of the n_prompts x k
+    #                                          outputs that parse (see check_min_valid_share); not fingerprinted
 
     def __post_init__(self):
         check(self.n_prompts > 0, "n_prompts", "must be > 0")
         check(self.samples_per_prompt >= 2, "samples_per_prompt", "must be >= 2 (the judge needs a pair)")
+        check_min_valid_share(self.min_valid_share)
 
 
 @dataclass(frozen=True)
@@ -71,10 +84,14 @@ class SynthesisConfig:
     top_p: float = 1.0
     shard_size: int = 1000                    # prompts per output shard (the unit of resume)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    min_valid_share: float = field(default=0.5, metadata=CHECK_ONLY)   # floor on valid / (valid + rejects)
+    #                                          (see check_min_valid_share); not part of the fingerprint. The
+    #                                          teacher_synthesis baseline uses teacher.min_valid_share instead
 
     def __post_init__(self):
         check(self.n_samples > 0, "n_samples", "must be > 0")
         check(self.shard_size > 0, "shard_size", "must be > 0")
+        check_min_valid_share(self.min_valid_share)
 
 
 @dataclass(frozen=True)
@@ -83,6 +100,12 @@ class RevisionConfig:
     top_p: float = 1.0
     shard_size: int = 1000
     engine: EngineConfig = field(default_factory=EngineConfig)
+    min_valid_share: float = field(default=0.5, metadata=CHECK_ONLY)   # floor on the share of revisions that parse
+    #                                          (a failed one keeps its original sample, but a revisor failing on most
+    #                                          rows is broken); not part of the fingerprint
+
+    def __post_init__(self):
+        check_min_valid_share(self.min_valid_share)
 
 
 @dataclass(frozen=True)

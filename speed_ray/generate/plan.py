@@ -69,13 +69,18 @@ def reject_reason(parse_reason: str, finish_reason: str, gen_error: str) -> str:
 
 
 def root_lists(rows: list[dict], k: int) -> dict[str, Any]:
-    """The k generations of one prompt (rows sharing `prompt_id`) -> a root_data row's outputs/samples lists."""
+    """The k generations of one prompt (rows sharing `prompt_id`) -> a root_data row's outputs/samples lists, and
+    per output its reject code ("" when it parsed)."""
     from speed_ray.teacher.parsing import canonical_json, parse_sample
 
     rows = sorted(rows, key=lambda r: int(r["sample_index"]))
     outputs = [r.get("text") or "" for r in rows]
-    samples = []
+    samples, reasons = [], []
     for r, text in zip(rows, outputs):
         p = parse_sample(text, r["task_type"]) if r.get("finish_reason") != "error" else None
-        samples.append(canonical_json(p.sample) if p is not None and p.ok else "")
-    return {"outputs": outputs, "samples": samples, "n_valid": sum(bool(s) for s in samples), "k_ok": len(rows) == k}
+        ok = p is not None and p.ok
+        samples.append(canonical_json(p.sample) if ok else "")
+        reasons.append("" if ok else reject_reason(p.reason if p else "", r.get("finish_reason") or "",
+                                                   r.get("gen_error") or ""))
+    return {"outputs": outputs, "samples": samples, "reasons": reasons, "n_valid": sum(bool(s) for s in samples),
+            "k_ok": len(rows) == k}

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from speed_ray.store import StageOutput
-from speed_ray.streaming import done_ids, shard_name_for
+from speed_ray.streaming import DoneSet, done_set, shard_name_for
 
 
 def rejects_output(out: StageOutput) -> StageOutput:
@@ -26,8 +26,9 @@ def rejects_output(out: StageOutput) -> StageOutput:
     return rej
 
 
-def done_ids_all(out: StageOutput, rejects: StageOutput | None) -> set[str]:
-    return done_ids(out) | (done_ids(rejects) if rejects is not None else set())
+def done_ids_all(out: StageOutput, rejects: StageOutput | None) -> DoneSet:
+    """Ids in data/ or rejects/, as hashes held off the driver (len() counts them; filter_pending takes it)."""
+    return done_set(out, rejects)
 
 
 class _SplitWriter:
@@ -78,9 +79,15 @@ def write_split(ds, out: StageOutput, rejects: StageOutput | None, rows_per_shar
 
 
 def scan_totals(out: StageOutput, rejects: StageOutput | None) -> dict[str, Any]:
-    """Totals over everything the stage holds (this run and resumed ones), read shard by shard, few columns."""
+    """Totals over everything the stage holds (this run and resumed ones), read shard by shard, few columns.
+
+    Reject reasons are counted by code: rejects' `reject_reason`, and in the data shards revision's
+    `revision_reject_reason` (failed revisions) and root_data's `output_reject_reasons` (one per output).
+    `gen_error_examples` holds the commonest engine messages behind the generation_error code."""
     rows = valid = comp = n_rej = 0
     reasons: Counter = Counter()
+    data_reasons: dict[str, Counter] = {c: Counter() for c in _DATA_REASONS}
+    gen_errors: Counter = Counter()
     sums: Counter = Counter()
     for stage_out, is_rej in ((out, False), (rejects, True)):
         if stage_out is None:
@@ -88,23 +95,110 @@ def scan_totals(out: StageOutput, rejects: StageOutput | None) -> dict[str, Any]
         for name in stage_out.shard_names():
             with stage_out.fs.open(stage_out._path(stage_out.shard_url(name)), "rb") as f:
                 pf = pq.ParquetFile(f)
-                cols = [c for c in ("valid", "reject_reason", "completion_tokens", *_SUMS) if c in pf.schema_arrow.names]
+                cols = [c for c in ("valid", "reject_reason", "completion_tokens", "gen_error", *_SUMS,
+                                    *_DATA_REASONS) if c in pf.schema_arrow.names]
                 t = pf.read(columns=cols)
             n = t.num_rows
             comp += sum(int(x) for x in _col(t, "completion_tokens", 0))
             v = _col(t, "valid", True)
+            errs = _col(t, "gen_error", "")
             if is_rej:
                 n_rej += n
-                reasons.update(_col(t, "reject_reason", "invalid"))
+                codes = [r or "invalid" for r in _col(t, "reject_reason", "invalid")]
+                reasons.update(codes)
+                gen_errors.update(e for c, e in zip(codes, errs) if c == "generation_error" and e)
             else:
                 rows += n
                 valid += sum(bool(x) for x in v)
                 for c in _SUMS:
                     if c in t.column_names:
                         sums[c] += sum(int(x) for x in t.column(c).to_pylist())
+                if "revision_reject_reason" in t.column_names:
+                    codes = [r for r in t.column("revision_reject_reason").to_pylist() if r]
+                    data_reasons["revision_reject_reason"].update(codes)
+                    gen_errors.update(e for r, e in zip(t.column("revision_reject_reason").to_pylist(), errs)
+                                      if r == "generation_error" and e)
+                if "output_reject_reasons" in t.column_names:
+                    for lst, e in zip(t.column("output_reject_reasons").to_pylist(), errs):
+                        codes = [r for r in (lst or []) if r]
+                        data_reasons["output_reject_reasons"].update(codes)
+                        if e and "generation_error" in codes:
+                            gen_errors[e] += codes.count("generation_error")
     total = rows + n_rej
-    return {"rows": rows, "rejected": n_rej, "generated_total": total, "parse_rate": (valid / total) if total else 0.0,
-            "reject_reasons": dict(reasons), "completion_tokens_total": comp, **{f"{k}_total": v for k, v in sums.items()}}
+    out_totals = {"rows": rows, "rejected": n_rej, "generated_total": total,
+                  "parse_rate": (valid / total) if total else 0.0, "reject_reasons": dict(reasons),
+                  "completion_tokens_total": comp, **{f"{k}_total": v for k, v in sums.items()}}
+    for c, counts in data_reasons.items():
+        if counts:
+            out_totals[_DATA_REASONS[c]] = dict(counts)
+    if gen_errors:
+        out_totals["gen_error_examples"] = dict(gen_errors.most_common(3))
+    return out_totals
 
 
 _SUMS = ("n_valid", "revised", "revision_failed")   # per-stage counts summed into the manifest
+# per-row reason columns of data shards -> the manifest key of their counts
+_DATA_REASONS = {"revision_reject_reason": "revision_reject_reasons", "output_reject_reasons": "output_reject_reasons"}
+
+
+# ---- the floor on valid output ------------------------------------------------------------------------------
+class LowValidShare(RuntimeError):
+    """A stage wrote mostly rejects: below its min_valid_share floor, or nothing valid at all. What it wrote stays
+    (the stage is not marked done), so a rerun after fixing the cause, or with a lower floor, only re-checks it.
+    `metrics` are the totals the stage would have put in its manifest."""
+
+    def __init__(self, message: str, metrics: dict | None = None):
+        super().__init__(message)
+        self.metrics = metrics or {}
+
+
+def reason_code(reason: str) -> str:
+    """The code of a recorded reject reason: "invalid_json: Expecting value ..." -> "invalid_json" (parse codes
+    such as "missing_key:query" have no space after their colon and stay whole)."""
+    return (reason or "invalid").split(": ", 1)[0].strip() or "invalid"
+
+
+def top_reasons(reasons: dict[str, int], examples: dict[str, int] | None = None, n: int = 5) -> str:
+    """'schema_error 812, length 150, generation_error 35 (e.g. "engine died")': counts by code, commonest first."""
+    by_code: Counter = Counter()
+    for r, c in reasons.items():
+        by_code[reason_code(r)] += int(c)
+    ranked = sorted(by_code.items(), key=lambda kv: (-kv[1], kv[0]))
+    parts = []
+    for code, c in ranked[:n]:
+        hint = ""
+        if code == "generation_error" and examples:
+            msg = max(examples.items(), key=lambda kv: kv[1])[0]
+            hint = f" (e.g. {' '.join(str(msg).split())[:160]!r})"
+        parts.append(f"{code} {c}{hint}")
+    rest = ranked[n:]
+    if rest:
+        parts.append(f"{len(rest)} more reason(s) {sum(c for _, c in rest)}")
+    return ", ".join(parts) if parts else "none recorded"
+
+
+def check_valid_share(stage: str, good: int, total: int, floor: float, reasons: dict[str, int], *,
+                      unit: str = "rows", verb: str = "valid", setting: str = "", where: str = "",
+                      examples: dict[str, int] | None = None, planned: int | None = None,
+                      metrics: dict | None = None) -> dict[str, float]:
+    """Fail a stage whose output is mostly rejects; returns {"valid_share", "min_valid_share"} for its manifest.
+
+    good of total units passed (rows valid, outputs parsed, revisions parsed, requests answered validly). Raises
+    LowValidShare when good/total < floor (floor 0 disables this), and whatever the floor when nothing passed out
+    of a nonzero total (or of a nonzero `planned` when nothing was measured): a stage with nothing valid is never
+    a success. The message names the stage, the share, the floor and the top reject reasons by code."""
+    share = good / total if total else 0.0
+    out = {"valid_share": share, "min_valid_share": floor}
+    nothing = good == 0 and (total > 0 or bool(planned))
+    if not nothing and (total == 0 or floor <= 0 or share >= floor):
+        return out
+    if total:
+        head = f"{stage}: {good} of {total} {unit} {verb} ({100 * share:.1f}%, floor {100 * floor:g}%)"
+    else:
+        head = f"{stage}: nothing {verb}: 0 of {planned} planned {unit} have an answer"
+    msg = f"{head}; top reject reasons: {top_reasons(reasons, examples)}"
+    if nothing and floor <= 0:
+        msg += ". Nothing valid fails a stage whatever its floor"
+    msg += (f". Its shards are kept{f' at {where}' if where else ''}: fix the cause and rerun to resume"
+            + (f", or lower {setting} (0 disables the floor)" if setting and not nothing else "") + ".")
+    raise LowValidShare(msg, {**(metrics or {}), **out})

@@ -18,7 +18,7 @@ from speed_ray.generate.config import EngineConfig
 from speed_ray.generate.plan import (plan_prompt, reject_reason, request_seed, root_lists, task_pools,
                                      type_schedule)
 from speed_ray.generate.ray_engines import generate_dataset, replicas_resources
-from speed_ray.generate.sink import (done_ids_all, rejects_output, scan_totals, write_split)
+from speed_ray.generate.sink import (check_valid_share, done_ids_all, rejects_output, scan_totals, write_split)
 
 log = logging.getLogger("speed_ray")
 
@@ -115,6 +115,23 @@ def _requests(ds, temperature: float, top_p: float, max_tokens: int, structured:
     return ds.map_batches(add, batch_format="pyarrow", num_cpus=0.1)
 
 
+def _check_floor(ctx, man: dict, good: int, total: int, floor: float, reasons: dict, unit: str, verb: str) -> dict:
+    """The stage's manifest with valid_share added, or LowValidShare (shards kept) below the stage's floor."""
+    m = man["metrics"]
+    m.update(check_valid_share(ctx.name, good, total, floor, reasons, unit=unit, verb=verb,
+                               setting=f"{ctx.name}.min_valid_share", where=ctx.out.url,
+                               examples=m.get("gen_error_examples"), metrics=m))
+    return man
+
+
+def _all_written(ctx, done: set[str], n: int) -> bool:
+    """Every planned id already written (a rerun after a failed check): no engine to start, nothing to generate."""
+    if done and len(done) >= n:
+        ctx.log("all %d already written: re-checking the output without starting an engine", n)
+        return True
+    return False
+
+
 def _finish_metrics(ctx, eng: EngineConfig, t0: float, run: dict, totals: dict, **extra) -> dict[str, Any]:
     wall = max(time.time() - t0, 1e-9)
     res = replicas_resources(eng)
@@ -140,13 +157,18 @@ def synthesis_stage(ctx) -> dict:
     ctx.log("synthesis: %d samples with %s (%s engine); %d already written", sc.n_samples, generator, eng.kind,
             len(done))
     t0 = time.time()
-    ds = _prompt_rows(sc.n_samples, dict(cfg.mixture.weights), cfg.run.seed, "synthesis", _tasks(ctx))
-    ds = _filter(ds, done)
-    ds = _requests(ds, sc.temperature, sc.top_p, eng.max_new_tokens, eng.structured_output, cfg.run.seed)
-    ds = generate_dataset(ds, eng, model, adapter)
-    ds = ds.map_batches(_SampleRows(generator), batch_format="pyarrow", num_cpus=0.1)
-    run = write_split(ds, ctx.out, rejects, sc.shard_size)
-    return _finish_metrics(ctx, eng, t0, run, scan_totals(ctx.out, rejects), model=str(model))
+    run: dict = {}
+    if not _all_written(ctx, done, sc.n_samples):
+        ds = _prompt_rows(sc.n_samples, dict(cfg.mixture.weights), cfg.run.seed, "synthesis", _tasks(ctx))
+        ds = _filter(ds, done)
+        ds = _requests(ds, sc.temperature, sc.top_p, eng.max_new_tokens, eng.structured_output, cfg.run.seed)
+        ds = generate_dataset(ds, eng, model, adapter)
+        ds = ds.map_batches(_SampleRows(generator), batch_format="pyarrow", num_cpus=0.1)
+        run = write_split(ds, ctx.out, rejects, sc.shard_size)
+    totals = scan_totals(ctx.out, rejects)
+    man = _finish_metrics(ctx, eng, t0, run, totals, model=str(model))
+    return _check_floor(ctx, man, totals["rows"], totals["generated_total"], sc.min_valid_share,
+                        totals["reject_reasons"], "rows", "valid")
 
 
 def _filter(ds, done: set[str]):
@@ -187,6 +209,8 @@ def root_data_stage(ctx) -> dict:
     done = done_ids_all(ctx.out, None)
     k = rc.samples_per_prompt
     t0 = time.time()
+    if _all_written(ctx, done, rc.n_prompts):
+        return _root_finish(ctx, rc, eng, t0, {}, model)
     ds = _filter(_prompt_rows(rc.n_prompts, dict(cfg.mixture.weights), cfg.run.seed, "root_data", _tasks(ctx)), done)
 
     def expand(batch: pa.Table) -> pa.Table:  # k generation requests per prompt, each with its own seed
@@ -200,14 +224,22 @@ def root_data_stage(ctx) -> dict:
     ds = _requests(ds, rc.temperature, rc.top_p, eng.max_new_tokens, eng.structured_output, cfg.run.seed)
     ds = generate_dataset(ds, eng, model, adapter)
     ds = ds.select_columns(["prompt_id", "sample_index", "task_type", "task", "prompt", "prompt_params", "lineage",
-                            "text", "finish_reason", "prompt_tokens", "completion_tokens"])
+                            "text", "finish_reason", "gen_error", "prompt_tokens", "completion_tokens"])
     to_row = _RootRows(generator, k)
     ds = ds.groupby("prompt_id").map_groups(lambda g: to_row(g), batch_format="pyarrow", num_cpus=0.1)
     run = write_split(ds, ctx.out, None, max(1, 1000 // k))
+    return _root_finish(ctx, rc, eng, t0, run, model)
+
+
+def _root_finish(ctx, rc, eng: EngineConfig, t0: float, run: dict, model: str) -> dict:
+    k = rc.samples_per_prompt
     totals = scan_totals(ctx.out, None)
     # per output, not per list: the share of the k samples that parse (the judge needs valid pairs)
-    totals["parse_rate"] = totals.get("n_valid_total", 0) / max(1, totals["rows"] * k)
-    return _finish_metrics(ctx, eng, t0, run, totals, model=str(model), samples_per_prompt=k)
+    n_outputs = totals["rows"] * k
+    totals["parse_rate"] = totals.get("n_valid_total", 0) / max(1, n_outputs)
+    man = _finish_metrics(ctx, eng, t0, run, totals, model=str(model), samples_per_prompt=k)
+    return _check_floor(ctx, man, totals.get("n_valid_total", 0), n_outputs, rc.min_valid_share,
+                        totals.get("output_reject_reasons", {}), "outputs", "parsed")
 
 
 class _RootRows:
@@ -223,6 +255,8 @@ class _RootRows:
         return pa.Table.from_pylist([{
             "id": r0["prompt_id"], "task_type": r0["task_type"], "task": r0["task"], "prompt": r0["prompt"],
             "prompt_params": r0["prompt_params"], "outputs": lists["outputs"], "samples": lists["samples"],
+            "output_reject_reasons": lists["reasons"],
+            "gen_error": next((r["gen_error"] for r in rows if r.get("gen_error")), ""),
             "generator": self.generator, "lineage": lineage_extend(r0["lineage"], generator=self.generator),
             "valid": lists["n_valid"] > 0, "n_valid": lists["n_valid"],
             "prompt_tokens": sum(int(r["prompt_tokens"]) for r in rows),
@@ -234,6 +268,7 @@ class _RootRows:
 _ROOT_SCHEMA = pa.schema([("id", pa.string()), ("task_type", pa.string()), ("task", pa.string()),
                           ("prompt", pa.string()), ("prompt_params", pa.string()),
                           ("outputs", pa.list_(pa.string())), ("samples", pa.list_(pa.string())),
+                          ("output_reject_reasons", pa.list_(pa.string())), ("gen_error", pa.string()),
                           ("generator", pa.string()), ("lineage", pa.string()), ("valid", pa.bool_()),
                           ("n_valid", pa.int64()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
                           ("finish_reason", pa.string()), ("reject_reason", pa.string())])
@@ -247,6 +282,8 @@ def revision_stage(ctx) -> dict:
     model, adapter, revisor = _model_for(ctx, "revisor", eng)
     done = done_ids_all(ctx.out, None)
     t0 = time.time()
+    if _all_written(ctx, done, ctx.inputs["samples"].num_rows()):
+        return _revision_finish(ctx, rc, eng, t0, {}, model)
     ds = _filter(ctx.inputs["samples"].ray_dataset(), done)
 
     def messages(r: dict) -> str:
@@ -263,9 +300,15 @@ def revision_stage(ctx) -> dict:
     ds = generate_dataset(ds, eng, model, adapter)
     ds = ds.map_batches(_RevisedRows(revisor), batch_format="pyarrow", num_cpus=0.1)
     run = write_split(ds, ctx.out, None, rc.shard_size)
+    return _revision_finish(ctx, rc, eng, t0, run, model)
+
+
+def _revision_finish(ctx, rc, eng: EngineConfig, t0: float, run: dict, model: str) -> dict:
     totals = scan_totals(ctx.out, None)
     totals["parse_rate"] = totals.get("revised_total", 0) / max(1, totals["rows"])   # revisions that parsed
-    return _finish_metrics(ctx, eng, t0, run, totals, model=str(model))
+    man = _finish_metrics(ctx, eng, t0, run, totals, model=str(model))
+    return _check_floor(ctx, man, totals.get("revised_total", 0), totals["rows"], rc.min_valid_share,
+                        totals.get("revision_reject_reasons", {}), "revisions", "parsed")
 
 
 def _rename(mapping: dict[str, str]):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from speed_ray.config import check
-from speed_ray.generate.config import LocalServerConfig
+from speed_ray.generate.config import CHECK_ONLY, LocalServerConfig, check_min_valid_share
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,10 @@ class TeacherConfig:
     on_budget_exhausted: Literal["fail", "finish"] = "fail"   # fail: stage stays incomplete, a rerun resumes it;
     #                                          finish: completes with what fits (rerun with --force to top up)
     max_failed_fraction: float = 0.01        # stage fails when more requests than this got no answer after retries
+    min_valid_share: float = field(default=0.5, metadata=CHECK_ONLY)   # every teacher stage (brainstorm, seed_data,
+    #                                          judge, revise_signals, teacher_synthesis) fails, its shards kept, when
+    #                                          fewer than this share of its answered requests gave a valid row;
+    #                                          0 disables the floor, but nothing valid always fails; not fingerprinted
     shard_rows: int = 256                    # answered requests per output shard (the unit of resume)
     request_batch_size: int = 64             # rows per teacher_map batch
     num_actors: int = 1                      # teacher_map actors; concurrency/rpm/tpm are split across them
@@ -67,6 +71,7 @@ class TeacherConfig:
         check(self.concurrency > 0, "concurrency", "must be > 0")
         check(self.shard_rows > 0, "shard_rows", "must be > 0")
         check(0.0 <= self.max_failed_fraction <= 1.0, "max_failed_fraction", "must be in [0, 1]")
+        check_min_valid_share(self.min_valid_share)
         check(self.request_batch_size > 0, "request_batch_size", "must be > 0")
         check(self.num_actors > 0, "num_actors", "must be > 0")
         check(self.timeout_s > 0, "timeout_s", "must be > 0")

@@ -18,6 +18,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from speed_ray.generate.sink import check_valid_share
 from speed_ray.store import StageOutput
 from speed_ray.streaming import done_ids, shard_name_for
 
@@ -184,6 +185,10 @@ def finalize(ctx, run: dict, errors: Counter, failed_ledger: dict, total_request
         raise TooManyFailures(
             f"{failed} of {total_requests} teacher requests got no answer after retries ({dict(errors)}); "
             f"{answered} are written. Rerun to retry the missing ones, or raise teacher.max_failed_fraction.")
+    # mostly rejects (a teacher answering garbage) fails the stage with its shards kept; a rerun re-checks them
+    metrics.update(check_valid_share(ctx.name, n_valid, answered, ctx.cfg.teacher.min_valid_share, reasons,
+                                     unit="answered requests", verb="valid", setting="teacher.min_valid_share",
+                                     where=out.url, planned=total_requests, metrics=metrics))
     if pending and not metrics["budget_exhausted"]:
         log.warning("[%s] %d request(s) got no answer after retries (%s); rerun the stage to retry them "
                     "(use --force %s, since it is marked complete)", ctx.name, pending, dict(errors), ctx.name)
