@@ -18,11 +18,27 @@ log = logging.getLogger("speed_ray.evaluate")
 def model_key(path: str, max_length: int) -> str:
     """Identity of a model for the cache: its path, its JSON configs' contents and its weight files' sizes.
 
-    Not mtimes: offline model helpers may rewrite identical files, which must not invalidate the cache."""
+    Not mtimes: offline model helpers may rewrite identical files, which must not invalidate the cache. A remote
+    model (s3://...) is read in place through fsspec: its identity needs no download."""
     import hashlib
 
-    p = Path(path)
+    from speed_ray.models.remote import is_remote
+
     h = hashlib.sha256()
+    if is_remote(path):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(path)
+        root = root.rstrip("/")
+        files = fs.find(root, detail=True) if fs.exists(root) else {}
+        for name, info in sorted(files.items()):
+            rel = name[len(root) + 1:]
+            if rel.endswith(".json"):
+                h.update(rel.encode() + fs.cat_file(name))
+            elif rel.endswith((".safetensors", ".bin", ".pt")):
+                h.update(f"{rel}:{int(info.get('size') or 0)}".encode())
+        return "|".join([path.rstrip("/"), str(max_length), h.hexdigest()])
+    p = Path(path)
     if p.is_dir():
         for f in sorted(p.rglob("*")):
             if f.is_file() and f.suffix == ".json":
@@ -30,6 +46,29 @@ def model_key(path: str, max_length: int) -> str:
             elif f.is_file() and f.suffix in (".safetensors", ".bin", ".pt"):
                 h.update(f"{f.relative_to(p)}:{f.stat().st_size}".encode())
     return "|".join([str(p.resolve()) if p.exists() else path, str(max_length), h.hexdigest()])
+
+
+def stored_prompts(path: str) -> dict[str, str]:
+    """The prompts a SentenceTransformer directory stores (config_sentence_transformers.json), read without
+    loading its weights: a local dir, a remote URL, or a hub id (its one small file)."""
+    import json
+
+    from speed_ray.models.remote import is_remote
+
+    try:
+        if is_remote(path) or Path(path).is_dir():
+            import fsspec
+
+            with fsspec.open(f"{path.rstrip('/')}/config_sentence_transformers.json", "r") as f:
+                conf = json.load(f)
+        else:
+            from huggingface_hub import hf_hub_download
+
+            with open(hf_hub_download(path, "config_sentence_transformers.json")) as f:
+                conf = json.load(f)
+    except Exception:  # no such file: a plain transformers model has no stored prompts
+        return {}
+    return {str(k): str(v) for k, v in (conf.get("prompts") or {}).items()}
 
 
 def instruction_for(task_metadata: Any) -> str:
@@ -65,6 +104,7 @@ class Embedder:
         self.encoded_texts = 0                    # texts actually run through the model (not from the cache)
         self.cache = EmbeddingCache(cache_dir, model_key(self.path, max_length)) if cache_dir else None
         self._meta = None
+        self._prompts: dict[str, str] | None = None
 
     # ---- the model ---------------------------------------------------------------------------------
     @property
@@ -74,9 +114,19 @@ class Embedder:
         return self._model
 
     @property
+    def prompts(self) -> dict[str, str]:
+        """The model's stored prompts; read from its files unless the model is already loaded here, so an
+        evaluation whose encoding runs on Ray actors never loads the weights in this process."""
+        if self._model is not None:
+            return dict(getattr(self._model, "prompts", None) or {})
+        if self._prompts is None:
+            self._prompts = stored_prompts(self.path)
+        return self._prompts
+
+    @property
     def template(self) -> str:
         """The instruction template: the model's stored query prompt when it has '{instruction}', else E5's."""
-        q = (getattr(self.model, "prompts", None) or {}).get("query") or ""
+        q = self.prompts.get("query") or ""
         return q if "{instruction}" in q else E5_TEMPLATE
 
     def prefix(self, task_metadata: Any, prompt_type: Any) -> str:
@@ -85,7 +135,7 @@ class Embedder:
             return ""
         if self.instructions:
             return query_prefix(instruction_for(task_metadata), self.template)
-        stored = (getattr(self.model, "prompts", None) or {}).get("query") or ""
+        stored = self.prompts.get("query") or ""
         # Without task instructions a model's fixed query prompt still applies to retrieval queries.
         return stored if kind == "query" and "{instruction}" not in stored else ""
 
@@ -161,7 +211,9 @@ def load_sentence_transformer(path: str, max_length: int, device: str | None = N
     """A SentenceTransformer whose max_seq_length is capped (never raised) at max_length."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(path, device=device)
+    from speed_ray.models.remote import local_model_dir
+
+    model = SentenceTransformer(local_model_dir(path), device=device)
     current = model.max_seq_length or max_length
     model.max_seq_length = min(current, max_length)
     return model

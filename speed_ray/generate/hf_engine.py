@@ -22,14 +22,15 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model: str, dtype: str = "auto", batch_size: int = 8, device: str | None = None,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, adapter: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from speed_ray.models.offline import resolve_model
+        from speed_ray.models.remote import local_model_dir
 
         self.model_name = model
-        path = resolve_model(model)
+        path = local_model_dir(resolve_model(model))      # an s3:// checkpoint is fetched once per node
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype == "auto":  # bf16 is ~5x slower than fp32 on CPU
             torch_dtype = torch.float32 if self.device == "cpu" else torch.bfloat16
@@ -39,7 +40,13 @@ class HFEngine:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
+        model_obj = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        if adapter:
+            # A LoRA adapter on its base (use_adapter): merged once, so generation runs at the base model's speed.
+            from peft import PeftModel
+
+            model_obj = PeftModel.from_pretrained(model_obj, local_model_dir(adapter)).merge_and_unload()
+        self.model = model_obj.to(self.device).eval()
         self.batch_size = batch_size
         self.max_model_len = max_model_len or getattr(self.model.config, "max_position_embeddings", None) or 4096
         eos = self.model.generation_config.eos_token_id

@@ -13,7 +13,7 @@ class EngineUDF:
     """map_batches UDF: loads the engine once per actor (in __init__), then generates batch after batch."""
 
     def __init__(self, kind: str, model: str, dtype: str = "auto", batch_size: int = 8, max_model_len: int = 4096,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, adapter: str | None = None):
         self.kind = kind
         if kind == "stub":
             self.engine = StubEngine(model)
@@ -24,7 +24,8 @@ class EngineUDF:
                 torch.set_num_threads(num_threads)
             from speed_ray.generate.hf_engine import HFEngine
 
-            self.engine = HFEngine(model, dtype=dtype, batch_size=batch_size, max_model_len=max_model_len)
+            self.engine = HFEngine(model, dtype=dtype, batch_size=batch_size, max_model_len=max_model_len,
+                                   adapter=adapter)
         else:
             raise ValueError(f"EngineUDF runs the hf and stub engines, not {kind!r}")
         # fault injection for the stage tests (stub only): "stub:crash_once=<marker>" kills the actor process;
@@ -80,7 +81,7 @@ def replicas_resources(cfg: EngineConfig) -> dict[str, float]:
     return {"cpus": cfg.num_cpus_per_replica, "gpus": gpus}
 
 
-def map_kwargs(cfg: EngineConfig, model: str) -> dict[str, Any]:
+def map_kwargs(cfg: EngineConfig, model: str, adapter: str | None = None) -> dict[str, Any]:
     """The map_batches arguments of the HF/stub engine stage (tested without running it)."""
     from ray.data import ActorPoolStrategy
 
@@ -92,7 +93,8 @@ def map_kwargs(cfg: EngineConfig, model: str) -> dict[str, Any]:
     return dict(
         fn_constructor_kwargs={"kind": cfg.kind, "model": model, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
                                "max_model_len": cfg.max_model_len,
-                               "num_threads": torch_threads_for(cfg.torch_threads, cfg.num_cpus_per_replica)},
+                               "num_threads": torch_threads_for(cfg.torch_threads, cfg.num_cpus_per_replica),
+                               "adapter": adapter if cfg.kind == "hf" else None},
         compute=ActorPoolStrategy(min_size=cfg.replicas_min, max_size=cfg.replicas_max),
         batch_size=cfg.batch_size * 4 if cfg.kind == "hf" else cfg.batch_size,
         batch_format="pyarrow",
@@ -108,7 +110,7 @@ def generate_dataset(ds, cfg: EngineConfig, model: str, adapter_path: str | None
         from speed_ray.generate.vllm_engine import generate_vllm
 
         return generate_vllm(ds, cfg, model, adapter_path if cfg.use_adapter else None)
-    kw = map_kwargs(cfg, model)
+    kw = map_kwargs(cfg, model, adapter_path if cfg.use_adapter else None)
     if kw["num_gpus"] is None:
         kw.pop("num_gpus")
     # One engine batch per block: a task's outputs leave the actor only when the task ends, so a 1024-row

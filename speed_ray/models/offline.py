@@ -127,7 +127,8 @@ def prepare_tiny_llama(vocab_size: int = 512, hidden: int = 64, layers: int = 2,
 
 
 def resolve_model(name: str) -> str:
-    """A model reference from a config -> something from_pretrained takes (a local dir or a hub id)."""
+    """A model reference from a config -> a local dir, a hub id, or a remote URL (s3://...) that the loading
+    process turns into a local copy with speed_ray.models.remote.local_model_dir."""
     if name == "offline:smollm2":
         return str(prepare_smollm2())
     if name == "offline:minilm":
@@ -136,6 +137,10 @@ def resolve_model(name: str) -> str:
         return str(prepare_tiny_llama())
     if name.startswith("offline:"):
         raise ModelNotFound(f"unknown offline model {name!r}; known: {', '.join(OFFLINE_NAMES)}")
+    from speed_ray.models.remote import is_remote
+
+    if is_remote(name):
+        return name  # a stage's checkpoint in remote storage: each loading process fetches it (local_model_dir)
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").exists() and not (p / "modules.json").exists():
