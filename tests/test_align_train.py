@@ -235,3 +235,94 @@ def test_two_workers_match_one_on_the_same_global_batch(ray_local, tiny_llama, t
     assert a1.keys() == a2.keys()
     for k in a1:
         torch.testing.assert_close(a1[k], a2[k], atol=1e-5, rtol=1e-4)
+
+
+# ---- checkpoint disk: bounded on every rank, locally and in storage -------------------------------------------
+
+class DiskProbe:
+    """A TrainerCallback that records, on each rank after each save (it runs after the report callback), the HF
+    checkpoint dirs left in that rank's output_dir and what its scratch dir holds."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_save(self, args, state, control, **kwargs):
+        scratch = os.path.dirname(args.output_dir.rstrip("/"))
+        rec = {"step": state.global_step,
+               "checkpoints": sorted(n for n in os.listdir(args.output_dir) if n.startswith("checkpoint-")),
+               "scratch": sorted(os.listdir(scratch))}
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, f"rank{args.process_index}.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+@pytest.mark.rehearsal    # the multi-rank checkpoint path of the paper's 8-worker FSDP runs, on 2 CPU workers (~2 min)
+def test_checkpoint_disk_is_bounded_on_every_rank(ray_local, tiny_llama, tmp_path, pickle_callbacks_by_value):
+    """2 CPU workers, a save every step: after each save no rank keeps an HF checkpoint (the HF Trainer rotates on
+    rank 0 only, so rank 1's checkpoint-N dirs used to pile up) and no staging copy; after the run the scratch
+    root holds no dir of this run and none of a dead worker; storage keeps keep_checkpoints, each with every
+    rank's files."""
+    from speed_ray.align.train import RAY_RUN_NAME, SCRATCH, latest_checkpoint, train_sft
+
+    root = tmp_path / "scratch" / SCRATCH
+    dead = root / "sft-rank1-pid999999999-x1"          # a worker killed before its cleanup (pid > pid_max)
+    (dead / "hf" / "checkpoint-2").mkdir(parents=True)
+    live = root / f"sft-rank0-pid{os.getpid()}-x2"     # a live process's dir: left alone
+    live.mkdir()
+    cfg = TrainerConfig(**{**SFT, "base_model": tiny_llama, "num_workers": 2, "max_steps": 3, "save_steps": 1,
+                           "keep_checkpoints": 2, "scratch_dir": str(tmp_path / "scratch")})
+    data, paths = _sft_job(tmp_path, "run")
+    metrics = train_sft(data, cfg, base_model=tiny_llama, callbacks=(DiskProbe(str(tmp_path / "probe")),), **paths)
+    assert metrics["world_size"] == 2 and metrics["global_step"] == 3
+
+    for rank in (1, 0):
+        recs = [json.loads(line) for line in open(tmp_path / "probe" / f"rank{rank}.jsonl")]
+        assert [r["step"] for r in recs] == [1, 2, 3], (rank, recs)
+        assert all(r["checkpoints"] == [] for r in recs), (rank, recs)      # nothing piles up in output_dir
+        assert all(r["scratch"] == ["hf"] for r in recs), (rank, recs)      # no staging copy left per report
+    assert sorted(os.listdir(root)) == [live.name]
+
+    run = os.path.join(paths["storage_url"], RAY_RUN_NAME)
+    ckpts = sorted(n for n in os.listdir(run) if n.startswith("checkpoint_") and os.path.isdir(os.path.join(run, n)))
+    assert len(ckpts) == 2, ckpts                                          # CheckpointConfig(num_to_keep)
+    url, step = latest_checkpoint(paths["storage_url"])
+    assert step == 3
+    files = set(os.listdir(os.path.join(url, "checkpoint")))
+    assert {"trainer_state.json", "rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors"} <= files
+
+
+def test_prune_storage_keeps_tracked_and_the_newest_resumable(tmp_path):
+    """A crash between an upload and its registration leaves a checkpoint Ray Train never deletes: prune_storage
+    removes untracked ones (incomplete, or older than the newest tracked), keeps the tracked ones and an untracked
+    one newer than all of them (the rerun resumes from it)."""
+    from speed_ray.align.train import RAY_RUN_NAME, latest_checkpoint, prune_storage
+
+    run = tmp_path / RAY_RUN_NAME
+
+    def ckpt(name, step=None):
+        d = run / name / "checkpoint"
+        d.mkdir(parents=True)
+        if step is not None:
+            (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+    ckpt("checkpoint_a", 2)      # untracked, older than the tracked ones: an orphan
+    ckpt("checkpoint_b", 4)      # tracked
+    ckpt("checkpoint_c")         # untracked, half-written
+    ckpt("checkpoint_d", 6)      # tracked
+    ckpt("checkpoint_e", 8)      # untracked, newest: the one to resume from
+    ckpt("checkpoint_f", 7)      # untracked, older than e
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_b", "metrics": {}},
+                                {"checkpoint_dir_name": "checkpoint_d", "metrics": {}}],
+         "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_d", "metrics": {}}}))
+    deleted = prune_storage(str(tmp_path))
+    assert sorted(os.path.basename(p) for p in deleted) == ["checkpoint_a", "checkpoint_c", "checkpoint_f"]
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoint_b", "checkpoint_d", "checkpoint_e"]
+    assert latest_checkpoint(str(tmp_path))[1] == 8
+    (run / "checkpoint_manager_snapshot.json").write_text("{not json")
+    assert prune_storage(str(tmp_path)) == []         # an unreadable snapshot: nothing is called untracked

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from speed_ray.config import check
@@ -29,7 +29,10 @@ class TrainerConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # auto: fp32 on CPU, bf16 on GPU
     gradient_checkpointing: bool = False
     save_steps: int = 50                      # checkpoint every N steps (the unit of resume)
-    keep_checkpoints: int = 2                 # Ray Train CheckpointConfig(num_to_keep)
+    keep_checkpoints: int = 2                 # checkpoints kept in storage: Ray Train CheckpointConfig(num_to_keep)
+    # Node-local scratch for each worker's HF checkpoint before it is uploaded (None: the system temp dir; on a GPU
+    # node, an NVMe mount). Each rank keeps at most the one checkpoint being uploaded there. Not in the fingerprint.
+    scratch_dir: str | None = field(default=None, metadata={"fingerprint": False})
     max_failures: int = 2                     # Ray Train FailureConfig: worker deaths survived per run
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
@@ -143,7 +146,9 @@ def training_args(cfg: TrainerConfig, *, output_dir: str, seed: int, transformer
         "logging_steps": cfg.logging_steps,
         "save_strategy": "steps",
         "save_steps": cfg.save_steps,
-        "save_total_limit": 1,                  # Ray Train keeps the copies that matter (keep_checkpoints)
+        # Only the main rank rotates its checkpoints (the others write their RNG state, FSDP / ZeRO shards too):
+        # train.py's report callback moves every rank's checkpoint out to upload it and deletes it after.
+        "save_total_limit": 1,
         "seed": seed,
         "data_seed": seed,
         "bf16": precision == "bf16",

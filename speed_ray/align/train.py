@@ -5,6 +5,14 @@ workers read prepared examples from Parquet, train with TRL's SFTTrainer / DPOTr
 Ray Train under `storage_url`, and finally write a merged Hugging Face checkpoint (plus the LoRA adapter).
 A worker that dies is restarted from the last reported checkpoint (FailureConfig); a rerun of the whole job
 resumes from the newest checkpoint in `storage_url`.
+
+Checkpoint disk stays bounded. Locally: every rank writes a checkpoint-N at each save (rank 0 the model, optimizer
+and trainer state; every rank its RNG state, and with FSDP sharded state / ZeRO-3 its shards), but the HF Trainer
+rotates (save_total_limit) on the main rank only, so `_bounded_report_callback` moves each rank's checkpoint out of
+output_dir, uploads it and deletes it: a rank holds at most the checkpoint being uploaded. A worker killed before
+its `finally` leaves its scratch dir behind; the next worker on that node removes the dirs of dead processes. In
+storage: Ray Train keeps `keep_checkpoints` (CheckpointConfig.num_to_keep) and `prune_storage` removes the
+checkpoints a crash left unregistered.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -102,6 +111,64 @@ def latest_checkpoint(storage_url: str, name: str = RAY_RUN_NAME) -> tuple[str, 
         if step is not None and (best is None or step > best[1]):
             best = (url, step)
     return best
+
+
+def _snapshot_names(fs, run: str) -> set[str] | None:
+    """The checkpoint dir names Ray Train's checkpoint manager snapshot refers to (empty: no snapshot yet; None:
+    unreadable, so nothing can safely be called untracked)."""
+    snap = f"{run}/checkpoint_manager_snapshot.json"
+    if not fs.exists(snap):
+        return set()
+    try:
+        with fs.open(snap, "r") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    names: set[str] = set()
+
+    def walk(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, str) and os.path.basename(x.rstrip("/")).startswith("checkpoint_"):
+            names.add(os.path.basename(x.rstrip("/")))
+
+    walk(state)
+    return names
+
+
+def prune_storage(storage_url: str, name: str = RAY_RUN_NAME) -> list[str]:
+    """Delete the checkpoint dirs in storage that Ray Train does not track and no run will resume from: a worker or
+    job killed between an upload and its registration leaves one behind, which CheckpointConfig(num_to_keep) never
+    sees. Keeps every tracked checkpoint (Ray's snapshot must find them) and the newest complete untracked one when
+    it is newer than every tracked one (`latest_checkpoint` resumes from it). Returns the deleted paths."""
+    fs, path = _fs(storage_url)
+    run = f"{path.rstrip('/')}/{name}"
+    if not fs.exists(run):
+        return []
+    tracked = _snapshot_names(fs, run)
+    if tracked is None:
+        return []
+    dirs = []
+    for entry in fs.ls(run, detail=True):
+        p = entry["name"].rstrip("/")
+        base = os.path.basename(p)
+        if entry.get("type") == "directory" and base.startswith("checkpoint_"):
+            url = p if _is_local(storage_url) else fs.unstrip_protocol(p)
+            dirs.append((base, p, checkpoint_step(url)))
+    newest_tracked = max((s for b, _, s in dirs if b in tracked and s is not None), default=-1)
+    untracked = [(b, p, s) for b, p, s in dirs if b not in tracked]
+    complete = [d for d in untracked if d[2] is not None and d[2] > newest_tracked]
+    keep = max(complete, key=lambda d: d[2])[0] if complete else None
+    deleted = []
+    for b, p, _ in untracked:
+        if b != keep:
+            fs.rm(p, recursive=True)
+            deleted.append(p)
+    return deleted
 
 
 def _put_dir(local: str, url: str) -> None:
@@ -196,7 +263,18 @@ def build_trainer(job: TrainJob, output_dir: str, callbacks: list):
     return trainer
 
 
-def save_outputs(trainer, job: TrainJob, local_dir: str, is_main: bool) -> None:
+def set_adapter_base(adapter_dir: str, base_ref: str) -> None:
+    """Record the base model as the run knows it (hub id, run-dir path or s3:// URL) in adapter_config.json;
+    peft writes the path it loaded from, which for a fetched s3 checkpoint is a cache dir on one worker node."""
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    with open(path) as f:
+        conf = json.load(f)
+    conf["base_model_name_or_path"] = base_ref
+    with open(path, "w") as f:
+        json.dump(conf, f, indent=2)
+
+
+def save_outputs(trainer, job: TrainJob, local_dir: str, is_main: bool, base_ref: str | None = None) -> None:
     """Save the trained model: every rank joins save_model (it gathers FSDP / ZeRO-3 shards); the main rank
     then merges the LoRA adapter into the base and writes the merged checkpoint and the adapter."""
     final = os.path.join(local_dir, "final")
@@ -219,6 +297,7 @@ def save_outputs(trainer, job: TrainJob, local_dir: str, is_main: bool) -> None:
     merged_dir = os.path.join(local_dir, "merged")
     merged.save_pretrained(merged_dir, safe_serialization=True)
     tok.save_pretrained(merged_dir)
+    set_adapter_base(final, base_ref or job.base_model)
     _put_dir(final, job.adapter_url)
     _put_dir(merged_dir, job.model_url)
     del base, merged
@@ -267,18 +346,103 @@ def _builtin_print():
         builtins.print = patched
 
 
+SCRATCH = "speed-ray-train"      # under the node's scratch root: one dir per worker process
+_SCRATCH_ENTRY = re.compile(r"^[a-z]+-rank\d+-pid(\d+)-")
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    return psutil.pid_exists(pid)
+
+
+def remove_dead_scratch(root: str) -> list[str]:
+    """Remove the scratch dirs under root whose worker process is gone (killed before its `finally`: an OOM, a
+    preempted node, os._exit). Dirs of live processes and anything not named like ours are left alone."""
+    removed = []
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return removed
+    for n in names:
+        m = _SCRATCH_ENTRY.match(n)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+            removed.append(n)
+    return removed
+
+
+def make_scratch_dir(job: TrainJob, rank: int) -> str:
+    """This worker's node-local dir (HF output_dir, checkpoint staging, the final save), named by its pid so that a
+    later worker can tell a dead one's leftovers from a live one's."""
+    root = os.path.join(job.cfg.scratch_dir or tempfile.gettempdir(), SCRATCH)
+    os.makedirs(root, exist_ok=True)
+    gone = remove_dead_scratch(root)
+    if gone:
+        log.info("removed %d scratch dirs of dead training workers under %s", len(gone), root)
+    return tempfile.mkdtemp(prefix=f"{job.kind}-rank{rank}-pid{os.getpid()}-", dir=root)
+
+
+def hf_checkpoints(output_dir: str) -> list[str]:
+    """The HF Trainer's checkpoint-N dirs in output_dir."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    try:
+        names = os.listdir(output_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.join(output_dir, n) for n in names
+                  if n.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and os.path.isdir(os.path.join(output_dir, n)))
+
+
+def _bounded_report_callback(staging_root: str):
+    """Ray's RayTrainReportCallback (same metrics, same checkpoint layout: checkpoint_*/checkpoint/), but it moves
+    this rank's newest checkpoint-N out of output_dir instead of copying it to /tmp, reports it (Ray uploads it
+    before report returns), then deletes it and any other checkpoint-N there. Needed on every rank: the HF Trainer
+    rotates checkpoints (save_total_limit) on the main rank only, while every rank writes one per save."""
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    class BoundedReportCallback(RayTrainReportCallback):
+        def on_save(self, args, state, control, **kwargs):
+            import ray.train
+            from transformers.trainer_utils import get_last_checkpoint
+
+            metrics = {}
+            for entry in state.log_history:
+                metrics.update(entry)
+            stage = tempfile.mkdtemp(prefix=f"report-{state.global_step}-", dir=staging_root)
+            try:
+                src = get_last_checkpoint(args.output_dir)
+                checkpoint = None
+                if src is not None:
+                    os.replace(src, os.path.join(stage, self.CHECKPOINT_NAME))   # same disk: a rename, no copy
+                    checkpoint = ray.train.Checkpoint.from_directory(stage)
+                ray.train.report(metrics=metrics, checkpoint=checkpoint)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+                for old in hf_checkpoints(args.output_dir):
+                    shutil.rmtree(old, ignore_errors=True)
+
+    return BoundedReportCallback()
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's per-worker function: build the TRL trainer, resume if a checkpoint exists, train, save."""
     import ray.train
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from ray.train.huggingface.transformers import prepare_trainer
+
+    from speed_ray.models.remote import local_model_dir
 
     job: TrainJob = config["job"]
+    base_ref = job.base_model          # what the adapter records as its base: a hub id, a path or an s3:// URL
+    job = replace(job, base_model=local_model_dir(base_ref))   # an s3:// checkpoint (DPO's junior): fetched per node
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    local_dir = tempfile.mkdtemp(prefix=f"speed-ray-{job.kind}-rank{rank}-")
+    local_dir = make_scratch_dir(job, rank)
     try:
         with _builtin_print():
-            trainer = build_trainer(job, os.path.join(local_dir, "hf"), [RayTrainReportCallback(), *job.callbacks])
+            trainer = build_trainer(job, os.path.join(local_dir, "hf"),
+                                    [_bounded_report_callback(local_dir), *job.callbacks])
         trainer = prepare_trainer(trainer)
         ckpt, resumed_from = _resume_point(job)
         if ckpt is not None:
@@ -287,7 +451,7 @@ def train_loop_per_worker(config: dict) -> None:
                 out = trainer.train(resume_from_checkpoint=os.path.join(d, HF_CHECKPOINT))
         else:
             out = trainer.train()
-        save_outputs(trainer, job, local_dir, is_main=rank == 0)
+        save_outputs(trainer, job, local_dir, is_main=rank == 0, base_ref=base_ref)
         if rank == 0:
             metrics = summarize_log_history(trainer.state.log_history)
             metrics.update({k: v for k, v in out.metrics.items() if isinstance(v, (int, float))})
@@ -309,6 +473,12 @@ def _check_strategy(cfg: TrainerConfig) -> None:
                            "(pip install deepspeed); or use strategy: fsdp")
 
 
+def worker_resources(cfg: TrainerConfig) -> dict[str, float]:
+    """Ray resources of one training worker: one bundle of the TorchTrainer's placement group, which some worker
+    group of the cluster must hold for the autoscaler to start a node for it (tests/test_cluster_defs.py)."""
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+
+
 def run_training(job: TrainJob) -> dict[str, Any]:
     """Run the job on a Ray Train TorchTrainer; returns the final metrics the main worker wrote."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -318,10 +488,13 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     cfg = job.cfg
     storage = os.path.abspath(job.storage_url) if _is_local(job.storage_url) else job.storage_url
     job = replace(job, storage_url=storage)
+    pruned = prune_storage(storage)
+    if pruned:
+        log.info("%s: removed %d untracked checkpoints from %s", job.kind, len(pruned), storage)
     found = latest_checkpoint(storage)
     if found:
         log.info("%s: resuming from %s (step %d)", job.kind, found[0], found[1])
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    resources = worker_resources(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
