@@ -282,3 +282,21 @@ def test_teacher_answering_garbage_fails_loudly_keeps_shards_and_lower_floor_reu
     man = out.manifest
     assert man["valid"] == 12 and man["rejected"] == 28 and man["valid_share"] == 0.3
     assert man["min_valid_share"] == 0.25 and man["this_run"] == {}
+
+
+@pytest.mark.parametrize("mode,want", [("none", None), ("json_object", {"type": "json_object"}),
+                                       ("json_schema", "json_schema")])
+def test_sample_requests_follow_json_mode(tmp_path, mode, want):
+    """paper.yaml's json_mode: json_object must reach the seed-data requests too (it used to send nothing)."""
+    import pyarrow as pa
+
+    from speed_ray.teacher.stages import _sample_requests
+
+    cfg = make_cfg(tmp_path, "http://127.0.0.1:1/v1", teacher={"json_mode": mode})
+    tasks = [{"task_type": "retrieval", "task": "Find documents.", "topic": "Science", "lineage": "{}"}]
+    rows = _sample_requests(cfg, tasks)(pa.table({"id": ["s-0"], "task_index": [0]})).to_pylist()
+    rf = json.loads(rows[0]["response_format"]) if rows[0]["response_format"] else None
+    if want == "json_schema":
+        assert rf["type"] == "json_schema" and rf["json_schema"]["schema"]["type"] == "object"
+    else:
+        assert rf == want

@@ -139,8 +139,9 @@ def plan_samples(tasks: list[dict], n: int, weights: dict[str, float], seed: int
     return plan
 
 
-def _sample_requests(cfg, tasks: list[dict], schema_on: bool):
+def _sample_requests(cfg, tasks: list[dict]):
     gen = _generator(cfg)
+    schema_on = cfg.teacher.json_mode != "none"   # json_object mode too: response_format() maps the schema to it
 
     def build(batch: pa.Table) -> pa.Table:
         rows = []
@@ -183,7 +184,7 @@ def _synthesize(ctx, n: int, prefix: str) -> dict:
         return finalize(ctx, {}, defaultdict(int), {}, n)
     ensure_ray()
     ds = ray.data.from_arrow(table).map_batches(
-        _sample_requests(cfg, tasks, cfg.teacher.json_mode == "json_schema"), batch_format="pyarrow",
+        _sample_requests(cfg, tasks), batch_format="pyarrow",
         batch_size=cfg.teacher.shard_rows, num_cpus=0.1)
     return run_teacher(ctx, ds, _finish_sample(_generator(cfg), 1, 20000), n)
 
