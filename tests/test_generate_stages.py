@@ -411,3 +411,25 @@ def test_hf_engine_stage_with_tiny_llama(ray_local, tmp_path, tiny_llama):
     m = man["metrics"]
     assert m["rows"] + m["rejected"] == 6 and m["output_tokens_per_s"] > 0
     assert man["engine"]["kind"] == "hf"
+
+
+def test_adapter_goes_on_its_base_never_on_the_merged_checkpoint(tmp_path):
+    """use_adapter with an unreadable adapter_config.json used to fall back to the merged checkpoint (LoRA twice)."""
+    from types import SimpleNamespace
+
+    from speed_ray.generate.config import EngineConfig
+    from speed_ray.generate.stages import _model_for
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    man = {"model_path": str(tmp_path / "merged"), "adapter_path": str(adapter)}
+    up = SimpleNamespace(manifest=man, stage="senior_dpo", fingerprint="f", manifest_url="m.json")
+    ctx = SimpleNamespace(name="synthesis", inputs={"generator": up}, log=lambda *a: None)
+    eng = EngineConfig(kind="hf", use_adapter=True)
+    with pytest.raises(ValueError, match="base model of .*unknown"):
+        _model_for(ctx, "generator", eng)
+    man["base_model"] = "/models/junior"
+    assert _model_for(ctx, "generator", eng)[:2] == ("/models/junior", str(adapter))
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "s3://b/junior/model"}))
+    assert _model_for(ctx, "generator", eng)[0] == "s3://b/junior/model"
+    assert _model_for(ctx, "generator", EngineConfig(kind="hf"))[:2] == (str(tmp_path / "merged"), None)

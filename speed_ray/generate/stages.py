@@ -37,7 +37,12 @@ def _model_for(ctx, role: str, eng: EngineConfig) -> tuple[str, str | None, str]
             ctx.log("engine.model=%s is ignored: the upstream %s checkpoint is used", eng.model, up.stage)
         adapter = man.get("adapter_path") if eng.use_adapter else None
         if adapter:
-            path = _adapter_base(adapter) or path
+            # The adapter goes on its base, never on the merged checkpoint (that would apply the LoRA twice).
+            path = _adapter_base(adapter) or man.get("base_model")
+            if not path:
+                raise ValueError(f"stage {ctx.name!r}: {ctx.name}.engine.use_adapter is set but the base model of "
+                                 f"{adapter} is unknown (no readable adapter_config.json, no base_model in "
+                                 f"{up.manifest_url}); set use_adapter: false to load the merged checkpoint")
         return path, adapter, f"{up.stage}@{up.fingerprint}"
     if not eng.model:
         raise ValueError(f"stage {ctx.name!r} has no upstream generator; set {ctx.name}.engine.model "
