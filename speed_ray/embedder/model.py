@@ -165,22 +165,52 @@ def load_embedder(path: str, pooling: str = "auto", lora: bool = True, lora_r: i
     """Backbone (no LM head) from a local dir or hub id, with LoRA on every linear layer (E5-mistral: r=16)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    from speed_ray.models.remote import local_model_dir
+
+    path = local_model_dir(path)       # an s3:// base model: fetched once per node
     config = AutoConfig.from_pretrained(path)
     mode = resolve_pooling(pooling, config)
     tok = AutoTokenizer.from_pretrained(path)
-    if mode == "last_token":
+    backbone = AutoModel.from_pretrained(path, dtype=storage_dtype(precision, lora))
+    return make_embedder(backbone, tok, mode, lora, lora_r, lora_alpha, lora_dropout, precision,
+                         gradient_checkpointing, max_length)
+
+
+def compute_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a precision (None: plain fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def storage_dtype(precision: str, lora: bool) -> torch.dtype:
+    """The dtype the backbone's weights are stored in. Mixed precision computes in fp16/bf16 under autocast, but
+    every trainable weight stays fp32 (the optimizer's updates would round away in half precision, and fp16's
+    GradScaler refuses to unscale fp16 gradients): with LoRA the frozen base is stored in half precision (half
+    the memory) and peft keeps the adapters in fp32; without LoRA every weight is trainable, so fp32 masters."""
+    half = compute_dtype(precision)
+    return half if (half is not None and lora) else torch.float32
+
+
+def make_embedder(backbone: nn.Module, tok, pooling: Pooling, lora: bool = True, lora_r: int = 16,
+                  lora_alpha: int = 16, lora_dropout: float = 0.0, precision: str = "fp32",
+                  gradient_checkpointing: bool = False, max_length: int = 512) -> Embedder:
+    """An embedder around a loaded backbone (weights in storage_dtype(precision, lora)): the EOS-appending
+    tokenizer for last-token pooling, gradient checkpointing, LoRA, and autocast for fp16/bf16."""
+    if pooling == "last_token":
         tok = ensure_eos_appended(tok)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    backbone = AutoModel.from_pretrained(path, dtype=dtype)
     if gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        # all-linear: q,k,v,o and the MLP, as in E5-mistral; adapters are kept in fp32 by peft.
+        # all-linear: q,k,v,o and the MLP, as in E5-mistral; autocast_adapter_dtype keeps the adapters in fp32.
         backbone = get_peft_model(backbone, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                                       target_modules="all-linear", task_type="FEATURE_EXTRACTION"))
-    return Embedder(backbone, tok, mode, max_length, autocast_dtype=dtype if dtype != torch.float32 else None)
+                                                       target_modules="all-linear", task_type="FEATURE_EXTRACTION"),
+                                  autocast_adapter_dtype=True)
+    low = sorted({str(p.dtype) for p in backbone.parameters() if p.requires_grad and p.dtype != torch.float32})
+    if low:
+        raise ValueError(f"precision={precision}: trainable weights must be fp32 (mixed precision keeps fp32 "
+                         f"masters), found {', '.join(low)}; load the backbone in storage_dtype()")
+    return Embedder(backbone, tok, pooling, max_length, autocast_dtype=compute_dtype(precision))
 
 
 def trainable_state(embedder: Embedder) -> dict[str, Tensor]:
@@ -190,6 +220,8 @@ def trainable_state(embedder: Embedder) -> dict[str, Tensor]:
 
 def load_trainable_state(embedder: Embedder, state: dict[str, Tensor]) -> None:
     params = dict(embedder.backbone.named_parameters())
+    if not state and any(p.requires_grad for p in params.values()):
+        raise ValueError("checkpoint holds no trainable weights (written after the LoRA merge of the export?)")
     missing = [k for k in state if k not in params]
     if missing:
         raise ValueError(f"checkpoint has parameters the model lacks: {missing[:3]}")
@@ -201,7 +233,8 @@ def load_trainable_state(embedder: Embedder, state: dict[str, Tensor]) -> None:
 def save_sentence_transformer(embedder: Embedder, out_dir: str, query_instruction: str,
                               max_seq_length: int) -> str:
     """Merge LoRA, write a SentenceTransformer dir: backbone + Pooling (training's mode) + Normalize, with the
-    query instruction stored as its "query" prompt and cosine similarity. Documents are encoded with no prompt."""
+    query instruction stored as its "query" prompt and cosine similarity. Documents are encoded with no prompt.
+    The merge happens in place: afterwards the embedder has no LoRA weights left (take trainable_state first)."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules.normalize import Normalize
     from sentence_transformers.base.modules.transformer import Transformer
@@ -212,7 +245,8 @@ def save_sentence_transformer(embedder: Embedder, out_dir: str, query_instructio
     backbone = embedder.backbone
     if hasattr(backbone, "merge_and_unload"):
         backbone = backbone.merge_and_unload()
-    dtype = next(backbone.parameters()).dtype
+    # Exported in the training's compute precision (fp32 masters of full fine-tuning become fp16/bf16 too).
+    dtype = embedder.autocast_dtype or next(backbone.parameters()).dtype
     tmp = tempfile.mkdtemp(prefix="speedray-embedder-")
     try:
         backbone.save_pretrained(tmp, safe_serialization=True)

@@ -53,7 +53,8 @@ def train_embedder_stage(ctx) -> dict:
     loop_config = {"embedder": to_dict(cfg), "model_path": resolve_model(cfg.base_model), "data_url": data_url,
                    "export_url": model_url, "seed": seed, "query_instruction": cfg.query_instruction}
     # Same name + storage path on a rerun: Ray Train restores its checkpoint manager and get_checkpoint()
-    # returns the latest checkpoint, so a killed stage continues from its last save_steps.
+    # returns the latest checkpoint, so a killed stage continues from its last save_steps. Storage keeps the two
+    # newest checkpoints (each a single file from rank 0, see train._report_with_checkpoint).
     run_config = ray.train.RunConfig(name="train", storage_path=_storage_path(ctx.out.artifact("ray_train")),
                                      failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                                      checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
@@ -77,7 +78,8 @@ def train_embedder_stage(ctx) -> dict:
             "metrics": {"loss": loss_summary(m.get("losses", [])), "steps": m.get("step"),
                         "steps_this_attempt": m.get("steps_this_attempt"), "resumed_from_step": m.get("resumed_from_step"),
                         "samples_per_s": m.get("samples_per_s"), "train_seconds": m.get("train_seconds"),
-                        "wall_seconds": wall, "data": data_summary},
+                        "precision": m.get("precision"), "skipped_steps": m.get("skipped_steps"),
+                        "weights_in_sync": m.get("weights_in_sync"), "wall_seconds": wall, "data": data_summary},
             "train_config": dataclasses.asdict(cfg) | {"resolved_model": loop_config["model_path"]}}
 
 

@@ -3,6 +3,9 @@
 Each step takes one global batch (the same on every worker: batches are a pure function of seed and epoch), each
 worker embeds its slice, negatives are all-gathered with gradients, and the averaged gradients equal those of the
 single-process loss over the global batch (tests/test_embedder_distributed.py checks this).
+
+Mixed precision: fp16 and bf16 compute under autocast with fp32 trainable weights (model.storage_dtype); fp16 scales
+the loss with a GradScaler, unscales after the cross-worker average and skips steps whose gradients overflowed.
 """
 
 from __future__ import annotations
@@ -34,26 +37,66 @@ class StepSettings:
     pack: bool = True                 # plain loss: length-sorted chunks over all sides (Embedder.encode_packed)
 
 
-def train_step(embedder, batch: list[dict], s: StepSettings, loss_scale: float = 1.0, backward=None) -> float:
+def train_step(embedder, batch: list[dict], s: StepSettings, scaler=None, backward=None) -> float:
     """Embed (query, positive, negative) of this worker's slice, compute the loss, backprop into the weights.
-    Returns the unscaled loss. loss_scale is fp16's GradScaler factor (1.0 otherwise)."""
+
+    scaler: fp16's torch.amp.GradScaler. The loss is scaled before any backward pass (with GradCache the scaled
+    loss's gradients are what the embedding cache holds, so every chunk's backward is scaled too); the caller
+    unscales after averaging over workers (finish_gradients). Returns the unscaled loss."""
+    if scaler is not None and backward is not None:
+        raise ValueError("a custom backward (DeepSpeed) does its own loss scaling; do not pass a GradScaler too")
     lengths = (s.max_query_length, s.max_doc_length, s.max_doc_length)
     sides = [[t["query"] for t in batch], [t["positive"] for t in batch], [t["negative"] for t in batch]]
+    unscaled: list[torch.Tensor] = []
 
     def encode(side: int, texts: list[str]) -> torch.Tensor:
         return embedder.encode(texts, lengths[side])
 
     def loss_fn(q, p, n):
-        return contrastive_loss(q, p, n, s.temperature, s.gather) * loss_scale
+        loss = contrastive_loss(q, p, n, s.temperature, s.gather)
+        unscaled.append(loss.detach())
+        return scaler.scale(loss) if scaler is not None else loss
 
     if s.mini_batch_size and s.mini_batch_size < len(batch):
         if backward is not None:
             raise ValueError("GradCache runs its own backward passes; it cannot use a custom backward (DeepSpeed)")
-        loss = grad_cache_step(encode, sides, loss_fn, s.mini_batch_size)
+        grad_cache_step(encode, sides, loss_fn, s.mini_batch_size)
     else:
-        loss = plain_step(encode, sides, loss_fn, backward,
-                          encode_all=(lambda sd: embedder.encode_packed(sd, list(lengths))) if s.pack else None)
-    return float(loss) / loss_scale
+        plain_step(encode, sides, loss_fn, backward,
+                   encode_all=(lambda sd: embedder.encode_packed(sd, list(lengths))) if s.pack else None)
+    return float(unscaled[-1])
+
+
+def make_scaler(precision: str, device: torch.device):
+    """fp16 needs loss scaling (its gradients underflow otherwise); bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def finish_gradients(params: list[torch.nn.Parameter], opt, scaler=None) -> None:
+    """After a step's backward passes: the mean over workers, then (fp16) the division by the loss scale, in this
+    order, so every worker holds the same true gradients of the global batch and reaches the same inf/nan verdict
+    (an overflow on any worker reaches all of them through the all_reduce). Clipping would go after this."""
+    average_gradients(params)
+    if scaler is not None:
+        scaler.unscale_(opt)
+
+
+def optimizer_step(opt, sched, scaler=None) -> bool:
+    """Update the weights, zero the gradients, advance the LR schedule. With fp16 the scaler skips the update when
+    the gradients hold inf/nan (and halves its scale); the schedule then waits too, as in transformers' Trainer.
+    Returns whether the weights were updated."""
+    if scaler is None:
+        opt.step()
+        stepped = True
+    else:
+        before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        stepped = scaler.get_scale() >= before   # the scale only shrinks after an inf/nan step
+    opt.zero_grad(set_to_none=True)
+    if stepped:
+        sched.step()
+    return stepped
 
 
 def num_steps(n_batches: int, epochs: float, max_steps: int) -> int:
@@ -143,6 +186,44 @@ def _export(embedder, export_url: str, query_instruction: str, max_length: int) 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def build_embedder(e: dict, model_path: str, precision: str, seed: int, device: torch.device):
+    """The embedder every worker trains: the same seed for the LoRA initialisation on every rank, then rank 0's
+    trainable weights broadcast to the others (what DDP does at wrap time; gradients are averaged by hand here)."""
+    from speed_ray.embedder.model import load_embedder
+
+    torch.manual_seed(seed)
+    embedder = load_embedder(model_path, e["pooling"], e["lora"], e["lora_r"], e["lora_alpha"], e["lora_dropout"],
+                             precision, e["gradient_checkpointing"], max(e["max_query_length"], e["max_doc_length"]))
+    embedder.to(device).train()
+    if e["strategy"] != "deepspeed_zero3":   # DeepSpeed broadcasts (and partitions) the weights itself
+        broadcast_trainable(embedder)
+    return embedder
+
+
+def broadcast_trainable(embedder) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for p in embedder.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, 0)
+
+
+def weights_in_sync(params: list[torch.nn.Parameter]) -> bool:
+    """Whether every worker holds the same trainable weights (a per-tensor checksum compared across ranks)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not params:
+        return True
+    sums = torch.stack([p.detach().double().sum() for p in params])
+    lo, hi = sums.clone(), sums.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(lo, hi))
+
+
 def train_func(config: dict[str, Any]) -> None:
     """Ray Train per-worker loop. config: data_url, model_path, export_url, seed, query_instruction, and the
     EmbedderConfig fields as "embedder" (a dict)."""
@@ -150,32 +231,29 @@ def train_func(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
-    from speed_ray.embedder.model import load_embedder, load_trainable_state
+    from speed_ray.embedder.model import load_trainable_state, trainable_state
 
     e = config["embedder"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if e["use_gpu"] else torch.device("cpu")
     precision = e["precision"] if e["precision"] != "auto" else ("bf16" if e["use_gpu"] else "fp32")
-    torch.manual_seed(config["seed"] + rank)
 
     triples = _read_triples(config["data_url"])
     n_batches = len(make_batches(triples, e["batch_size"], e["one_task_per_batch"], config["seed"], 0))
     total = num_steps(n_batches, e["epochs"], e["max_steps"])
-    embedder = load_embedder(config["model_path"], e["pooling"], e["lora"], e["lora_r"], e["lora_alpha"],
-                             e["lora_dropout"], precision, e["gradient_checkpointing"],
-                             max(e["max_query_length"], e["max_doc_length"]))
-    embedder.to(device).train()
+    embedder = build_embedder(e, config["model_path"], precision, config["seed"], device)
+    torch.manual_seed(config["seed"] + rank)   # each worker's own dropout masks
     opt, sched = make_optimizer(embedder, e["learning_rate"], e["warmup_steps"], total)
     params = [p for p in embedder.parameters() if p.requires_grad]
     engine = None
     if e["strategy"] == "deepspeed_zero3":
         engine, opt = _deepspeed(embedder, opt, sched, precision, e["batch_size"])
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and engine is None else None
+    scaler = make_scaler(precision, device) if engine is None else None
     settings = StepSettings(e["temperature"], e["mini_batch_size"], e["gather_across_workers"],
                             e["max_query_length"], e["max_doc_length"])
 
-    start, losses = 0, []
+    start, losses, skipped = 0, [], 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
@@ -185,27 +263,26 @@ def train_func(config: dict[str, Any]) -> None:
         if engine is None:
             opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        start, losses = state["step"], state["losses"]
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start, losses, skipped = state["step"], state["losses"], state.get("skipped_steps", 0)
         torch.set_rng_state(state["rng"])
+
+    def report(metrics: dict, step: int, trainable=None) -> None:
+        extra = {"scaler": scaler.state_dict() if scaler is not None else None, "skipped_steps": skipped}
+        _report_with_checkpoint(metrics, rank, embedder, engine, opt, sched, step, losses, extra, trainable)
 
     cache: dict = {}
     t0, done_here = time.time(), 0
     for step in range(start, total):
         batch = worker_slice(batch_for_step(triples, step, e["batch_size"], e["one_task_per_batch"],
                                             config["seed"], cache), rank, world)
-        scale = float(scaler.get_scale()) if scaler is not None else 1.0
-        loss = train_step(embedder, batch, settings, scale, engine.backward if engine is not None else None)
+        loss = train_step(embedder, batch, settings, scaler, engine.backward if engine is not None else None)
         if engine is not None:
-            engine.step()   # optimizer, zero_grad and the LR schedule
+            engine.step()   # optimizer, zero_grad and the LR schedule (DeepSpeed scales fp16 losses itself)
         else:
-            average_gradients(params)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
+            finish_gradients(params, opt, scaler)
+            skipped += not optimizer_step(opt, sched, scaler)
         # the logged loss is the global batch's loss: the mean of the workers' local means
         if world > 1 and dist.is_initialized():
             t = torch.tensor([loss], device=device)
@@ -213,39 +290,50 @@ def train_func(config: dict[str, Any]) -> None:
             loss = float(t) / world
         losses.append(loss)
         done_here += 1
-        metrics = {"step": step + 1, "loss": loss, "lr": sched.get_last_lr()[0]}
+        metrics = {"step": step + 1, "loss": loss, "lr": sched.get_last_lr()[0], "skipped_steps": skipped}
         if (step + 1) % e["save_steps"] == 0 and step + 1 < total:
-            _report_with_checkpoint(metrics, rank, embedder, engine, opt, sched, step + 1, losses)
+            report(metrics, step + 1)
     elapsed = time.time() - t0
-    if rank == 0:
-        with _full_params(engine):
+    in_sync = weights_in_sync(params) if engine is None else True
+    # The export merges LoRA into the backbone in place: the final checkpoint's weights are taken before it.
+    # (Under ZeRO-3 gathering the weights is a collective: every rank enters, rank 0 reads and exports.)
+    final_state = None
+    with _full_params(engine):
+        if rank == 0:
+            final_state = trainable_state(embedder)
             _export(embedder, config["export_url"], config["query_instruction"],
                     max(e["max_query_length"], e["max_doc_length"]))
     if world > 1 and dist.is_initialized():
         dist.barrier()
     final = {"step": total, "steps_this_attempt": done_here, "resumed_from_step": start,
              "samples_per_s": done_here * e["batch_size"] / elapsed if elapsed > 0 else None,
-             "train_seconds": elapsed, "losses": losses}
-    _report_with_checkpoint(final, rank, embedder, engine, opt, sched, total, losses)
+             "train_seconds": elapsed, "losses": losses, "skipped_steps": skipped, "weights_in_sync": in_sync,
+             "precision": precision}
+    report(final, total, final_state)
 
 
-def _report_with_checkpoint(metrics, rank, embedder, engine, opt, sched, step, losses) -> None:
-    """Every worker reports (Ray Train syncs on it); rank 0 attaches the trainable weights and optimizer state."""
+def _report_with_checkpoint(metrics, rank, embedder, engine, opt, sched, step, losses, extra=None,
+                            trainable=None) -> None:
+    """Every worker reports (Ray Train syncs on it); only rank 0 writes and attaches a checkpoint (the trainable
+    weights, optimizer, schedule, scaler), from a temporary dir removed once Ray Train has copied it to storage.
+    Other ranks write nothing: every rank that passes a checkpoint uploads its files, and the state is the same
+    on every rank. Storage keeps the newest CheckpointConfig.num_to_keep checkpoints."""
     import ray.train
 
     from speed_ray.embedder.model import trainable_state
 
+    reported = {k: v for k, v in metrics.items() if k != "losses"} | {"losses": losses}
+    with _full_params(engine):   # under ZeRO-3 a collective: every rank enters it
+        if rank == 0 and trainable is None:
+            trainable = trainable_state(embedder)
+    if rank != 0:
+        ray.train.report(reported, checkpoint=None)
+        return
     with tempfile.TemporaryDirectory(prefix="speedray-ckpt-") as d:
-        checkpoint = None
-        with _full_params(engine):
-            state = trainable_state(embedder) if rank == 0 else None
-        if rank == 0:
-            torch.save({"trainable": state, "optimizer": opt.state_dict() if engine is None else None,
-                        "scheduler": sched.state_dict(), "step": step, "losses": losses,
-                        "rng": torch.get_rng_state()}, os.path.join(d, "state.pt"))
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report({k: v for k, v in metrics.items() if k != "losses"} | {"losses": losses},
-                         checkpoint=checkpoint)
+        torch.save({"trainable": trainable, "optimizer": opt.state_dict() if engine is None else None,
+                    "scheduler": sched.state_dict(), "step": step, "losses": losses,
+                    "rng": torch.get_rng_state(), **(extra or {})}, os.path.join(d, "state.pt"))
+        ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def _full_params(engine):
