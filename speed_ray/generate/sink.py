@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from speed_ray.store import StageOutput
-from speed_ray.streaming import done_ids, shard_name_for
+from speed_ray.streaming import DoneSet, done_set, shard_name_for
 
 
 def rejects_output(out: StageOutput) -> StageOutput:
@@ -26,8 +26,9 @@ def rejects_output(out: StageOutput) -> StageOutput:
     return rej
 
 
-def done_ids_all(out: StageOutput, rejects: StageOutput | None) -> set[str]:
-    return done_ids(out) | (done_ids(rejects) if rejects is not None else set())
+def done_ids_all(out: StageOutput, rejects: StageOutput | None) -> DoneSet:
+    """Ids in data/ or rejects/, as hashes held off the driver (len() counts them; filter_pending takes it)."""
+    return done_set(out, rejects)
 
 
 class _SplitWriter:
