@@ -1,0 +1,799 @@
+"""Paper scale on one machine: the pipeline's own stage functions at SPEED's counts (1.15M raw samples) on a real
+two-node Ray cluster started here, with the stub engine standing in for the generators.
+
+    .venv/bin/python benchmarks/paper_scale.py --sizes 100000 1150000     # the measurement
+    .venv/bin/python benchmarks/paper_scale.py --quick                    # 20K rows, kills included (~5 min)
+    .venv/bin/python benchmarks/paper_scale.py --stages dedup --sizes 100000 --keep /tmp/ps
+
+Per stage and size: rows/s, wall time, the driver's peak RSS (its own ru_maxrss: each stage runs in a fresh driver
+process), the largest Ray worker's peak RSS (psutil over the raylets' descendants, sampled), object-store spill
+(`ray memory` stats and the spill directories' size). Kill runs (the smallest size unless --kill-sizes): the driver
+is SIGKILLed at a random point of the stage, rerun, and the ids of the output are compared with the input's (lost,
+duplicated), and with the uninterrupted run's. Prints ONE JSON line last, with the 1.15M/100K ratios and the goals:
+driver peak <= 1.5 GiB and <= 1.2x from the smallest to the largest size, no worker above 3 GiB, 0 lost, 0 duplicated.
+
+Stages are plain functions in STAGES (`name -> Stage(child=..., input=..., ids=...)`): to add one (teacher,
+alignment, embedder), write its child-side runner (builds the StageContext, runs the stage function) and how to
+list its input and output ids, and register it; the driver, the sampling, the kills and the report are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GIB = 1024 ** 3
+DRIVER_LIMIT_MB = 1536
+WORKER_LIMIT_MB = 3072
+DRIVER_RATIO_LIMIT = 1.2
+SEED = 0
+TASK_TYPES = ("retrieval", "classification", "matching_short", "matching_long", "sts", "bitext")
+
+
+# ---- the cluster -----------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_ports() -> list[str]:
+    """Two nodes on one host (and other Ray clusters beside them) must not share agent/metrics ports."""
+    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+            f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}"]
+
+
+class Cluster:
+    """`ray start --head` + `ray start --address` on loopback, with their own temp dir, ports and auth token.
+    stop() ends only the processes of this cluster (found by its temp dir and GCS port)."""
+
+    def __init__(self, head_cpus: int, worker_cpus: int, object_store_mb: int):
+        self.temp = tempfile.mkdtemp(prefix="srps-")
+        self.gcs = _free_port()
+        self.address = f"127.0.0.1:{self.gcs}"
+        self.head_cpus, self.worker_cpus, self.object_store_mb = head_cpus, worker_cpus, object_store_mb
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        self.env = {**os.environ, "RAY_TMPDIR": self.temp, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "SPEED_RAY_PROGRESS": "0",
+                    "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        store = f"--object-store-memory={object_store_mb * 1024 * 1024}"
+        self.head_cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs}",
+                         f"--num-cpus={head_cpus}", f"--temp-dir={self.temp}", "--include-dashboard=false",
+                         "--disable-usage-stats", f"--ray-client-server-port={_free_port()}", store, *_node_ports()]
+        self.worker_cmd = [ray_bin, "start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
+                           f"--num-cpus={worker_cpus}", "--disable-usage-stats", store, *_node_ports()]
+
+    def start(self) -> None:
+        for cmd in (self.head_cmd, self.worker_cmd):
+            out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=300)
+            if out.returncode != 0:
+                self.stop()
+                raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+
+    @staticmethod
+    def reap_stale() -> list[int]:
+        """SIGKILL what is left of earlier benchmark clusters whose GCS is gone (a run killed with SIGKILL leaves
+        its Ray agents behind): processes whose open files lie in a srps- temp dir without a live gcs_server."""
+        import psutil
+
+        by_dir: dict[str, list] = {}
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                paths = [f.path for f in p.open_files()] + list(p.info["cmdline"] or [])
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            for path in paths:
+                i = path.find("/srps-")
+                if i >= 0 and "/srps-run-" not in path:
+                    by_dir.setdefault(path[:i + 1] + path[i + 1:].split("/", 1)[0], []).append(p)
+                    break
+        killed = []
+        for _, procs in by_dir.items():
+            alive_gcs = any("gcs_server" in " ".join(p.info["cmdline"] or []) for p in procs)
+            if not alive_gcs:
+                for p in procs:
+                    try:
+                        p.kill()
+                        killed.append(p.pid)
+                    except psutil.NoSuchProcess:
+                        pass
+        return killed
+
+    def processes(self) -> list:
+        import psutil
+
+        procs = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                cmd = p.info["cmdline"] or []
+                if any(self.temp in part or f":{self.gcs}" in part for part in cmd):
+                    procs.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return procs
+
+    def raylets(self) -> list:
+        return [p for p in self.processes() if any("raylet" in part for part in (p.info["cmdline"] or [])[:1])]
+
+    def spill_bytes(self) -> int:
+        total = 0
+        for root, _, files in os.walk(self.temp):
+            if "spill" in root:
+                for f in files:
+                    try:
+                        total += os.path.getsize(os.path.join(root, f))
+                    except OSError:
+                        pass
+        return total
+
+    def stop(self) -> None:
+        import psutil
+
+        procs = {p.pid: p for p in self.processes()}
+        for r in list(procs.values()):   # the raylets' workers carry no temp dir in their (renamed) cmdline
+            try:
+                procs.update({c.pid: c for c in r.children(recursive=True)})
+            except psutil.NoSuchProcess:
+                pass
+        for p in procs.values():
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(list(procs.values()), timeout=20)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+class Sampler:
+    """Samples, every `period` s, the RSS of every descendant of the cluster's raylets (the Ray workers; agents
+    counted apart), the driver's, and the spill directories' size; keeps the peaks since the last reset()."""
+
+    def __init__(self, cluster: Cluster, period: float = 0.5):
+        self.cluster, self.period = cluster, period
+        self.driver_pid: int | None = None
+        self.progress: Callable[[dict], None] | None = None   # called with snapshot() every ~10 s
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._raylets = cluster.raylets()
+        self.reset()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def reset(self) -> None:
+        import psutil
+
+        base = {}
+        for r in self._raylets:   # CPU the workers already had counts against the stage before
+            try:
+                for p in r.children(recursive=True):
+                    t = p.cpu_times()
+                    base[p.pid] = t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        with getattr(self, "_lock", threading.Lock()):
+            self.worker_peak = {"rss_mb": 0.0, "name": ""}
+            self.worker_private_peak_mb = 0.0
+            self.workers_private_sum_peak_mb = 0.0
+            self.workers_peak = 0
+            self.agent_peak_mb = 0.0
+            self.driver_peak_mb = 0.0
+            self.spill_peak_bytes = 0
+            self.samples = 0
+            self._cpu_base, self._cpu_last = base, {}
+
+    def _run(self) -> None:
+        import psutil
+
+        tick = 0
+        while not self._stop.is_set():
+            tick += 1
+            procs = []
+            for r in self._raylets:
+                try:
+                    procs += r.children(recursive=True)
+                except psutil.NoSuchProcess:
+                    pass
+            top, top_name, agents, private, private_sum, n_workers = 0.0, "", 0.0, 0.0, 0.0, 0
+            cpu = {}
+            for p in procs:
+                try:
+                    mem = p.memory_info()
+                    name = " ".join(p.cmdline()[:2])[:80]
+                    t = p.cpu_times()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                rss = mem.rss / 2 ** 20
+                if "agent" in name or "runtime_env" in name:
+                    agents = max(agents, rss)
+                    continue
+                cpu[p.pid] = t.user + t.system
+                # rss counts the object-store pages a worker reads (shared with the plasma store); rss - shared
+                # is what the worker itself holds (what Ray's memory monitor counts)
+                private = max(private, (mem.rss - mem.shared) / 2 ** 20)
+                private_sum += (mem.rss - mem.shared) / 2 ** 20
+                n_workers += 1
+                if rss > top:
+                    top, top_name = rss, name
+            drv = 0.0
+            if self.driver_pid:
+                try:
+                    drv = psutil.Process(self.driver_pid).memory_info().rss / 2 ** 20
+                except psutil.NoSuchProcess:
+                    pass
+            spill = self.cluster.spill_bytes() if tick % 20 == 0 else 0
+            with self._lock:
+                if top > self.worker_peak["rss_mb"]:
+                    self.worker_peak = {"rss_mb": round(top, 1), "name": top_name}
+                self.agent_peak_mb = max(self.agent_peak_mb, agents)
+                self.worker_private_peak_mb = max(self.worker_private_peak_mb, private)
+                self.workers_private_sum_peak_mb = max(self.workers_private_sum_peak_mb, private_sum)
+                self.workers_peak = max(self.workers_peak, n_workers)
+                self._cpu_last.update(cpu)
+                self.driver_peak_mb = max(self.driver_peak_mb, drv)
+                self.spill_peak_bytes = max(self.spill_peak_bytes, spill)
+                self.samples += 1
+            if tick % 20 == 0 and self.progress is not None:
+                try:
+                    self.progress(self.snapshot())
+                except Exception:  # noqa: BLE001 - progress notes are best effort
+                    pass
+            self._stop.wait(self.period)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            cpu_s = sum(v - self._cpu_base.get(pid, 0.0) for pid, v in self._cpu_last.items())
+            return {"worker_peak_rss_mb": self.worker_peak["rss_mb"], "worker_peak_process": self.worker_peak["name"],
+                    "worker_peak_private_mb": round(self.worker_private_peak_mb, 1),
+                    "workers_cpu_s": round(cpu_s, 1),
+                    "workers_peak_count": self.workers_peak,
+                    "workers_private_sum_peak_mb": round(self.workers_private_sum_peak_mb, 1),
+                    "agent_peak_rss_mb": round(self.agent_peak_mb, 1),
+                    "driver_sampled_peak_rss_mb": round(self.driver_peak_mb, 1),
+                    "spill_dir_peak_mb": round(max(self.spill_peak_bytes, self.cluster.spill_bytes()) / 2 ** 20, 1),
+                    "samples": self.samples}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+# ---- the child driver: one stage in a fresh process ----------------------------------------------------------------
+def _config(run_dir: str, n: int, dup: float):
+    from speed_ray.run_config import build_config
+
+    engine = {"kind": "stub", "batch_size": 1000, "num_cpus_per_replica": 0.5, "replicas_min": 1, "replicas_max": 2}
+    return build_config({
+        "run": {"run_dir": run_dir, "seed": SEED, "name": "paper_scale"},
+        "synthesis": {"n_samples": n, "shard_size": 2000,
+                      "engine": {**engine, "model": f"stub:dup={dup},rows={n}"}},
+        "revision": {"shard_size": 2000, "engine": {**engine, "model": "stub:corpus=1"}},
+        # dedup and filters: the config defaults (SPEED: MinHash 0.8, 128 permutations, query + positive)
+    })
+
+
+def _tasks_output(store):
+    """A finished brainstorm stage: 50 tasks per task type (the prompts draw from it)."""
+    out = store.stage("brainstorm", "paper-scale")
+    if not out.done:
+        out.write_shard("part-0", [{"id": f"t-{t}-{i}", "topic": f"Topic {i}", "task_type": t,
+                                    "task": f"Retrieve {t} documents about subject {i}.",
+                                    "lineage": json.dumps({"topic": f"Topic {i}"})}
+                                   for t in TASK_TYPES for i in range(50)])
+        out.write_manifest({"rows": 50 * len(TASK_TYPES)})
+    return out
+
+
+def _fp(n: int, kill: bool) -> str:
+    return f"n{n}-kill" if kill else f"n{n}"
+
+
+def child_synthesis(ctx_for, n: int, kill: bool):
+    from speed_ray.generate.stages import synthesis_stage
+
+    return synthesis_stage(ctx_for("synthesis", {"tasks": _tasks_output(ctx_for.store)}))
+
+
+def child_revision(ctx_for, n: int, kill: bool):
+    from speed_ray.generate.stages import revision_stage
+
+    return revision_stage(ctx_for("revision", {"samples": ctx_for.store.stage("synthesis", _fp(n, False))}))
+
+
+def child_dedup(ctx_for, n: int, kill: bool):
+    from speed_ray.dedup.stage import dedup_stage
+
+    return dedup_stage(ctx_for("dedup", {"samples": ctx_for.store.stage("revision", _fp(n, False))}))
+
+
+def run_child(stage: str, run_dir: str, address: str, n: int, dup: float, kill: bool) -> None:
+    """In the child driver process: connect to the cluster, run one stage function, print one JSON line."""
+    import ray
+
+    from speed_ray.pipeline import StageContext
+    from speed_ray.store import RunStore
+
+    ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = _config(run_dir, n, dup)
+    store = RunStore(run_dir)
+
+    def ctx_for(name, inputs):
+        return StageContext(cfg=cfg, name=name, out=store.stage(name, _fp(n, kill)), inputs=inputs, store=store,
+                            run_name="paper_scale")
+
+    ctx_for.store = store
+    print("STAGE_START", flush=True)
+    t0 = time.time()
+    man = STAGES[stage].child(ctx_for, n, kill)
+    wall = time.time() - t0
+    out = store.stage(stage, _fp(n, kill))
+    out.write_manifest({"stage": stage, **(man or {})})
+    spilled_mib = None
+    try:
+        from ray._private.internal_api import memory_summary
+
+        import re
+
+        m = re.search(r"Spilled (\d+) MiB", memory_summary(address, stats_only=True))
+        spilled_mib = int(m.group(1)) if m else 0
+    except Exception:  # noqa: BLE001 - the stats are a nicety
+        pass
+    summary = _summary(stage, man)
+    if stage == "dedup":   # the sub-steps' wall times (the kept pass is the rest)
+        from speed_ray.dedup.stage import STEPS, _Steps
+
+        marks = {name: (_Steps(out).get(name) or {}).get("wall_s") for name in STEPS}
+        summary["steps_wall_s"] = {**marks, "kept": round(wall - sum(v or 0 for v in marks.values()), 3)}
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"stage": stage, "n": n, "wall_s": wall, "driver_cpu_s": ru.ru_utime + ru.ru_stime,
+                      "driver_peak_rss_mb": ru.ru_maxrss / 1024,
+                      "spilled_mib": spilled_mib, "summary": summary}), flush=True)
+
+
+def _summary(stage: str, man: dict | None) -> dict:
+    man = man or {}
+    if stage == "dedup":
+        d = man.get("dedup", {})
+        return {k: d.get(k) for k in ("rows_in", "rows_out", "removed", "exact_duplicates", "near_duplicates",
+                                      "clusters", "filtered")}
+    m = man.get("metrics", {})
+    return {k: m.get(k) for k in ("rows", "rejected", "generated_this_run", "parse_rate", "revised_total")}
+
+
+# ---- ids: what a stage read and what it wrote ------------------------------------------------------------------------
+def _ids(out, columns=("id",)) -> list[str]:
+    ids: list[str] = []
+    for batch in out.iter_batches(batch_size=65536, columns=list(columns)):
+        ids += batch.column(0).to_pylist()
+    return ids
+
+
+def ids_synthesis_in(store, n: int) -> list[str]:
+    from speed_ray.teacher.samples import stable_id
+
+    return [stable_id("synthesis", SEED, i) for i in range(n)]
+
+
+def ids_synthesis_out(store, n: int, kill: bool) -> list[str]:
+    from speed_ray.generate.sink import rejects_output
+
+    out = store.stage("synthesis", _fp(n, kill))
+    return _ids(out) + _ids(rejects_output(out))
+
+
+def ids_revision_in(store, n: int) -> list[str]:
+    return _ids(store.stage("synthesis", _fp(n, False)))
+
+
+def ids_revision_out(store, n: int, kill: bool) -> list[str]:
+    return _ids(store.stage("revision", _fp(n, kill)))
+
+
+def ids_dedup_in(store, n: int) -> list[str]:
+    return _ids(store.stage("revision", _fp(n, False)))
+
+
+def ids_dedup_out(store, n: int, kill: bool) -> list[str]:
+    from speed_ray.dedup.stage import shards_at
+
+    out = store.stage("dedup", _fp(n, kill))
+    return _ids(out) + _ids(shards_at(out, "removed"))
+
+
+def kept_dedup(store, n: int, kill: bool) -> list[str]:
+    return sorted(_ids(store.stage("dedup", _fp(n, kill))))
+
+
+@dataclass
+class Stage:
+    child: Callable          # (ctx_for, n, kill) -> manifest dict, in the child driver
+    ids_in: Callable         # (store, n) -> the ids the stage must write, each exactly once
+    ids_out: Callable        # (store, n, kill) -> the ids it wrote (data + rejects/removed), with repeats
+    decision: Callable | None = None   # (store, n, kill) -> what must equal between the killed and the clean run
+
+
+STAGES: dict[str, Stage] = {
+    "synthesis": Stage(child_synthesis, ids_synthesis_in, ids_synthesis_out),
+    "revision": Stage(child_revision, ids_revision_in, ids_revision_out),
+    "dedup": Stage(child_dedup, ids_dedup_in, ids_dedup_out, kept_dedup),
+}
+
+
+# ---- the stand-in generator's own speed --------------------------------------------------------------------------
+def stub_engine_rate(model: str = "stub:dup=0.2,rows=1150000", rows: int = 2000, seconds: float = 3.0) -> dict:
+    """Rows per CPU-second of one stub actor's UDF (speed_ray.generate.ray_engines.EngineUDF: columns in, engine,
+    columns out) on synthesis-like requests, in this process. CPU time, not wall time: on a shared machine the
+    wall clock measures the neighbours."""
+    import pyarrow as pa
+
+    from speed_ray.generate.plan import plan_prompt, request_seed
+    from speed_ray.generate.ray_engines import EngineUDF
+    from speed_ray.teacher.schemas import sample_schema
+
+    pools = {t: [{"id": f"t{i}", "topic": f"Topic {i}", "task": f"task {t} {i}", "lineage": "{}"} for i in range(50)]
+             for t in TASK_TYPES}
+    batch = []
+    for i in range(rows):
+        t = TASK_TYPES[i % len(TASK_TYPES)]
+        r = plan_prompt(i, t, pools[t], SEED, "synthesis")
+        r.update(messages=r["prompt"], temperature=1.0, top_p=1.0, max_tokens=800,
+                 json_schema=json.dumps(sample_schema(t)), seed=request_seed(SEED, r["id"]))
+        batch.append(r)
+    table = pa.Table.from_pylist(batch)
+    udf = EngineUDF("stub", model)
+    udf(table.slice(0, 10))
+    t0, w0, done = time.process_time(), time.time(), 0
+    while time.process_time() - t0 < seconds:
+        out = udf(table)
+        done += out.num_rows
+    valid = sum(out.column("finish_reason").to_numpy(zero_copy_only=False) == "stop")
+    return {"model": model, "rows_per_cpu_s": round(done / (time.process_time() - t0)),
+            "rows_per_wall_s": round(done / (time.time() - w0)), "valid_share": valid / out.num_rows}
+
+
+# ---- the parent: runs, kills, measures ----------------------------------------------------------------------------
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.cluster = Cluster(args.head_cpus, args.worker_cpus, args.object_store_mb)
+        self.run_dir = args.keep or tempfile.mkdtemp(prefix="srps-run-")
+
+    def _spawn(self, stage: str, n: int, kill: bool) -> subprocess.Popen:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", stage, "--run-dir", self.run_dir,
+               "--address", self.cluster.address, "--n", str(n), "--dup", str(self.args.dup)]
+        if kill:
+            cmd.append("--kill-run")
+        return subprocess.Popen(cmd, env=self.cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=str(REPO))
+
+    def run_stage(self, stage: str, n: int, kill: bool = False, kill_after: float | None = None) -> dict:
+        """One child driver for `stage`; with kill_after, SIGKILL it that many seconds after the stage began."""
+        self.sampler.reset()
+        proc = self._spawn(stage, n, kill)
+        self.sampler.driver_pid = proc.pid
+        lines: list[str] = []
+        started = threading.Event()
+
+        def read():
+            for line in proc.stdout:
+                lines.append(line)
+                if line.startswith("STAGE_START"):
+                    started.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        err_lines: list[str] = []
+        err_reader = threading.Thread(target=lambda: err_lines.extend(proc.stderr), daemon=True)
+        err_reader.start()
+        t0 = time.time()
+        killed = False
+        if kill_after is not None:
+            while not started.wait(0.2):
+                if proc.poll() is not None:
+                    break
+            time.sleep(kill_after)
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = True
+        proc.wait(timeout=self.args.stage_timeout)
+        reader.join(timeout=10)
+        err_reader.join(timeout=10)
+        res = {"stage": stage, "n": n, "killed": killed, "rc": proc.returncode, **self.sampler.snapshot()}
+        if killed:
+            res["killed_after_s"] = round(kill_after, 2)
+            return res
+        if proc.returncode != 0:
+            raise RuntimeError(f"{stage} at {n} failed (rc {proc.returncode}):\n{''.join(err_lines)[-4000:]}")
+        out = json.loads([ln for ln in lines if ln.startswith("{")][-1])
+        res.update(out)
+        res["rows_per_s"] = round(n / max(out["wall_s"], 1e-9), 1)
+        res["cpu_ms_per_row"] = round(1000 * (res["workers_cpu_s"] + out["driver_cpu_s"]) / n, 3)
+        res["wall_s"] = round(out["wall_s"], 1)
+        res["driver_peak_rss_mb"] = round(out["driver_peak_rss_mb"], 1)
+        res["parent_wall_s"] = round(time.time() - t0, 1)
+        return res
+
+    @staticmethod
+    def _settle(path: str, quiet_s: float = 3.0, limit_s: float = 120.0) -> float:
+        """Wait until nothing more lands under `path`: Ray reaps a dead driver's workers within seconds, and a
+        rerun must not start while they still write (as in tests/test_generate_stages.py)."""
+        def state():
+            out = []
+            for root, _, files in os.walk(path):
+                for f in files:
+                    try:
+                        st = os.stat(os.path.join(root, f))
+                        out.append((root, f, st.st_size, st.st_mtime_ns))
+                    except OSError:
+                        pass
+            return sorted(out)
+
+        t0 = time.time()
+        last, since = state(), time.time()
+        while time.time() - since < quiet_s and time.time() - t0 < limit_s:
+            time.sleep(0.5)
+            now = state()
+            if now != last:
+                last, since = now, time.time()
+        return round(time.time() - t0, 1)
+
+    def check_ids(self, stage: str, n: int, kill: bool) -> dict:
+        """The ids a stage wrote against those it had to: lost, duplicated, unexpected."""
+        from speed_ray.store import RunStore
+
+        store = RunStore(self.run_dir)
+        want = set(STAGES[stage].ids_in(store, n))
+        got = STAGES[stage].ids_out(store, n, kill)
+        got_set = set(got)
+        return {"expected": len(want), "written": len(got), "lost": len(want - got_set),
+                "duplicated": len(got) - len(got_set), "unexpected": len(got_set - want)}
+
+    def kill_test(self, stage: str, n: int, clean: dict) -> dict:
+        """SIGKILL the driver at a random point of the stage, rerun it, and compare the ids it wrote with its input."""
+        from speed_ray.store import RunStore
+
+        frac = random.Random(f"{self.args.seed}-{stage}-{n}").uniform(0.05, 0.95)
+        kill_dir = os.path.join(self.run_dir, "stages", stage, _fp(n, True))
+        for _ in range(4):   # a run faster than the clean one may end before its kill: kill earlier, afresh
+            killed = self.run_stage(stage, n, kill=True, kill_after=frac * clean["wall_s"])
+            if killed["killed"]:
+                break
+            shutil.rmtree(kill_dir, ignore_errors=True)
+            frac /= 2
+        settle_s = self._settle(kill_dir)
+        resumed = self.run_stage(stage, n, kill=True)
+        res = {"stage": stage, "n": n, "kind": "driver SIGKILL", "kill_fraction": round(frac, 3),
+               "killed": killed["killed"], "killed_after_s": killed.get("killed_after_s"), "settle_s": settle_s,
+               "resume_wall_s": resumed["wall_s"], "resume_driver_peak_rss_mb": resumed["driver_peak_rss_mb"],
+               **self.check_ids(stage, n, True)}
+        spec = STAGES[stage]
+        if spec.decision is not None:
+            store = RunStore(self.run_dir)
+            res["same_as_clean_run"] = spec.decision(store, n, True) == spec.decision(store, n, False)
+        # checked: the killed run's output goes (at 1.15M rows a stage writes gigabytes; the clean one stays)
+        shutil.rmtree(kill_dir, ignore_errors=True)
+        return res
+
+    def run(self) -> dict:
+        args = self.args
+        t_start = time.time()
+        self.load_start = [round(x, 2) for x in os.getloadavg()]
+        self.stub = stub_engine_rate(f"stub:dup={args.dup},rows=1150000")
+        print(json.dumps({"progress": "stub engine", **self.stub}), file=sys.stderr, flush=True)
+        stale = Cluster.reap_stale()
+        if stale:
+            print(json.dumps({"progress": "reaped stale benchmark processes", "pids": stale}), file=sys.stderr)
+        self.cluster.start()
+
+        def on_term(signum, frame):   # stop our cluster (and only it) when this benchmark is terminated
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        signal.signal(signal.SIGTERM, on_term)
+        self.sampler = Sampler(self.cluster)
+        results: dict[str, dict[str, dict]] = {}
+        kills: list[dict] = []
+        try:
+            for n in args.sizes:
+                for stage in args.stages:
+                    r = self._cached(f"{stage}-{_fp(n, False)}", stage, _fp(n, False),
+                                     lambda: self.run_stage(stage, n), resumable=True)
+                    results.setdefault(stage, {})[str(n)] = r
+                    if "environment_kill" in r:
+                        kills.append(r["environment_kill"])
+                    print(json.dumps({"progress": stage, "n": n, "wall_s": r["wall_s"],
+                                      "rows_per_s": r["rows_per_s"], "cpu_ms_per_row": r["cpu_ms_per_row"],
+                                      "driver_mb": r["driver_peak_rss_mb"], "worker_mb": r["worker_peak_rss_mb"],
+                                      "worker_private_mb": r["worker_peak_private_mb"],
+                                      "load": os.getloadavg()[0]}),
+                          file=sys.stderr, flush=True)
+                    if n in args.kill_sizes:
+                        k = self._cached(f"{stage}-{_fp(n, True)}", stage, _fp(n, True),
+                                         lambda: self.kill_test(stage, n, r))
+                        kills.append(k)
+                        print(json.dumps({"progress": f"{stage} kill", **k}), file=sys.stderr, flush=True)
+        finally:
+            self.sampler.close()
+            self.cluster.stop()
+            if not args.keep:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+        return self.report(results, kills, time.time() - t_start)
+
+    def _cached(self, key: str, stage: str, fp: str, measure: Callable[[], dict], resumable: bool = False) -> dict:
+        """With --keep, a measurement already made in that run directory is reused, so a long run that something
+        killed goes on where it stopped. An interrupted kill test starts over; an interrupted clean run
+        (`resumable`) resumes its stage from the shards it wrote: its segments' walls add up, its peaks are the
+        segments' largest (an interrupted segment's from the sampler's notes, written every ~10 s), and its output
+        ids are checked like a kill test's (the whole cluster went down, not only the driver)."""
+        base = os.path.join(self.run_dir, "bench", key)
+        os.makedirs(os.path.dirname(base), exist_ok=True)
+        if self.args.keep and os.path.exists(base + ".json"):
+            with open(base + ".json") as f:
+                return {**json.load(f), "reused": True}
+        notes = base + ".progress.json"
+        earlier = []
+        if os.path.exists(notes):
+            with open(notes) as f:
+                earlier = json.load(f)["segments"]
+        partial = os.path.join(self.run_dir, "stages", stage, fp)
+        if not (resumable and earlier) and os.path.exists(partial):
+            shutil.rmtree(partial)
+        if not resumable:
+            earlier = []
+        t0 = time.time()
+
+        def note(snap: dict) -> None:
+            tmp = notes + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"segments": earlier + [{**snap, "wall_s": round(time.time() - t0, 1)}]}, f)
+            os.replace(tmp, notes)
+
+        self.sampler.progress = note
+        try:
+            res = measure()
+        finally:
+            self.sampler.progress = None
+        if earlier:
+            segs = earlier + [res]
+            res = {**res, "segments": len(segs), "interrupted_walls_s": [e["wall_s"] for e in earlier]}
+            res["wall_s"] = round(sum(e["wall_s"] for e in segs), 1)
+            res["rows_per_s"] = round(res["n"] / max(res["wall_s"], 1e-9), 1)
+            for k in ("worker_peak_rss_mb", "worker_peak_private_mb", "spill_dir_peak_mb"):
+                res[k] = max(e.get(k, 0.0) for e in segs)
+            res["driver_peak_rss_mb"] = max([res["driver_peak_rss_mb"]]
+                                            + [e.get("driver_sampled_peak_rss_mb", 0.0) for e in earlier])
+            cpu = sum(e.get("workers_cpu_s", 0.0) for e in segs) + res.get("driver_cpu_s", 0.0)
+            res["cpu_ms_per_row"] = round(1000 * cpu / res["n"], 3)   # without the killed drivers' own CPU
+            res["environment_kill"] = {"stage": stage, "n": res["n"], "kind": "cluster killed (environment)",
+                                       "segments": len(segs), **self.check_ids(stage, res["n"], False)}
+        with open(base + ".json", "w") as f:
+            json.dump(res, f)
+        return res
+
+    def report(self, results: dict, kills: list[dict], total_s: float) -> dict:
+        args = self.args
+        merged_from = []
+        for path in args.merge or []:   # earlier runs' JSON lines (e.g. 100K and 1.15M run apart): one report
+            prev = json.loads([ln for ln in Path(path).read_text().splitlines() if ln.startswith("{")][-1])
+            merged_from.append({"file": path, "sizes": prev["sizes"], "load_avg": prev.get("load_avg")})
+            for stage, by_n in prev["results"].items():
+                for n, r in by_n.items():
+                    results.setdefault(stage, {}).setdefault(n, r)
+            kills = prev.get("kills", []) + kills
+        sizes = sorted({int(n) for by_n in results.values() for n in by_n})
+        ratios = {}
+        for stage, by_n in results.items():
+            have = sorted(by_n, key=int)
+            lo, hi = have[0], have[-1]
+            if lo == hi:
+                continue
+            a, b = by_n[lo], by_n[hi]
+            ratios[stage] = {
+                f"driver_rss_{hi}_over_{lo}": round(b["driver_peak_rss_mb"] / a["driver_peak_rss_mb"], 3),
+                f"worker_rss_{hi}_over_{lo}": round(b["worker_peak_rss_mb"] / max(a["worker_peak_rss_mb"], 1e-9), 3),
+                f"worker_private_{hi}_over_{lo}": round(b["worker_peak_private_mb"]
+                                                        / max(a["worker_peak_private_mb"], 1e-9), 3),
+                f"rows_per_s_{hi}_over_{lo}": round(b["rows_per_s"] / a["rows_per_s"], 3),
+                f"cpu_ms_per_row_{hi}_over_{lo}": round(b["cpu_ms_per_row"] / max(a["cpu_ms_per_row"], 1e-9), 3)}
+        flat = [r for by_n in results.values() for r in by_n.values()]
+        driver_peak = max((r["driver_peak_rss_mb"] for r in flat), default=0.0)
+        worker_peak = max((r["worker_peak_rss_mb"] for r in flat), default=0.0)
+        goals = {
+            "driver_peak_rss_mb": driver_peak, "driver_peak_ok": driver_peak <= DRIVER_LIMIT_MB,
+            "driver_ratio_ok": all(x <= DRIVER_RATIO_LIMIT for v in ratios.values() for k, x in v.items()
+                                   if k.startswith("driver_rss_")),
+            "worker_peak_rss_mb": worker_peak, "worker_peak_ok": worker_peak <= WORKER_LIMIT_MB,
+            "worker_peak_private_mb": max((r["worker_peak_private_mb"] for r in flat), default=0.0),
+            "kills": len(kills), "lost": sum(k["lost"] for k in kills),
+            "duplicated": sum(k["duplicated"] for k in kills),
+            "unexpected": sum(k["unexpected"] for k in kills),
+            "kills_same_as_clean": all(k.get("same_as_clean_run", True) for k in kills),
+        }
+        goals["ok"] = bool(goals["driver_peak_ok"] and goals["driver_ratio_ok"] and goals["worker_peak_ok"]
+                           and goals["lost"] == 0 and goals["duplicated"] == 0 and goals["unexpected"] == 0
+                           and goals["kills_same_as_clean"])
+        slim = {stage: {n: {k: r.get(k) for k in ("rows_per_s", "wall_s", "cpu_ms_per_row", "driver_peak_rss_mb",
+                                                  "worker_peak_rss_mb", "worker_peak_private_mb",
+                                                  "workers_peak_count", "workers_private_sum_peak_mb",
+                                                  "worker_peak_process", "spilled_mib", "spill_dir_peak_mb",
+                                                  "segments", "summary")}
+                        for n, r in by_n.items()} for stage, by_n in results.items()}
+        return {"benchmark": "paper_scale", "engine": "stub", "sizes": sizes, "stages": args.stages,
+                "cluster": {"nodes": 2, "head_cpus": args.head_cpus, "worker_cpus": args.worker_cpus,
+                            "object_store_mb_per_node": args.object_store_mb},
+                "results": slim, "ratios": ratios, "kills": kills, "goals": goals, "ok": goals["ok"],
+                "merged_from": merged_from,
+                "stub_engine": self.stub, "total_s": round(total_s, 1), "load_avg_start": self.load_start,
+                "load_avg": [round(x, 2) for x in os.getloadavg()],
+                "cpu_count": os.cpu_count()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_150_000])
+    ap.add_argument("--quick", action="store_true", help="20K rows, kills included (a check, not a measurement)")
+    ap.add_argument("--stages", default="synthesis,revision,dedup",
+                    help=f"comma-separated, run in this order; known: {', '.join(STAGES)}")
+    ap.add_argument("--kill-sizes", type=int, nargs="*", default=None,
+                    help="sizes to run the SIGKILL+resume check at (default: the smallest; none: no kills)")
+    ap.add_argument("--dup", type=float, default=0.2, help="share of near duplicates the stub engine plants")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the kill points")
+    ap.add_argument("--head-cpus", type=int, default=1)
+    ap.add_argument("--worker-cpus", type=int, default=1)
+    ap.add_argument("--object-store-mb", type=int, default=1024)
+    ap.add_argument("--stage-timeout", type=float, default=6 * 3600)
+    ap.add_argument("--keep", default=None, help="run directory to keep (default: a temp dir, removed)")
+    ap.add_argument("--merge", nargs="*", default=None,
+                    help="output files of earlier runs: their results join this report (ratios across runs)")
+    ap.add_argument("--report-only", action="store_true", help="with --merge: no run, only the merged report")
+    # the child driver
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--address", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--kill-run", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        run_child(args.child, args.run_dir, args.address, args.n, args.dup, args.kill_run)
+        return
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in args.stages if s not in STAGES]
+    if unknown:
+        ap.error(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
+    if args.quick:
+        args.sizes = [20_000]
+    args.sizes = sorted(set(args.sizes))
+    args.kill_sizes = set(args.sizes[:1] if args.kill_sizes is None else args.kill_sizes)
+    bench = Bench(args)
+    if args.report_only:
+        bench.stub, bench.load_start = {}, [round(x, 2) for x in os.getloadavg()]
+        print(json.dumps(bench.report({}, [], 0.0)), flush=True)
+        return
+    print(json.dumps(bench.run()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
