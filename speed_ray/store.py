@@ -180,6 +180,37 @@ class StageOutput:
         return ray.data.read_parquet(urls, **kwargs)
 
 
+def shards_at(out: StageOutput, *rel: str) -> StageOutput:
+    """A StageOutput whose shards live under artifacts/<rel>: reuses the store's atomic shard I/O."""
+    sub = StageOutput(out.run_dir, out.stage, out.fingerprint)
+    sub.data_url = out.artifact(*rel)
+    return sub
+
+
+class StepMarkers:
+    """Completion markers of a stage's sub-steps (artifacts/steps/<name>.json), each written after its outputs, so
+    a killed stage resumes at the first unmarked step."""
+
+    def __init__(self, out: StageOutput):
+        self.out = out
+
+    def _path(self, name: str) -> str:
+        return self.out._path(self.out.artifact("steps", f"{name}.json"))
+
+    def get(self, name: str) -> dict | None:
+        fs = self.out.fs
+        if not fs.exists(self._path(name)):
+            return None
+        with fs.open(self._path(name), "r") as f:
+            return json.load(f)
+
+    def mark(self, name: str, info: dict, t0: float | None = None) -> None:
+        """Mark a step done; with t0, record its wall time (seconds since t0, this run's share)."""
+        if t0 is not None:
+            info = {**info, "wall_s": round(time.time() - t0, 3)}
+        _atomic_write_bytes(self.out.fs, self._path(name), json.dumps(info, sort_keys=True).encode())
+
+
 def to_table(rows: pa.Table | list[dict] | dict[str, list]) -> pa.Table:
     if isinstance(rows, pa.Table):
         return rows
@@ -197,6 +228,15 @@ def _atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, blob: bytes) -
         f.write(blob)
     fs.mv(tmp, path)
 
+
+
+def _atomic_write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table,
+                          row_group_size: int | None = None) -> None:
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f, row_group_size=row_group_size)
+    fs.mv(tmp, path)
 
 @dataclass
 class CostLedger:

@@ -33,43 +33,11 @@ from speed_ray.dedup.components import clusters
 from speed_ray.dedup.filters import filter_reasons, langid_classifier
 from speed_ray.dedup.lsh import band_hashes, band_layout, bucket_edges, bucket_rows, partition_of
 from speed_ray.dedup.minhash import exact_hashes, join_fields, normalize, signatures
-from speed_ray.store import StageOutput
+from speed_ray.store import StageOutput, StepMarkers, shards_at
 from speed_ray.streaming import done_set, filter_pending, id_hashes, shard_name_for
 
 STEPS = ("signatures", "buckets", "clusters", "removed")
 _LIGHT = 0.25  # CPUs for I/O-bound Ray tasks, so a 2-CPU cluster keeps room for the CPU-bound ones
-
-
-def shards_at(out: StageOutput, *rel: str) -> StageOutput:
-    """A StageOutput whose shards live under artifacts/<rel>: reuses the store's atomic shard I/O."""
-    sub = StageOutput(out.run_dir, out.stage, out.fingerprint)
-    sub.data_url = out.artifact(*rel)
-    return sub
-
-
-class _Steps:
-    """Completion markers of the sub-steps (artifacts/steps/<name>.json), each written after its outputs."""
-
-    def __init__(self, out: StageOutput):
-        self.out = out
-
-    def _path(self, name: str) -> str:
-        return self.out._path(self.out.artifact("steps", f"{name}.json"))
-
-    def get(self, name: str) -> dict | None:
-        fs = self.out.fs
-        if not fs.exists(self._path(name)):
-            return None
-        with fs.open(self._path(name), "r") as f:
-            return json.load(f)
-
-    def mark(self, name: str, info: dict, t0: float | None = None) -> None:
-        """Mark a step done; with t0, record its wall time (seconds since t0, this run's share)."""
-        from speed_ray.store import _atomic_write_bytes
-
-        if t0 is not None:
-            info = {**info, "wall_s": round(time.time() - t0, 3)}
-        _atomic_write_bytes(self.out.fs, self._path(name), json.dumps(info, sort_keys=True).encode())
 
 
 class _Signatures:
@@ -239,7 +207,7 @@ def dedup_stage(ctx) -> dict:
     if missing:
         raise ValueError(f"dedup: the samples lack column(s) {missing} (dedup.fields={list(dcfg.fields)}; "
                          f"columns: {columns})")
-    steps = _Steps(ctx.out)
+    steps = StepMarkers(ctx.out)
     keys_per_doc = (layout["bands"] if dcfg.near else 0) + (1 if dcfg.exact else 0)
     n_parts = num_partitions(n_in, keys_per_doc, dcfg.bucket_partition_rows)
     sig_out = shards_at(ctx.out, "signatures")

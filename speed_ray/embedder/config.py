@@ -34,7 +34,7 @@ class EmbedderConfig:
     gradient_checkpointing: bool = False
     save_steps: int = 100
     max_failures: int = 2
-    n_samples: int | None = None              # use at most this many synthetic rows (scaling sweep)
+    n_samples: int | None = None              # train on at most this many synthetic triples (scaling sweep; nested)
     task_types: tuple[str, ...] | None = None # keep only these task types (influence study)
     public_data: str | None = None            # Parquet or JSONL of (query, positive, negative, task)
     public_fraction: float = 0.0              # share of the training mix from public_data

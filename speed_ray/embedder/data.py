@@ -116,18 +116,26 @@ def mix_public(synthetic: list[dict], public: list[dict], fraction: float, seed:
 
 def make_batches(triples: list[dict], batch_size: int, one_task_per_batch: bool = True, seed: int = 0,
                  epoch: int = 0) -> list[list[dict]]:
-    """Shuffled global batches of exactly batch_size triples (every worker needs the same shape to all-gather).
+    """Shuffled global batches of exactly batch_size triples: `plan_batches` over the triples' task types."""
+    plan = plan_batches([t["task_type"] for t in triples], batch_size, one_task_per_batch, seed, epoch)
+    return [[triples[i] for i in b] for b in plan]
+
+
+def plan_batches(task_types: list[str], batch_size: int, one_task_per_batch: bool = True, seed: int = 0,
+                 epoch: int = 0) -> list[list[int]]:
+    """Shuffled global batches of exactly batch_size row indices (every worker needs the same shape to all-gather),
+    a pure function of the rows' task types (in their order), the seed and the epoch.
 
     With one_task_per_batch, each batch holds one task type, so in-batch negatives are documents of the same
     kind (a classification label is no useful negative for a retrieval query). Rows of a type that do not fill
     a whole batch are pooled into mixed batches rather than thrown away; fewer than batch_size left are dropped."""
     rng = random.Random(f"{seed}:{epoch}")
-    batches: list[list[dict]] = []
-    rest: list[dict] = []
+    batches: list[list[int]] = []
+    rest: list[int] = []
     if one_task_per_batch:
-        groups: dict[str, list[dict]] = defaultdict(list)
-        for t in triples:
-            groups[t["task_type"]].append(t)
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, t in enumerate(task_types):
+            groups[t].append(i)
         for key in sorted(groups):
             g = groups[key]
             rng.shuffle(g)
@@ -135,7 +143,7 @@ def make_batches(triples: list[dict], batch_size: int, one_task_per_batch: bool 
             batches += [g[i:i + batch_size] for i in range(0, full, batch_size)]
             rest += g[full:]
     else:
-        rest = list(triples)
+        rest = list(range(len(task_types)))
     rng.shuffle(rest)
     batches += [rest[i:i + batch_size] for i in range(0, len(rest) // batch_size * batch_size, batch_size)]
     rng.shuffle(batches)

@@ -1,4 +1,5 @@
-"""The train_embedder stage: dedup rows -> training triples -> Ray Train TorchTrainer -> SentenceTransformer dir."""
+"""The train_embedder stage: dedup rows -> the training feed (feed.py) -> Ray Train TorchTrainer -> SentenceTransformer
+dir."""
 
 from __future__ import annotations
 
@@ -6,26 +7,7 @@ import dataclasses
 import time
 
 from speed_ray.config import to_dict
-from speed_ray.embedder.data import (DataError, load_public, make_batches, mix_public, select_rows, to_triples)
-
-_ROW_COLUMNS = ["id", "task_type", "task", "query", "positive", "negative"]
-
-
-def prepare_triples(rows: list[dict], cfg, seed: int) -> tuple[list[dict], dict]:
-    """The training set of one run and a summary of how it was made (rows dropped, per-type counts)."""
-    picked = select_rows(rows, cfg.n_samples, cfg.task_types, seed)
-    triples, dropped = to_triples(picked, cfg.symmetric_task_types)
-    n_public = 0
-    if cfg.public_fraction > 0:
-        public, _ = to_triples(load_public(cfg.public_data), cfg.symmetric_task_types, source="public")
-        mixed = mix_public(triples, public, cfg.public_fraction, seed)
-        n_public = len(mixed) - len(triples)
-        triples = mixed
-    counts: dict[str, int] = {}
-    for t in triples:
-        counts[t["task_type"]] = counts.get(t["task_type"], 0) + 1
-    return triples, {"rows_in": len(rows), "rows_selected": len(picked), "rows_dropped_incomplete": dropped,
-                     "public_rows": n_public, "triples": len(triples), "per_task_type": counts}
+from speed_ray.embedder.feed import prepare_feed
 
 
 def train_embedder_stage(ctx) -> dict:
@@ -36,22 +18,17 @@ def train_embedder_stage(ctx) -> dict:
     from speed_ray.raylocal import ensure_ray
 
     cfg, seed = ctx.cfg.embedder, ctx.cfg.run.seed
-    rows = ctx.inputs["data"].read_rows(columns=_ROW_COLUMNS)
-    triples, data_summary = prepare_triples(rows, cfg, seed)
-    n_batches = len(make_batches(triples, cfg.batch_size, cfg.one_task_per_batch, seed, 0))
-    if n_batches == 0:
-        raise DataError(f"{len(triples)} usable triples cannot fill one batch of embedder.batch_size="
-                        f"{cfg.batch_size} (after n_samples/task_types filters: {data_summary}); lower batch_size")
-    data_url = ctx.out.artifact("train_triples.parquet")
-    ctx.out.fs.makedirs(ctx.out._path(ctx.out.artifacts_url), exist_ok=True)
-    _write_parquet(ctx.out, data_url, triples)   # the exact training set, kept for lineage
-    ctx.log("%d triples -> %d batches of %d on %d worker(s)", len(triples), n_batches, cfg.batch_size,
-            cfg.num_workers)
-
     ensure_ray(ctx.cfg.run.ray_address, ctx.cfg.run.num_cpus)
+    # The training set as files in batch order (artifacts/triples, artifacts/feed): built by Ray tasks, read per
+    # step by each worker; the driver holds the plan only (speed_ray/embedder/feed.py).
+    plan = prepare_feed(ctx, cfg, seed)
+    data_summary = plan.summary
+    ctx.log("%d triples -> %d batches of %d on %d worker(s)", data_summary["triples"], plan.n_batches,
+            cfg.batch_size, cfg.num_workers)
+
     model_url = ctx.out.artifact("model")
-    loop_config = {"embedder": to_dict(cfg), "model_path": resolve_model(cfg.base_model), "data_url": data_url,
-                   "export_url": model_url, "seed": seed, "query_instruction": cfg.query_instruction}
+    loop_config = {"embedder": to_dict(cfg), "model_path": resolve_model(cfg.base_model),
+                   "feed": dataclasses.asdict(plan), "export_url": model_url, "seed": seed, "query_instruction": cfg.query_instruction}
     # Same name + storage path on a rerun: Ray Train restores its checkpoint manager and get_checkpoint()
     # returns the latest checkpoint, so a killed stage continues from its last save_steps. Storage keeps the two
     # newest checkpoints (each a single file from rank 0, see train._report_with_checkpoint).
@@ -94,11 +71,3 @@ def _storage_path(url: str) -> str:
 
     return url if "://" in url else os.path.abspath(url)
 
-
-def _write_parquet(out, url: str, rows: list[dict]) -> None:
-    import pyarrow.parquet as pq
-
-    from speed_ray.store import to_table
-
-    with out.fs.open(out._path(url), "wb") as f:
-        pq.write_table(to_table(rows), f)

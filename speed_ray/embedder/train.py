@@ -1,7 +1,7 @@
 """Contrastive training of the embedder: a per-step core usable in one process, and its Ray Train TorchTrainer loop.
 
-Each step takes one global batch (the same on every worker: batches are a pure function of seed and epoch), each
-worker embeds its slice, negatives are all-gathered with gradients, and the averaged gradients equal those of the
+Each step takes one global batch (the same on every worker and on resume: the feed's files hold the batches in order,
+see feed.py; each worker reads its own slice of a step's batch and nothing else), each worker embeds its slice, negatives are all-gathered with gradients, and the averaged gradients equal those of the
 single-process loss over the global batch (tests/test_embedder_distributed.py checks this).
 
 Mixed precision: fp16 and bf16 compute under autocast with fp32 trainable weights (model.storage_dtype); fp16 scales
@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from speed_ray.embedder.data import make_batches, worker_slice
 from speed_ray.embedder.loss import contrastive_loss, grad_cache_step, plain_step
 
 
@@ -105,19 +104,6 @@ def num_steps(n_batches: int, epochs: float, max_steps: int) -> int:
     return max_steps if max_steps > 0 else max(1, math.ceil(n_batches * epochs))
 
 
-def batch_for_step(triples: list[dict], step: int, batch_size: int, one_task_per_batch: bool, seed: int,
-                   _cache: dict | None = None) -> list[dict]:
-    """The global batch of a step: epoch = step // batches per epoch, each epoch reshuffled by (seed, epoch).
-    A pure function of its inputs, so every worker and every resumed run sees the same batch."""
-    cache = _cache if _cache is not None else {}
-    n = len(make_batches(triples, batch_size, one_task_per_batch, seed, 0)) if "n" not in cache else cache["n"]
-    cache["n"] = n
-    epoch, i = divmod(step, n)
-    if cache.get("epoch") != epoch:
-        cache["epoch"], cache["batches"] = epoch, make_batches(triples, batch_size, one_task_per_batch, seed, epoch)
-    return cache["batches"][i]
-
-
 def make_optimizer(embedder, lr: float, warmup_steps: int, total_steps: int):
     """AdamW over the trainable weights, linear warmup then linear decay (E5-mistral)."""
     params = [p for p in embedder.parameters() if p.requires_grad]
@@ -156,14 +142,6 @@ def loss_summary(losses: list[float], points: int = 50) -> dict:
     stride = max(1, len(losses) // points)
     return {"first": losses[0], "last": losses[-1], "min": min(losses), "tail_mean": sum(tail) / len(tail),
             "curve": [[i, losses[i]] for i in range(0, len(losses), stride)]}
-
-
-def _read_triples(url: str) -> list[dict]:
-    import fsspec
-    import pyarrow.parquet as pq
-
-    with fsspec.open(url, "rb") as f:
-        return pq.read_table(f).to_pylist()
 
 
 def _export(embedder, export_url: str, query_instruction: str, max_length: int) -> None:
@@ -225,7 +203,7 @@ def weights_in_sync(params: list[torch.nn.Parameter]) -> bool:
 
 
 def train_func(config: dict[str, Any]) -> None:
-    """Ray Train per-worker loop. config: data_url, model_path, export_url, seed, query_instruction, and the
+    """Ray Train per-worker loop. config: feed (a FeedPlan as a dict), model_path, export_url, seed, query_instruction, and the
     EmbedderConfig fields as "embedder" (a dict)."""
     import ray.train
     import ray.train.torch
@@ -239,9 +217,10 @@ def train_func(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if e["use_gpu"] else torch.device("cpu")
     precision = e["precision"] if e["precision"] != "auto" else ("bf16" if e["use_gpu"] else "fp32")
 
-    triples = _read_triples(config["data_url"])
-    n_batches = len(make_batches(triples, e["batch_size"], e["one_task_per_batch"], config["seed"], 0))
-    total = num_steps(n_batches, e["epochs"], e["max_steps"])
+    from speed_ray.embedder.feed import FeedPlan, FeedReader
+
+    feed = FeedReader(FeedPlan.from_dict(config["feed"]), rank, world)   # this worker's slice of each batch
+    total = num_steps(feed.plan.n_batches, e["epochs"], e["max_steps"])
     embedder = build_embedder(e, config["model_path"], precision, config["seed"], device)
     torch.manual_seed(config["seed"] + rank)   # each worker's own dropout masks
     opt, sched = make_optimizer(embedder, e["learning_rate"], e["warmup_steps"], total)
@@ -272,11 +251,9 @@ def train_func(config: dict[str, Any]) -> None:
         extra = {"scaler": scaler.state_dict() if scaler is not None else None, "skipped_steps": skipped}
         _report_with_checkpoint(metrics, rank, embedder, engine, opt, sched, step, losses, extra, trainable)
 
-    cache: dict = {}
     t0, done_here = time.time(), 0
     for step in range(start, total):
-        batch = worker_slice(batch_for_step(triples, step, e["batch_size"], e["one_task_per_batch"],
-                                            config["seed"], cache), rank, world)
+        batch = feed.batch(step)
         loss = train_step(embedder, batch, settings, scaler, engine.backward if engine is not None else None)
         if engine is not None:
             engine.step()   # optimizer, zero_grad and the LR schedule (DeepSpeed scales fp16 losses itself)
@@ -294,6 +271,7 @@ def train_func(config: dict[str, Any]) -> None:
         if (step + 1) % e["save_steps"] == 0 and step + 1 < total:
             report(metrics, step + 1)
     elapsed = time.time() - t0
+    feed.close()
     in_sync = weights_in_sync(params) if engine is None else True
     # The export merges LoRA into the backbone in place: the final checkpoint's weights are taken before it.
     # (Under ZeRO-3 gathering the weights is a collective: every rank enters, rank 0 reads and exports.)
