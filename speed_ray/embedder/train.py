@@ -1,8 +1,8 @@
 """Contrastive training of the embedder: a per-step core usable in one process, and its Ray Train TorchTrainer loop.
 
-Each step takes one global batch (the same on every worker and on resume: the feed's files hold the batches in order,
-see feed.py; each worker reads its own slice of a step's batch and nothing else), each worker embeds its slice, negatives are all-gathered with gradients, and the averaged gradients equal those of the
-single-process loss over the global batch (tests/test_embedder_distributed.py checks this).
+Each step takes one global batch (the same on every worker and on resume: the feed's files hold the batches in
+order, see feed.py; each worker reads its own slice of a step's batch and nothing else), each worker embeds its
+slice, negatives are all-gathered with gradients, and the averaged gradients equal those of the single-process loss over the global batch (tests/test_embedder_distributed.py checks this).
 
 Mixed precision: fp16 and bf16 compute under autocast with fp32 trainable weights (model.storage_dtype); fp16 scales
 the loss with a GradScaler, unscales after the cross-worker average and skips steps whose gradients overflowed.
@@ -203,8 +203,8 @@ def weights_in_sync(params: list[torch.nn.Parameter]) -> bool:
 
 
 def train_func(config: dict[str, Any]) -> None:
-    """Ray Train per-worker loop. config: feed (a FeedPlan as a dict), model_path, export_url, seed, query_instruction, and the
-    EmbedderConfig fields as "embedder" (a dict)."""
+    """Ray Train per-worker loop. config: feed (a FeedPlan as a dict), model_path, export_url, seed,
+    query_instruction, and the EmbedderConfig fields as "embedder" (a dict)."""
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
