@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import logging
+import re
 import sys
 
 # Errors a user can fix: printed as one line, exit 2, no traceback.
@@ -75,13 +76,67 @@ def _lazy(target: str):
     return run
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="speed-ray", description="SPEED on Ray: synthesize embedding data with aligned "
-                                "small LLMs, train and evaluate embedders.")
+# An `a.b=value` override: a key that does not start with '-', then '='.
+_OVERRIDE = re.compile(r"[^-=\s][^=\s]*=")
+
+
+class Parser(argparse.ArgumentParser):
+    """The top-level parser: each subcommand takes its flags, positionals and a.b=c overrides in any order.
+
+    argparse fills a subcommand's positionals from the first run of them only, so in
+    `status RUN_DIR --config c.yaml x.y=1` the override after the flag is left over. `parse_args` parses what
+    it knows and gives the leftovers to the subcommand's trailing list (`overrides`, or `paths` for compare);
+    anything else (an unknown flag, a stray word) is an error naming every such token.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trailing: dict[str, tuple[argparse.ArgumentParser, str | None, bool]] = {}
+
+    def add_command(self, sub, name: str, *, trailing: str | None = None, overrides: bool = True, **kwargs):
+        """A subcommand whose leftover positionals go to `trailing` (a.b=c overrides only, unless not
+        `overrides`)."""
+        sp = sub.add_parser(name, parents=[_common()], **kwargs)
+        self.trailing[name] = (sp, trailing, overrides)
+        return sp
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns, extras = self.parse_known_args(args, namespace)
+        if not extras:
+            return ns
+        sp, dest, overrides_only = self.trailing.get(getattr(ns, "command", None) or "", (self, None, True))
+        bad: list[str] = []
+        after_dashes = False
+        for tok in extras:
+            if tok == "--" and not after_dashes:
+                after_dashes = True
+                continue
+            fits = (_OVERRIDE.match(tok) is not None) if overrides_only else (after_dashes or not tok.startswith("-"))
+            if dest and fits:
+                setattr(ns, dest, [*(getattr(ns, dest, None) or []), tok])
+            else:
+                bad.append(tok)
+        if bad:
+            hint = " (overrides look like a.b=value)" if dest and overrides_only else ""
+            sp.error(f"unrecognized argument{'s' if len(bad) > 1 else ''}: {' '.join(bad)}{hint}")
+        return ns
+
+
+def _common() -> argparse.ArgumentParser:
+    """Flags every subcommand also takes after its name (`speed-ray run c.yaml -v`)."""
+    c = argparse.ArgumentParser(add_help=False)
+    c.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    return c
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="speed-ray", description="SPEED on Ray: synthesize embedding data with aligned "
+               "small LLMs, train and evaluate embedders. Each command takes its flags, arguments and a.b=value "
+               "overrides in any order.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run a config's stages (skipping finished ones)")
+    r = p.add_command(sub, "run", trailing="overrides", help="run a config's stages (skipping finished ones)")
     r.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
     r.add_argument("overrides", nargs="*", help="a.b=value overrides")
     r.add_argument("--stages", help="comma-separated stages to run (default: all of the variant)")
@@ -90,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "output is moved to RUN_DIR/replaced/, not deleted)")
     r.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser("status", help="stages, row counts, costs and what is stale in a run directory")
+    s = p.add_command(sub, "status", trailing="overrides",
+                      help="stages, row counts, costs and what is stale in a run directory")
     s.add_argument("run_dir", help="the run directory (local path or fsspec URL)")
     s.add_argument("--config", help="compare against this config (default: the run's saved config)")
     s.add_argument("--run", help="run name inside run_dir (default: every run)")
@@ -98,12 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(fn=cmd_status)
 
-    m = sub.add_parser("models", help="prepare the offline demo models")
+    m = p.add_command(sub, "models", help="prepare the offline demo models")
     m.add_argument("action", choices=["prepare"])
     m.add_argument("--only", help="comma-separated: smollm2, minilm, tiny-llama")
     m.set_defaults(fn=cmd_models)
 
-    e = sub.add_parser("evaluate", help="evaluate a model or a run's embedder on MTEB or local tasks")
+    e = p.add_command(sub, "evaluate", trailing="overrides",
+                      help="evaluate a model or a run's embedder on MTEB or local tasks")
     e.add_argument("model", help="model path, hub id, offline:minilm, or a run directory")
     e.add_argument("--config", help="YAML config whose `evaluate` section is used")
     e.add_argument("--tasks", help="comma-separated mteb task names")
@@ -114,27 +171,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="a.b=value overrides for --config")
     e.set_defaults(fn=_lazy("speed_ray.evaluate.cli:evaluate_main"))
 
-    c = sub.add_parser("compare", help="several runs or results side by side, per task and per category")
+    c = p.add_command(sub, "compare", trailing="paths", overrides=False,
+                      help="several runs or results side by side, per task and per category")
     c.add_argument("paths", nargs="+", help="run directories or results.json files")
     c.add_argument("--out", help="write compare.md / compare.json here")
     c.set_defaults(fn=_lazy("speed_ray.evaluate.cli:compare_main"), overrides=[])
 
-    rp = sub.add_parser("report", help="write the run report (markdown + PNG) for a run directory")
+    rp = p.add_command(sub, "report", help="write the run report (markdown + PNG) for a run directory")
     rp.add_argument("run_dir")
     rp.add_argument("--run", help="run name inside run_dir (default: all)")
     rp.set_defaults(fn=_lazy("speed_ray.studies.report:report_main"), overrides=[])
 
-    sw = sub.add_parser("sweep", help="the scaling-law sweep (or an alignment-factor grid) from a config")
+    sw = p.add_command(sub, "sweep", trailing="overrides",
+                       help="the scaling-law sweep (or an alignment-factor grid) from a config")
     sw.add_argument("config")
     sw.add_argument("overrides", nargs="*")
     sw.set_defaults(fn=_lazy("speed_ray.studies.sweep:sweep_main"))
 
-    inf = sub.add_parser("influence", help="the synthetic-data category influence study from a config")
+    inf = p.add_command(sub, "influence", trailing="overrides",
+                        help="the synthetic-data category influence study from a config")
     inf.add_argument("config")
     inf.add_argument("overrides", nargs="*")
     inf.set_defaults(fn=_lazy("speed_ray.studies.influence_job:influence_main"))
 
-    sv = sub.add_parser("serve", help="serve an embedder with an OpenAI-compatible /v1/embeddings on Ray Serve")
+    sv = p.add_command(sub, "serve", trailing="overrides",
+                       help="serve an embedder with an OpenAI-compatible /v1/embeddings on Ray Serve")
     sv.add_argument("model", help="model path, hub id, offline:minilm, or a run directory")
     sv.add_argument("--config", help="YAML config whose `serve` section is used")
     sv.add_argument("--host")
@@ -144,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("overrides", nargs="*")
     sv.set_defaults(fn=_lazy("speed_ray.serve.app:serve_main"))
 
-    ls = sub.add_parser("llm-server", help="serve an LLM with an OpenAI-compatible /v1/chat/completions (Ray Serve)")
+    ls = p.add_command(sub, "llm-server",
+                       help="serve an LLM with an OpenAI-compatible /v1/chat/completions (Ray Serve)")
     ls.add_argument("model", help="model path, hub id or offline:smollm2")
     ls.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     ls.add_argument("--host", default="127.0.0.1")

@@ -39,6 +39,8 @@ def _yaml(tmp_path: Path, text: str, name: str = "task.yaml") -> Path:
      "queries: {files: [q.csv], columns: {id: i, text: t, relevant: r}}\n", "corpus.parse.text", "parser"),
     ("name: X\ntype: sts\nfiles: [a.tsv]\ncolumns: {sentence1: 0, sentence2: 1, score: 2}\n"
      "score_range: [5, 0]\n", "score_range", "min < max"),
+    ("name: X\ntype: sts\nfiles: [a.tsv]\ncolumns: {sentence1: 0, sentence2: 1, score: 2}\n"
+     "skip_bad_lines: yes please\n", "skip_bad_lines", "true or false"),
 ])
 def test_validation_errors_name_file_and_key(tmp_path, body, key, words):
     path = _yaml(tmp_path, body)
@@ -190,3 +192,127 @@ def test_shared_evaldata_row_counts(evaldata):
     doc = scifact["corpus"]["4983"]
     assert doc["title"].startswith("Microstructural development") and doc["text"].startswith("Alterations of")
     assert "['" not in doc["text"] and "'\n" not in doc["text"]
+
+
+# ---- rows without a gold score (issue 19): an error naming file, line and column, or skip_bad_lines ------------
+
+GOOD = [("A man plays a guitar.", "A man is playing guitar.", "4.8"), ("A dog runs.", "A cat sleeps.", "0.6"),
+        ("Kids play football.", "Children play soccer.", "4.0")]
+
+
+def _sts_yaml(tmp_path: Path, extra: str = "", columns: str = "{sentence1: 0, sentence2: 1, score: 2}",
+              header: bool = False) -> Path:
+    return _yaml(tmp_path, f"name: SemEvalLike\ntype: sts\nfiles: [sts.tsv]\n"
+                           f"format: {{delimiter: \"\\t\", header: {str(header).lower()}, quoting: none}}\n"
+                           f"columns: {columns}\n" + extra)
+
+
+@pytest.mark.parametrize("bad, role, what", [
+    ("s one\ts two\t", "score", "score is empty"),                  # SemEval: a pair without a gold score
+    ("s one\ts two\tn/a", "score", "score 'n/a' is not a number"),
+    ("s one\ts two\tnan", "score", "score 'nan' is not a number"),
+    ("\ts two\t3.0", "sentence1", "sentence1 is empty"),
+    ("s one\t  \t3.0", "sentence2", "sentence2 is empty"),
+    ("s one\ts two", "score", "score is missing"),                  # a short line
+])
+def test_bad_sts_row_is_an_error_naming_file_line_and_column(tmp_path, bad, role, what):
+    data = tmp_path / "sts.tsv"
+    data.write_text("\t".join(GOOD[0]) + "\n" + bad + "\n" + "\t".join(GOOD[1]) + "\n")
+    spec = load_spec(_sts_yaml(tmp_path))
+    with pytest.raises(LocalTaskError) as e:
+        read_task(spec)
+    msg = str(e.value)
+    col = {"sentence1": 0, "sentence2": 1, "score": 2}[role]
+    assert f"{data}:2: {what}" in msg, msg                                   # the file and its line
+    assert f"(column {col}" in msg and f"'columns.{role}'" in msg, msg       # the column
+    assert "skip_bad_lines: true" in msg, msg                                # and how to skip such rows
+
+
+def test_bad_row_error_names_a_header_column(tmp_path):
+    (tmp_path / "sts.tsv").write_text("s1\ts2\tgold\n" + "\t".join(GOOD[0]) + "\nx\ty\t\n")
+    spec = load_spec(_sts_yaml(tmp_path, columns="{sentence1: s1, sentence2: s2, score: gold}", header=True))
+    with pytest.raises(LocalTaskError, match=r"sts.tsv:3: score is empty \(column 'gold'\)"):
+        read_task(spec)
+
+
+@pytest.mark.parametrize("option", ["skip_bad_lines: true\n", "format: {delimiter: \"\\t\", header: false, "
+                                    "quoting: none, skip_bad_lines: true}\n"])
+def test_skip_bad_lines_skips_and_counts(tmp_path, caplog, option):
+    bad = ["no gold\tscore here\t", "bad\tscore\tn/a", "\tempty first\t1.0", "too\tshort"]
+    lines = ["\t".join(GOOD[0]), bad[0], bad[1], "\t".join(GOOD[1]), bad[2], bad[3], "\t".join(GOOD[2])]
+    (tmp_path / "sts.tsv").write_text("\n".join(lines) + "\n")
+    y = _sts_yaml(tmp_path) if option.startswith("skip") else _yaml(
+        tmp_path, "name: SemEvalLike\ntype: sts\nfiles: [sts.tsv]\ncolumns: {sentence1: 0, sentence2: 1, score: 2}\n")
+    y.write_text(y.read_text() + option)
+    with caplog.at_level("WARNING", logger="speed_ray.evaluate"):
+        d = read_task(load_spec(y))
+    assert d["test"] == {"sentence1": [g[0] for g in GOOD], "sentence2": [g[1] for g in GOOD],
+                         "score": [4.8, 0.6, 4.0]}
+    assert d["skipped_lines"] == 4
+    assert [e.split(": ", 1)[0] for e in d["skipped_examples"]] == [f"{tmp_path / 'sts.tsv'}:{n}" for n in (2, 3, 5, 6)]
+    assert "score is empty" in d["skipped_examples"][0]
+    assert any("SemEvalLike: skipped 4 bad lines" in r.getMessage() for r in caplog.records), caplog.text
+    # limit subsamples the good rows only
+    assert len(read_task(load_spec(y), limit=2)["test"]["score"]) == 2
+    # a file with nothing bad reports 0
+    (tmp_path / "sts.tsv").write_text("\t".join(GOOD[0]) + "\n")
+    assert read_task(load_spec(y))["skipped_lines"] == 0
+
+
+def test_skip_bad_lines_covers_pairs_qrels_and_bad_json(tmp_path):
+    (tmp_path / "pairs.tsv").write_text("a\tb\t1\nc\td\t\ne\tf\tyes\ng\th\t0\n")
+    y = _yaml(tmp_path, "name: P\ntype: pair_classification\nfiles: [pairs.tsv]\nformat: {header: false}\n"
+                        "columns: {sentence1: 0, sentence2: 1, label: 2}\n", "p.yaml")
+    with pytest.raises(LocalTaskError, match=r"pairs.tsv:2: label is empty \(column 2\)"):
+        read_task(load_spec(y))
+    y.write_text(y.read_text() + "skip_bad_lines: true\n")
+    d = read_task(load_spec(y))
+    assert d["test"]["label"] == [1, 0] and d["skipped_lines"] == 2
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text('{"_id": "d1", "title": "", "text": "one"}\n{"_id": "d2", "text": \n')
+    (beir / "queries.jsonl").write_text('{"_id": "q1", "text": "first?"}\n')
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t\n")
+    y = _yaml(tmp_path, "name: B\ntype: retrieval\nbeir: beir\n", "b.yaml")
+    with pytest.raises(LocalTaskError, match=r"corpus.jsonl:2: not valid JSON"):
+        read_task(load_spec(y))
+    y.write_text(y.read_text() + "skip_bad_lines: true\n")
+    d = read_task(load_spec(y))
+    assert d["corpus"] == {"d1": {"title": "", "text": "one"}} and d["qrels"] == {"q1": {"d1": 1}}
+    assert d["skipped_lines"] == 2
+
+
+def _skipping_sts(tmp_path: Path) -> Path:
+    rows = ["\t".join(g) for g in GOOD] + ["A woman slices an onion.\tA woman cuts an onion.\t4.5",
+                                           "no gold\tscore\t", "other\tpair\t-"]
+    (tmp_path / "sts.tsv").write_text("\n".join(rows) + "\n")
+    return _sts_yaml(tmp_path, "skip_bad_lines: true\n")
+
+
+def test_skipped_count_reaches_the_task_and_results(tmp_path):
+    from speed_ray.evaluate.mteb_tasks import build_task
+    from speed_ray.evaluate.run import skipped_lines, write_results
+
+    task = build_task(load_spec(_skipping_sts(tmp_path)))
+    assert skipped_lines([task]) == {}                     # nothing read yet
+    task.load_data()
+    assert len(task.dataset["test"]) == 4
+    assert task.local_report["skipped_lines"] == 2 and len(task.local_report["skipped_examples"]) == 2
+    assert skipped_lines([task]) == {"SemEvalLike": 2}
+    write_results({"format": "speed-ray-eval/1", "primary": "m", "models": {}, "skipped": [],
+                   "skipped_lines": skipped_lines([task])}, str(tmp_path / "out"))
+    assert "Bad lines skipped (skip_bad_lines): SemEvalLike 2" in (tmp_path / "out" / "results.md").read_text()
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["skipped_lines"] == {"SemEvalLike": 2}
+
+
+def test_skipped_count_in_an_evaluation(minilm, tmp_path):
+    from speed_ray.evaluate.run import run_evaluation
+
+    cfg = EvalConfig(local_tasks=(str(_skipping_sts(tmp_path)),), instructions=False,
+                     cache_dir=str(tmp_path / "cache"))
+    res = run_evaluation("offline:minilm", cfg, str(tmp_path / "out"))
+    assert res["skipped_lines"] == {"SemEvalLike": 2}
+    detail = json.loads((tmp_path / "out" / "results.json").read_text())["models"]["offline:minilm"]["details"]
+    assert detail["SemEvalLike"]["skipped_lines"] == 2
+    assert "score is empty" in detail["SemEvalLike"]["skipped_examples"][0]
+    assert "SemEvalLike 2" in (tmp_path / "out" / "results.md").read_text()

@@ -63,6 +63,8 @@ def evaluate_main(args: argparse.Namespace) -> int:
     print(to_markdown(columns_of(results)))
     for s in results["skipped"]:
         print(f"skipped {s['task']}: data file not found: {s['missing']}")
+    for task, n in (results.get("skipped_lines") or {}).items():
+        print(f"{task}: skipped {n} bad line{'' if n == 1 else 's'} (skip_bad_lines)")
     print(f"results: {out}/results.json, {out}/results.md")
     print(json.dumps(main_scores(results)))
     return 0

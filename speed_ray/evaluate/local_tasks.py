@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import logging
+import math
 import os
 import random
 import re
@@ -22,6 +24,7 @@ import yaml
 
 from speed_ray.config import ConfigError
 
+log = logging.getLogger("speed_ray.evaluate")
 TASK_TYPES = ("sts", "retrieval", "classification", "pair_classification")
 MTEB_TYPES = {"sts": "STS", "retrieval": "Retrieval", "classification": "Classification",
               "pair_classification": "PairClassification"}
@@ -36,11 +39,22 @@ ROLES = {
     "queries": ({"id", "text"}, {"relevant"}),
     "qrels": ({"query_id", "doc_id"}, {"score"}),
 }
+# What a row needs to be usable, per table: roles that must not be empty, and roles that must be numbers. A row
+# that fails is an error naming the file, line and column, or with `skip_bad_lines: true` skipped and counted.
+ROW_CHECKS: dict[str, tuple[frozenset, frozenset]] = {
+    "sts": (frozenset({"sentence1", "sentence2"}), frozenset({"score"})),
+    "pair_classification": (frozenset({"sentence1", "sentence2"}), frozenset({"label"})),
+    "classification": (frozenset({"text", "label"}), frozenset()),
+    "corpus": (frozenset({"id"}), frozenset()),
+    "queries": (frozenset({"id", "text"}), frozenset()),
+    "qrels": (frozenset({"query_id", "doc_id"}), frozenset({"score"})),
+}
+SKIP_HINT = "set `skip_bad_lines: true` in the task YAML to skip such rows"
 PARSERS = ("quoted_strings", "id_list")
 _FORMAT_KEYS = {"delimiter", "header", "quoting", "encoding", "jsonl", "skip_bad_lines"}
 _TABLE_KEYS = {"files", "columns", "parse", "format"}
 _TASK_KEYS = {"name", "type", "description", "instruction", "data_root", "split", "main_score", "format",
-              "score_range", "labels", "n_experiments", "samples_per_label", "seed", "beir",
+              "score_range", "labels", "n_experiments", "samples_per_label", "seed", "beir", "skip_bad_lines",
               "test", "train", "corpus", "queries", "qrels"} | _TABLE_KEYS
 
 
@@ -178,17 +192,18 @@ def _format(raw: Any, key: str, src: Path) -> dict:
     return dict(raw)
 
 
-def _beir_tables(raw: Any, split: str, src: Path) -> dict[str, Table]:
+def _beir_tables(raw: Any, split: str, src: Path, skip_bad_lines: bool = False) -> dict[str, Table]:
     """BEIR's layout: <dir>/corpus.jsonl (_id, title, text), queries.jsonl (_id, text), qrels/<split>.tsv."""
     if not isinstance(raw, str) or not raw:
         raise _err("expected the BEIR dataset directory (holding corpus.jsonl, queries.jsonl, qrels/)", "beir", src)
-    jl = {"jsonl": True}
+    skip = {"skip_bad_lines": True} if skip_bad_lines else {}
+    jl = {"jsonl": True, **skip}
     return {
         "corpus": Table((f"{raw}/corpus.jsonl",), {"id": "_id", "title": "title", "text": "text"}, {}, jl, "beir"),
         "queries": Table((f"{raw}/queries.jsonl",), {"id": "_id", "text": "text"}, {}, jl, "beir"),
         "qrels": Table((f"{raw}/qrels/{split}.tsv",), {"query_id": "query-id", "doc_id": "corpus-id",
                                                        "score": "score"}, {},
-                       {"delimiter": "\t", "header": True, "quoting": "none"}, "beir"),
+                       {"delimiter": "\t", "header": True, "quoting": "none", **skip}, "beir"),
     }
 
 
@@ -216,6 +231,10 @@ def load_spec(path: str | Path, data_root: str | None = None) -> LocalTaskSpec:
     if not isinstance(split, str) or not split:
         raise _err(f"expected a split name, got {split!r}", "split", src)
     task_format = _format(raw.get("format"), "format", src)
+    if "skip_bad_lines" in raw:     # shorthand for format.skip_bad_lines (a table's own format still wins)
+        if not isinstance(raw["skip_bad_lines"], bool):
+            raise _err(f"expected true or false, got {raw['skip_bad_lines']!r}", "skip_bad_lines", src)
+        task_format.setdefault("skip_bad_lines", raw["skip_bad_lines"])
     root = raw.get("data_root")
     if root is not None and not isinstance(root, str):
         raise _err(f"expected a path, got {root!r}", "data_root", src)
@@ -233,7 +252,7 @@ def load_spec(path: str | Path, data_root: str | None = None) -> LocalTaskSpec:
             tables[part] = _table(raw[part], part, src, task_format, ROLES["classification"])
     else:
         if "beir" in raw:
-            tables = _beir_tables(raw["beir"], split, src)
+            tables = _beir_tables(raw["beir"], split, src, bool(task_format.get("skip_bad_lines")))
         else:
             for part in ("corpus", "queries"):
                 if part not in raw:
@@ -293,10 +312,24 @@ def parse_id_list(text: str) -> list[str]:
     return [t.strip().strip("'\"") for t in re.split(r"[\s,;]+", inner) if t.strip().strip("'\"")]
 
 
+class _BadJSON(str):
+    """A JSON-lines record that does not parse (the text is json's message)."""
+
+
+def _json_rows(path: Path, enc: str):
+    with path.open(encoding=enc) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield i, _BadJSON(str(e))
+
+
 def _open_rows(path: Path, fmt: dict) -> tuple[list[str] | None, Any]:
     enc = fmt.get("encoding", "utf-8")
     if fmt.get("jsonl"):
-        return None, ((i, json.loads(line)) for i, line in enumerate(path.open(encoding=enc), 1) if line.strip())
+        return None, _json_rows(path, enc)
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     f = path.open(encoding=enc, newline="")
     delim = fmt.get("delimiter", "\t" if path.suffix in (".tsv", ".txt") else ",")
@@ -309,10 +342,48 @@ def _open_rows(path: Path, fmt: dict) -> tuple[list[str] | None, Any]:
     return header, ((reader.line_num, r) for r in reader)
 
 
-def read_table(table: Table, spec: LocalTaskSpec) -> list[dict[str, Any]]:
-    """Rows of {role: value} from the table's files; bad lines raise (or are skipped with skip_bad_lines)."""
+def _is_number(value: Any) -> bool:
+    try:
+        return not isinstance(value, bool) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _row_problem(rec: Any, index: dict[str, int | str], table: Table, checks: str | None, where: str
+                 ) -> tuple[str, str | None, dict[str, Any] | None]:
+    """(what is wrong with the record, the role it is about, the row): an empty problem means a good row."""
+    if isinstance(rec, _BadJSON):
+        return f"{where}: not valid JSON ({rec})", None, None
+    row: dict[str, Any] = {}
+    for role, i in index.items():
+        try:
+            row[role] = rec[i]
+        except (IndexError, KeyError, TypeError):
+            size = f"the line has {len(rec)} fields" if isinstance(rec, list) else "the record has no such key"
+            return f"{where}: {role} is missing (column {table.columns[role]!r}; {size})", role, None
+    for role, how in table.parse.items():
+        row[role] = parse_quoted_strings(row[role]) if how == "quoted_strings" else parse_id_list(str(row[role]))
+    nonempty, numeric = ROW_CHECKS.get(checks or "", (frozenset(), frozenset()))
+    for role in table.columns:
+        value = row[role]
+        if (role in nonempty or role in numeric) and (value is None or (isinstance(value, str) and not value.strip())):
+            return f"{where}: {role} is empty (column {table.columns[role]!r})", role, None
+        if role in numeric and not _is_number(value):
+            return f"{where}: {role} {value!r} is not a number (column {table.columns[role]!r})", role, None
+    return "", None, row
+
+
+def read_table(table: Table, spec: LocalTaskSpec, checks: str | None = None,
+               skipped: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of {role: value} from the table's files.
+
+    `checks` (a ROW_CHECKS key) names the roles a row needs non-empty and numeric. A bad line (too few fields,
+    an empty text, a missing or non-numeric score, bad JSON) raises an error naming the file, line and column,
+    or with the table's `skip_bad_lines` is left out and described in `skipped`.
+    """
     rows: list[dict[str, Any]] = []
     key = table.key
+    skip = bool(table.format.get("skip_bad_lines"))
     for rel in table.files:
         path = spec.path(rel)
         if not path.exists():
@@ -331,17 +402,16 @@ def read_table(table: Table, spec: LocalTaskSpec) -> list[dict[str, Any]]:
         for line, rec in it:
             if not rec or (isinstance(rec, list) and all(not c.strip() for c in rec)):
                 continue
-            try:
-                row = {role: rec[i] for role, i in index.items()}
-            except (IndexError, KeyError) as e:
-                if table.format.get("skip_bad_lines"):
+            where = f"{path}:{line}"
+            problem, role, row = _row_problem(rec, index, table, checks, where)
+            if problem:
+                if skip:
+                    if skipped is not None:
+                        skipped.append(problem)
                     continue
-                raise LocalTaskError(f"{path.name} line {line} has no field {e} ({len(rec)} fields)",
-                                     _k(key, "columns"), spec.source) from None
-            for role, how in table.parse.items():
-                row[role] = parse_quoted_strings(row[role]) if how == "quoted_strings" else parse_id_list(
-                    str(row[role]))
-            row["_where"] = f"{path.name}:{line}"
+                raise LocalTaskError(f"{problem}; {SKIP_HINT}", _k(key, f"columns.{role}" if role else "files"),
+                                     spec.source)
+            row["_where"] = where
             rows.append(row)
     return rows
 
@@ -367,9 +437,22 @@ def read_task(spec: LocalTaskSpec, limit: int | None = None) -> dict[str, Any]:
     sts / pair_classification: {"test": {"sentence1": [...], "sentence2": [...], "score"|"label": [...]}}
     classification: {"train": {"text", "label"}, "test": {"text", "label"}, "label_names": [...]} (label ids)
     retrieval: {"corpus": {id: {"title", "text"}}, "queries": {id: text}, "qrels": {qid: {doc_id: int}}}
+    Each also has "skipped_lines": how many bad lines `skip_bad_lines` left out (before `limit`), and
+    "skipped_examples": the first few of them, described (file:line: what is wrong).
     """
+    skipped: list[str] = []
+    data = _read_task(spec, limit, skipped)
+    data["skipped_lines"] = len(skipped)
+    data["skipped_examples"] = skipped[:5]
+    if skipped:
+        log.warning("local task %s: skipped %d bad line%s (skip_bad_lines), e.g. %s", spec.name, len(skipped),
+                    "" if len(skipped) == 1 else "s", "; ".join(skipped[:3]))
+    return data
+
+
+def _read_task(spec: LocalTaskSpec, limit: int | None, skipped: list[str]) -> dict[str, Any]:
     if spec.type in ("sts", "pair_classification"):
-        rows = read_table(spec.tables["test"], spec)
+        rows = read_table(spec.tables["test"], spec, spec.type, skipped)
         rows = [rows[i] for i in subsample(len(rows), limit, spec.seed)]
         out = {"sentence1": [str(r["sentence1"]) for r in rows], "sentence2": [str(r["sentence2"]) for r in rows]}
         if spec.type == "sts":
@@ -380,7 +463,7 @@ def read_task(spec: LocalTaskSpec, limit: int | None = None) -> dict[str, Any]:
     if spec.type == "classification":
         out = {}
         for part in ("train", "test"):
-            rows = read_table(spec.tables[part], spec)
+            rows = read_table(spec.tables[part], spec, "classification", skipped)
             rows = [rows[i] for i in subsample(len(rows), limit, spec.seed)]
             out[part] = {"text": [str(r["text"]) for r in rows], "label": [str(r["label"]).strip() for r in rows],
                          "_where": [r["_where"] for r in rows]}
@@ -394,7 +477,7 @@ def read_task(spec: LocalTaskSpec, limit: int | None = None) -> dict[str, Any]:
             out[part] = {"text": out[part]["text"], "label": [ids[lab] for lab in out[part]["label"]]}
         out["label_names"] = names
         return out
-    return _read_retrieval(spec, limit)
+    return _read_retrieval(spec, limit, skipped)
 
 
 def _label_names(spec: LocalTaskSpec) -> list[str] | None:
@@ -410,20 +493,20 @@ def _label_names(spec: LocalTaskSpec) -> list[str] | None:
     return [str(n).strip() for n in names]
 
 
-def _read_retrieval(spec: LocalTaskSpec, limit: int | None) -> dict[str, Any]:
+def _read_retrieval(spec: LocalTaskSpec, limit: int | None, skipped: list[str]) -> dict[str, Any]:
     corpus: dict[str, dict[str, str]] = {}
-    for r in read_table(spec.tables["corpus"], spec):
+    for r in read_table(spec.tables["corpus"], spec, "corpus", skipped):
         corpus.setdefault(str(r["id"]).strip(), {"title": str(r.get("title") or "").strip(),
                                                  "text": str(r["text"]).strip()})
     queries: dict[str, str] = {}
     qrels: dict[str, dict[str, int]] = {}
-    for r in read_table(spec.tables["queries"], spec):
+    for r in read_table(spec.tables["queries"], spec, "queries", skipped):
         qid = str(r["id"]).strip()
         queries.setdefault(qid, str(r["text"]).strip())
         for d in r.get("relevant") or []:   # one row per (claim, evidence): relevant docs are the union
             qrels.setdefault(qid, {})[str(d)] = 1
     if "qrels" in spec.tables:
-        for r in read_table(spec.tables["qrels"], spec):
+        for r in read_table(spec.tables["qrels"], spec, "qrels", skipped):
             score = int(_number(r, "score", spec, "qrels")) if "score" in r else 1
             qrels.setdefault(str(r["query_id"]).strip(), {})[str(r["doc_id"]).strip()] = score
     unknown = sorted({d for rel in qrels.values() for d in rel} - set(corpus))

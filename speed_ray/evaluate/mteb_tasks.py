@@ -33,11 +33,15 @@ def build_task(spec: LocalTaskSpec, limit: int | None = None):
     revision = stable_hash({"source": spec.source, "limit": limit,
                             "files": [(str(p), p.stat().st_size if p.exists() else None) for p in spec.files()]})
     split = spec.split
+    # What reading the files left out (skip_bad_lines), for the results: on the class, so it is the same dict
+    # however mteb copies or reloads the task.
+    report: dict[str, Any] = {"skipped_lines": None, "skipped_examples": []}
 
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
         if self.data_loaded:
             return
         data = read_task(spec, limit)
+        report.update(skipped_lines=data["skipped_lines"], skipped_examples=data["skipped_examples"])
         if spec.type in ("sts", "pair_classification"):
             cols = data["test"]
             if spec.type == "pair_classification":
@@ -56,7 +60,7 @@ def build_task(spec: LocalTaskSpec, limit: int | None = None):
         self.data_loaded = True
 
     attrs: dict[str, Any] = {"metadata": _metadata(spec, revision), "load_data": load_data,
-                             "__module__": __name__, "local_spec": spec}
+                             "__module__": __name__, "local_spec": spec, "local_report": report}
     if spec.type == "sts":
         base = AbsTaskSTS
         attrs.update(min_score=spec.score_range[0], max_score=spec.score_range[1])

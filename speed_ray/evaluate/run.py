@@ -108,6 +108,11 @@ def evaluate_model(encoder: Any, tasks: list[Any], cfg: EvalConfig) -> dict[str,
         scores[name] = round(score, 4) if not math.isnan(score) else score
         types[name] = task.metadata.type
         details[name] = {"main_score": task.metadata.main_score, "scores": tr.to_dict().get("scores", {})}
+        report = getattr(task, "local_report", None)
+        if report and report.get("skipped_lines") is not None:    # a local task: bad lines it left out
+            details[name]["skipped_lines"] = report["skipped_lines"]
+            if report["skipped_lines"]:
+                details[name]["skipped_examples"] = list(report["skipped_examples"])
     return {"scores": scores, "types": types, "averages": averages(scores, types), "details": details,
             "encoded_texts": encoder.encoded_texts, "seconds": round(time.time() - t0, 1)}
 
@@ -126,6 +131,7 @@ def run_evaluation(model: str, cfg: EvalConfig, out_dir: str | None, *, label: s
         enc = make_encoder(m, cfg, name, cache_dir)
         entry = evaluate_model(enc, tasks, cfg) if tasks else {"scores": {}, "types": {}, "averages": {}}
         results["models"][name] = {"model": m, "path": enc.path, **entry}
+    results["skipped_lines"] = skipped_lines(tasks)
     if out_dir:
         write_results(results, out_dir)
     return results
@@ -140,12 +146,25 @@ def write_results(results: dict[str, Any], out_dir: str) -> dict[str, str]:
     if results.get("skipped"):
         md += "\nSkipped (data files not found): " + ", ".join(
             f"{s['task']} ({s['missing']})" for s in results["skipped"]) + "\n"
+    if results.get("skipped_lines"):
+        md += "\nBad lines skipped (skip_bad_lines): " + ", ".join(
+            f"{task} {n}" for task, n in results["skipped_lines"].items()) + "\n"
     if results.get("limit"):
         md += f"\nSmoke test: at most {results['limit']} examples per task (scores are not comparable to MTEB).\n"
     for key, text in (("json", json.dumps(results, indent=2, default=str)), ("markdown", md)):
         with fsspec.open(paths[key], "w", auto_mkdir=True) as f:
             f.write(text)
     return paths
+
+
+def skipped_lines(tasks: list[Any]) -> dict[str, int]:
+    """{task: bad lines left out} for the local tasks whose YAML set skip_bad_lines and that had some."""
+    out = {}
+    for task in tasks:
+        n = (getattr(task, "local_report", None) or {}).get("skipped_lines")
+        if n:
+            out[task.metadata.name] = n
+    return out
 
 
 def _label(model: str) -> str:

@@ -42,6 +42,8 @@ def evaluate_stage(ctx: StageContext) -> dict:
     primary = results["models"][results["primary"]]
     for s in results["skipped"]:
         ctx.log("skipped %s: data file not found: %s", s["task"], s["missing"])
+    for task, n in (results.get("skipped_lines") or {}).items():
+        ctx.log("%s: skipped %d bad lines (skip_bad_lines)", task, n)
     ctx.log("average %s over %d tasks", primary["averages"].get("average"), primary["averages"].get("n_tasks", 0))
     return {
         "scores": primary["scores"],
@@ -49,6 +51,7 @@ def evaluate_stage(ctx: StageContext) -> dict:
         "results_path": ctx.out.artifact("results.json"),
         "results_md": ctx.out.artifact("results.md"),
         "skipped": results["skipped"],
+        "skipped_lines": results.get("skipped_lines") or {},
         "baselines": {k: {"model": v["model"], "scores": v["scores"], "averages": v["averages"]}
                       for k, v in results["models"].items() if k != results["primary"]},
         "encoded_texts": {k: v.get("encoded_texts", 0) for k, v in results["models"].items()},
