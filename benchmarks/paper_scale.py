@@ -292,6 +292,11 @@ def _config(run_dir: str, n: int, dup: float):
                       "engine": {**engine, "model": f"stub:dup={dup},rows={n}"}},
         "revision": {"shard_size": 2000, "engine": {**engine, "model": "stub:corpus=1"}},
         # dedup and filters: the config defaults (SPEED: MinHash 0.8, 128 permutations, query + positive)
+        # the embedder: a few steps of MiniLM on the deduplicated rows, one Ray Train worker per node; what is
+        # measured is the feed (triples, plan, epoch files) and the per-step reads, not the model
+        "embedder": {"base_model": "offline:minilm", "lora": False, "pooling": "mean", "batch_size": 32,
+                     "mini_batch_size": 0, "num_workers": 2, "max_steps": 4, "save_steps": 2, "warmup_steps": 0,
+                     "max_query_length": 64, "max_doc_length": 64, "one_task_per_batch": True},
     })
 
 
@@ -329,6 +334,12 @@ def child_dedup(ctx_for, n: int, kill: bool):
     return dedup_stage(ctx_for("dedup", {"samples": ctx_for.store.stage("revision", _fp(n, False))}))
 
 
+def child_embedder(ctx_for, n: int, kill: bool):
+    from speed_ray.embedder.stage import train_embedder_stage
+
+    return train_embedder_stage(ctx_for("train_embedder", {"data": ctx_for.store.stage("dedup", _fp(n, False))}))
+
+
 def run_child(stage: str, run_dir: str, address: str, n: int, dup: float, kill: bool) -> None:
     """In the child driver process: connect to the cluster, run one stage function, print one JSON line."""
     import ray
@@ -350,7 +361,7 @@ def run_child(stage: str, run_dir: str, address: str, n: int, dup: float, kill: 
     t0 = time.time()
     man = STAGES[stage].child(ctx_for, n, kill)
     wall = time.time() - t0
-    out = store.stage(stage, _fp(n, kill))
+    out = store.stage(STAGES[stage].name or stage, _fp(n, kill))
     out.write_manifest({"stage": stage, **(man or {})})
     spilled_mib = None
     try:
@@ -364,7 +375,8 @@ def run_child(stage: str, run_dir: str, address: str, n: int, dup: float, kill: 
         pass
     summary = _summary(stage, man)
     if stage == "dedup":   # the sub-steps' wall times (the kept pass is the rest)
-        from speed_ray.dedup.stage import STEPS, _Steps
+        from speed_ray.dedup.stage import STEPS
+        from speed_ray.store import StepMarkers as _Steps
 
         marks = {name: (_Steps(out).get(name) or {}).get("wall_s") for name in STEPS}
         summary["steps_wall_s"] = {**marks, "kept": round(wall - sum(v or 0 for v in marks.values()), 3)}
@@ -381,6 +393,8 @@ def _summary(stage: str, man: dict | None) -> dict:
         return {k: d.get(k) for k in ("rows_in", "rows_out", "removed", "exact_duplicates", "near_duplicates",
                                       "clusters", "filtered")}
     m = man.get("metrics", {})
+    if stage == "embedder":
+        return {"steps": m.get("steps"), "train_seconds": m.get("train_seconds"), **(m.get("data") or {})}
     return {k: m.get(k) for k in ("rows", "rejected", "generated_this_run", "parse_rate", "revised_total")}
 
 
@@ -428,18 +442,30 @@ def kept_dedup(store, n: int, kill: bool) -> list[str]:
     return sorted(_ids(store.stage("dedup", _fp(n, kill))))
 
 
+def ids_embedder_in(store, n: int) -> list[str]:
+    return _ids(store.stage("dedup", _fp(n, False)))
+
+
+def ids_embedder_out(store, n: int, kill: bool) -> list[str]:
+    from speed_ray.store import shards_at
+
+    return _ids(shards_at(store.stage("train_embedder", _fp(n, kill)), "triples"))
+
+
 @dataclass
 class Stage:
     child: Callable          # (ctx_for, n, kill) -> manifest dict, in the child driver
     ids_in: Callable         # (store, n) -> the ids the stage must write, each exactly once
     ids_out: Callable        # (store, n, kill) -> the ids it wrote (data + rejects/removed), with repeats
     decision: Callable | None = None   # (store, n, kill) -> what must equal between the killed and the clean run
+    name: str | None = None            # the pipeline's stage name, where it differs
 
 
 STAGES: dict[str, Stage] = {
     "synthesis": Stage(child_synthesis, ids_synthesis_in, ids_synthesis_out),
     "revision": Stage(child_revision, ids_revision_in, ids_revision_out),
     "dedup": Stage(child_dedup, ids_dedup_in, ids_dedup_out, kept_dedup),
+    "embedder": Stage(child_embedder, ids_embedder_in, ids_embedder_out, name="train_embedder"),
 }
 
 
@@ -573,21 +599,29 @@ class Bench:
                 "duplicated": len(got) - len(got_set), "unexpected": len(got_set - want)}
 
     def kill_test(self, stage: str, n: int, clean: dict) -> dict:
-        """SIGKILL the driver at a random point of the stage, rerun it, and compare the ids it wrote with its input."""
+        """SIGKILL the driver at random points of the stage, --kills-per-stage times (each run resumes the last
+        one's output), then rerun it to the end, and compare the ids it wrote with its input."""
         from speed_ray.store import RunStore
 
-        frac = random.Random(f"{self.args.seed}-{stage}-{n}").uniform(0.05, 0.95)
-        kill_dir = os.path.join(self.run_dir, "stages", stage, _fp(n, True))
-        for _ in range(4):   # a run faster than the clean one may end before its kill: kill earlier, afresh
-            killed = self.run_stage(stage, n, kill=True, kill_after=frac * clean["wall_s"])
-            if killed["killed"]:
-                break
-            shutil.rmtree(kill_dir, ignore_errors=True)
-            frac /= 2
-        settle_s = self._settle(kill_dir)
+        rng = random.Random(f"{self.args.seed}-{stage}-{n}")
+        kill_dir = os.path.join(self.run_dir, "stages", STAGES[stage].name or stage, _fp(n, True))
+        points, settle_s = [], 0.0
+        for k in range(self.args.kills_per_stage):
+            frac = rng.uniform(0.15, 0.6)
+            for _ in range(4):   # a run that ends before its kill point: kill earlier
+                killed = self.run_stage(stage, n, kill=True, kill_after=frac * clean["wall_s"])
+                if killed["killed"] or k > 0:
+                    break
+                shutil.rmtree(kill_dir, ignore_errors=True)
+                frac /= 2
+            points.append({"kill_fraction": round(frac, 3), "killed": killed["killed"],
+                           "killed_after_s": killed.get("killed_after_s")})
+            settle_s += self._settle(kill_dir)
+            if not killed["killed"]:
+                break   # the stage completed before this kill point: nothing left to kill
         resumed = self.run_stage(stage, n, kill=True)
-        res = {"stage": stage, "n": n, "kind": "driver SIGKILL", "kill_fraction": round(frac, 3),
-               "killed": killed["killed"], "killed_after_s": killed.get("killed_after_s"), "settle_s": settle_s,
+        res = {"stage": stage, "n": n, "kind": "driver SIGKILL", "kills": sum(p["killed"] for p in points),
+               "points": points, "killed": any(p["killed"] for p in points), "settle_s": round(settle_s, 1),
                "resume_wall_s": resumed["wall_s"], "resume_driver_peak_rss_mb": resumed["driver_peak_rss_mb"],
                **self.check_ids(stage, n, True)}
         spec = STAGES[stage]
@@ -630,7 +664,7 @@ class Bench:
                                       "worker_private_mb": r["worker_peak_private_mb"],
                                       "load": os.getloadavg()[0]}),
                           file=sys.stderr, flush=True)
-                    if n in args.kill_sizes:
+                    if n in args.kill_sizes and stage in args.kill_stages:
                         k = self._cached(f"{stage}-{_fp(n, True)}", stage, _fp(n, True),
                                          lambda: self.kill_test(stage, n, r))
                         kills.append(k)
@@ -727,7 +761,8 @@ class Bench:
                                    if k.startswith("driver_rss_")),
             "worker_peak_rss_mb": worker_peak, "worker_peak_ok": worker_peak <= WORKER_LIMIT_MB,
             "worker_peak_private_mb": max((r["worker_peak_private_mb"] for r in flat), default=0.0),
-            "kills": len(kills), "lost": sum(k["lost"] for k in kills),
+            "kills": sum(k.get("kills", int(bool(k.get("killed")))) for k in kills),
+            "kill_runs": len(kills), "lost": sum(k["lost"] for k in kills),
             "duplicated": sum(k["duplicated"] for k in kills),
             "unexpected": sum(k["unexpected"] for k in kills),
             "kills_same_as_clean": all(k.get("same_as_clean_run", True) for k in kills),
@@ -755,10 +790,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_150_000])
     ap.add_argument("--quick", action="store_true", help="20K rows, kills included (a check, not a measurement)")
-    ap.add_argument("--stages", default="synthesis,revision,dedup",
+    ap.add_argument("--stages", default="synthesis,revision,dedup,embedder",
                     help=f"comma-separated, run in this order; known: {', '.join(STAGES)}")
     ap.add_argument("--kill-sizes", type=int, nargs="*", default=None,
                     help="sizes to run the SIGKILL+resume check at (default: the smallest; none: no kills)")
+    ap.add_argument("--kill-stages", default="synthesis,revision,dedup",
+                    help="comma-separated stages to kill (the issue's three; add embedder to kill it too)")
+    ap.add_argument("--kills-per-stage", type=int, default=None, help="default: 3 (1 with --quick)")
     ap.add_argument("--dup", type=float, default=0.2, help="share of near duplicates the stub engine plants")
     ap.add_argument("--seed", type=int, default=0, help="seeds the kill points")
     ap.add_argument("--head-cpus", type=int, default=1)
@@ -780,11 +818,14 @@ def main(argv: list[str] | None = None) -> None:
         run_child(args.child, args.run_dir, args.address, args.n, args.dup, args.kill_run)
         return
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    args.kill_stages = [s.strip() for s in args.kill_stages.split(",") if s.strip()]
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
         ap.error(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
     if args.quick:
         args.sizes = [20_000]
+    if args.kills_per_stage is None:
+        args.kills_per_stage = 1 if args.quick else 3
     args.sizes = sorted(set(args.sizes))
     args.kill_sizes = set(args.sizes[:1] if args.kill_sizes is None else args.kill_sizes)
     bench = Bench(args)

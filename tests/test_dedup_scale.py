@@ -174,19 +174,23 @@ def test_stub_default_output_unchanged_and_options_checked():
 # ---- the benchmark ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_paper_scale_quick_meets_the_goals(tmp_path):
-    """benchmarks/paper_scale.py --quick: a two-node cluster, synthesis + revision + dedup at 20K rows, each killed
-    once at a random point and resumed: nothing lost or duplicated, memory within the limits."""
+    """benchmarks/paper_scale.py --quick: a two-node cluster, synthesis + revision + dedup + the embedder at 20K
+    rows, the first three killed once at a random point and resumed: nothing lost or duplicated, memory within the
+    limits, the embedder trained from its streamed feed."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": str(tmp_path)}
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "paper_scale.py"), "--quick"],
                          capture_output=True, text=True, timeout=1800, env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr[-4000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     g = res["goals"]
-    assert g["kills"] == 3 and g["lost"] == 0 and g["duplicated"] == 0 and g["unexpected"] == 0, res["kills"]
+    assert g["kills"] == 3 and g["kill_runs"] == 3, res["kills"]
+    assert g["lost"] == 0 and g["duplicated"] == 0 and g["unexpected"] == 0, res["kills"]
     assert all(k.get("killed", True) for k in res["kills"]), res["kills"]   # each kill landed mid-stage
     assert g["kills_same_as_clean"]
+    emb = res["results"]["embedder"]["20000"]["summary"]
+    assert emb["steps"] == 4 and emb["triples"] == res["results"]["dedup"]["20000"]["summary"]["rows_out"]
     assert g["driver_peak_ok"] and g["worker_peak_ok"], g
-    assert set(res["results"]) == {"synthesis", "revision", "dedup"}
+    assert set(res["results"]) == {"synthesis", "revision", "dedup", "embedder"}
     d = res["results"]["dedup"]["20000"]["summary"]
     assert 0.15 <= d["removed"] / d["rows_in"] <= 0.25          # the planted fifth, found
     assert res["stub_engine"]["rows_per_cpu_s"] > 0
