@@ -15,9 +15,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionErr
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from speed_ray.config import ConfigError
+    from speed_ray.embedder.data import DataError
     from speed_ray.models.offline import ModelNotFound
 
-    return USER_ERRORS + (ConfigError, ModelNotFound)
+    return USER_ERRORS + (ConfigError, ModelNotFound, DataError)
 
 
 def _split_overrides(args: argparse.Namespace) -> None:
@@ -204,6 +205,10 @@ def build_parser() -> Parser:
                     help="bind a non-loopback host with no token configured")
     sv.add_argument("overrides", nargs="*")
     sv.set_defaults(fn=_lazy("speed_ray.serve.app:serve_main"))
+
+    from speed_ray.embedder.cli import add_parser as add_train_embedder
+
+    add_train_embedder(p, sub)
 
     ls = p.add_command(sub, "llm-server",
                        help="serve an LLM with an OpenAI-compatible /v1/chat/completions (Ray Serve)")

@@ -54,18 +54,20 @@ def select_rows(rows: list[dict], n_samples: int | None = None, task_types: Iter
     return rows if n_samples is None else rows[:n_samples]
 
 
-def to_triple(row: dict, symmetric_types: Iterable[str] = SYMMETRIC_TASK_TYPES, source: str = "synthetic") -> dict | None:
-    """One sample row -> (query, positive, negative) texts with the instruction applied; None if unusable."""
+def to_triple(row: dict, symmetric_types: Iterable[str] = SYMMETRIC_TASK_TYPES, source: str = "synthetic",
+              allow_pairs: bool = False) -> dict | None:
+    """One sample row -> (query, positive, negative) texts with the instruction applied; None if unusable.
+    With allow_pairs, a row without a negative is a pair (negative None: in-batch negatives only)."""
     task, q, pos, neg = (str(row.get(k) or "").strip() for k in ("task", "query", "positive", "negative"))
-    if not q or not pos or not neg:
+    if not q or not pos or (not neg and not allow_pairs):
         return None   # a triple needs all three texts: the hard negative is part of the objective (eq. 4)
     task_type = str(row.get("task_type") or "")
     if task:
         q = with_instruction(task, q)
         if task_type in set(symmetric_types):
-            pos, neg = with_instruction(task, pos), with_instruction(task, neg)
+            pos, neg = with_instruction(task, pos), with_instruction(task, neg) if neg else neg
     return {"id": str(row.get("id") or _order_key(q + pos, 0)[:16]), "task_type": task_type, "task": task,
-            "query": q, "positive": pos, "negative": neg, "source": source}
+            "query": q, "positive": pos, "negative": neg or None, "source": source}
 
 
 def to_triples(rows: list[dict], symmetric_types: Iterable[str] = SYMMETRIC_TASK_TYPES,
@@ -122,13 +124,25 @@ def make_batches(triples: list[dict], batch_size: int, one_task_per_batch: bool 
 
 
 def plan_batches(task_types: list[str], batch_size: int, one_task_per_batch: bool = True, seed: int = 0,
-                 epoch: int = 0) -> list[list[int]]:
+                 epoch: int = 0, pairs: list[bool] | None = None) -> list[list[int]]:
     """Shuffled global batches of exactly batch_size row indices (every worker needs the same shape to all-gather),
     a pure function of the rows' task types (in their order), the seed and the epoch.
 
     With one_task_per_batch, each batch holds one task type, so in-batch negatives are documents of the same
     kind (a classification label is no useful negative for a retrieval query). Rows of a type that do not fill
-    a whole batch are pooled into mixed batches rather than thrown away; fewer than batch_size left are dropped."""
+    a whole batch are pooled into mixed batches rather than thrown away; fewer than batch_size left are dropped.
+    pairs (rows without a hard negative) never share a batch with triples: every row of a batch has the same
+    sides, on every worker."""
+    if pairs is not None and any(pairs):
+        kinds = [(t if one_task_per_batch else "") + ("\x00pair" if p else "") for t, p in zip(task_types, pairs)]
+        rng = random.Random(f"{seed}:{epoch}")
+        out: list[list[int]] = []
+        for flag in (False, True):   # triples, then pairs: each planned on its own, then interleaved
+            idx = [i for i, p in enumerate(pairs) if bool(p) == flag]
+            sub = plan_batches([kinds[i] for i in idx], batch_size, True, rng.randrange(2 ** 31), epoch)
+            out += [[idx[j] for j in b] for b in sub]
+        rng.shuffle(out)
+        return out
     rng = random.Random(f"{seed}:{epoch}")
     batches: list[list[int]] = []
     rest: list[int] = []

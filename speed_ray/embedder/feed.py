@@ -113,16 +113,18 @@ class FeedReader:
 class _Triples:
     """map_batches UDF: sample rows -> triples (instruction applied), filtered by task type, with order keys."""
 
-    def __init__(self, seed: int, task_types, symmetric):
+    def __init__(self, seed: int, task_types, symmetric, allow_pairs: bool = False):
         self.seed, self.task_types, self.symmetric = seed, tuple(task_types or ()), tuple(symmetric)
+        self.allow_pairs = allow_pairs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         return triples_table(rows, order_keys([r["id"] for r in rows], self.seed), self.task_types,
-                             self.symmetric, "synthetic")
+                             self.symmetric, "synthetic", self.allow_pairs)
 
 
-def triples_table(rows: list[dict], keys: np.ndarray, task_types, symmetric, source: str) -> pa.Table:
+def triples_table(rows: list[dict], keys: np.ndarray, task_types, symmetric, source: str,
+                  allow_pairs: bool = False) -> pa.Table:
     """Triples of `rows` with their order keys; a row of another task type is left out, and a row without a
     query, positive or negative becomes a marker row (its id, no key, incomplete=1), so it counts, and a
     resumed pass does not count it twice."""
@@ -132,16 +134,18 @@ def triples_table(rows: list[dict], keys: np.ndarray, task_types, symmetric, sou
     for r, k in zip(rows, keys.tolist()):
         if keep and r.get("task_type") not in keep:
             continue
-        t = to_triple(r, symmetric, source)
+        t = to_triple(r, symmetric, source, allow_pairs)
         for c in TRIPLE_COLUMNS:
             cols[c].append(t[c] if t is not None else (str(r.get("id")) if c == "id" else None))
         out_keys.append(k if t is not None else None)
         incomplete.append(0 if t is not None else 1)
     table = {c: pa.array(v, pa.string()) for c, v in cols.items()}
-    return pa.table({**table, "key": pa.array(out_keys, pa.uint64()), "incomplete": pa.array(incomplete, pa.int8())})
+    pair = [neg is None and not bad for neg, bad in zip(cols["negative"], incomplete)]
+    return pa.table({**table, "key": pa.array(out_keys, pa.uint64()), "incomplete": pa.array(incomplete, pa.int8()),
+                     "pair": pa.array(pair, pa.bool_())})
 
 
-def _public_task(path: str, seed: int, symmetric: tuple, out: StageOutput) -> int:
+def _public_task(path: str, seed: int, symmetric: tuple, out: StageOutput, allow_pairs: bool = False) -> int:
     """Ray task: public data -> triples shards (source "public"). Public ids may repeat, so a public row's key
     hashes its id and its row number."""
     rows = load_public(path)
@@ -149,7 +153,8 @@ def _public_task(path: str, seed: int, symmetric: tuple, out: StageOutput) -> in
     for s in range(0, len(rows), chunk):
         part = rows[s:s + chunk]
         keys = order_keys([f"{r['id']}#{s + i}" for i, r in enumerate(part)], seed)
-        n += out.write_shard(f"public-{s // chunk:05d}", triples_table(part, keys, None, symmetric, "public"))
+        n += out.write_shard(f"public-{s // chunk:05d}", triples_table(part, keys, None, symmetric, "public",
+                                                                         allow_pairs))
     return n
 
 
@@ -163,6 +168,8 @@ def plan_feed(t: pa.Table, cfg: dict, seed: int) -> tuple[dict, np.ndarray | Non
     incomplete = int(pc.sum(t.column("incomplete")).as_py() or 0)
     t = t.filter(pc.is_valid(t.column("key")))
     keys = t.column("key").to_numpy()
+    is_pair = (t.column("pair").to_numpy(zero_copy_only=False) if "pair" in t.column_names
+               else np.zeros(len(keys), dtype=bool))
     if len(np.unique(keys)) != len(keys):
         raise DataError(f"{len(keys) - len(np.unique(keys))} training rows share an id: ids must be unique")
     types = np.array(t.column("task_type").to_pylist(), dtype=object)
@@ -179,13 +186,15 @@ def plan_feed(t: pa.Table, cfg: dict, seed: int) -> tuple[dict, np.ndarray | Non
         pub = pub[np.argsort(keys[pub], kind="stable")][:want]
     canon = np.concatenate([syn, pub]).astype(np.int64)   # canonical order: selected rows by key, then public
     canon_types = list(types[canon])
+    canon_pairs = is_pair[canon].tolist() if is_pair[canon].any() else None
     counts: dict[str, int] = {}
     for tt in canon_types:
         counts[tt] = counts.get(tt, 0) + 1
     summary = {"rows_in": n_in + incomplete, "rows_selected": len(syn), "rows_dropped_incomplete": incomplete,
-               "public_rows": len(pub), "triples": len(canon), "per_task_type": counts}
+               "public_rows": len(pub), "triples": len(canon), "pairs": int(sum(canon_pairs or [])),
+               "per_task_type": counts}
     b = cfg["batch_size"]
-    plan0 = plan_batches(canon_types, b, cfg["one_task_per_batch"], seed, 0)
+    plan0 = plan_batches(canon_types, b, cfg["one_task_per_batch"], seed, 0, canon_pairs)
     n_batches = len(plan0)
     info = {"summary": summary, "n_batches": n_batches, "epochs": 0}
     if n_batches == 0:
@@ -195,7 +204,7 @@ def plan_feed(t: pa.Table, cfg: dict, seed: int) -> tuple[dict, np.ndarray | Non
     order = np.argsort(keys[canon], kind="stable")
     positions = []
     for e in range(epochs):
-        batches = plan0 if e == 0 else plan_batches(canon_types, b, cfg["one_task_per_batch"], seed, e)
+        batches = plan0 if e == 0 else plan_batches(canon_types, b, cfg["one_task_per_batch"], seed, e, canon_pairs)
         pos = np.full(len(canon), -1, dtype=np.int64)
         flat = np.asarray(batches, dtype=np.int64).reshape(-1)
         pos[flat] = np.arange(len(flat), dtype=np.int64)
@@ -205,7 +214,7 @@ def plan_feed(t: pa.Table, cfg: dict, seed: int) -> tuple[dict, np.ndarray | Non
 
 def _plan_task(triples: StageOutput, cfg: dict, seed: int):
     """Ray task (3 returns): plan_feed over the triples shards' small columns."""
-    return plan_feed(triples.read_table(columns=["key", "task_type", "source", "incomplete"]), cfg, seed)
+    return plan_feed(triples.read_table(columns=["key", "task_type", "source", "incomplete", "pair"]), cfg, seed)
 
 
 # ---- pass 3: scatter rows to their epoch files ---------------------------------------------------------------------
@@ -272,12 +281,12 @@ def prepare_feed(ctx, cfg, seed: int) -> FeedPlan:
     plan_url = out.artifact("feed", "plan.json")
     if steps.get("triples") is None:
         ds = filter_pending(ctx.inputs["data"].ray_dataset().select_columns(ROW_COLUMNS), done_set(triples))
-        udf = _Triples(seed, cfg.task_types, cfg.symmetric_task_types)
+        udf = _Triples(seed, cfg.task_types, cfg.symmetric_task_types, cfg.train_pairs)
         write_stream(ds.map_batches(udf, batch_format="pyarrow", batch_size=4096, num_cpus=_LIGHT), triples,
                      rows_per_shard=16384, prefix="part")
         if cfg.public_fraction > 0:
             ray.get(ray.remote(num_cpus=_LIGHT)(_public_task).remote(
-                cfg.public_data, seed, tuple(cfg.symmetric_task_types), triples))
+                cfg.public_data, seed, tuple(cfg.symmetric_task_types), triples, cfg.train_pairs))
         steps.mark("triples", {"shards": len(triples.shard_names())})
 
     if steps.get("feed") is None:

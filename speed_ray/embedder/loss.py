@@ -15,14 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def compute_loss_from_embeddings(q: Tensor, p: Tensor, n: Tensor, temperature: float, offset: int = 0) -> Tensor:
-    """Mean InfoNCE of the queries q against every positive p and every hard negative n.
+def compute_loss_from_embeddings(q: Tensor, p: Tensor, n: Tensor | None, temperature: float,
+                                 offset: int = 0) -> Tensor:
+    """Mean InfoNCE of the queries q against every positive p and every hard negative n (None: pairs, whose
+    negatives are the other rows' positives only).
 
     q: (b, d) this worker's queries; p, n: (B, d) positives and hard negatives of the whole (gathered) batch,
     where q[i] belongs with p[offset + i] and n[offset + i]. Candidates are [p; n]: query i's target is column
     offset + i, so a hard negative (columns B..2B-1) is a negative for every query and a positive for none."""
     q = F.normalize(q, dim=-1)
-    docs = F.normalize(torch.cat([p, n], dim=0), dim=-1)       # (2B, d)
+    docs = F.normalize(p if n is None else torch.cat([p, n], dim=0), dim=-1)       # (2B, d), or (B, d)
     logits = q @ docs.T / temperature                          # (b, 2B)
     labels = torch.arange(offset, offset + q.size(0), device=q.device)
     return F.cross_entropy(logits.float(), labels)
@@ -61,13 +63,14 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return _GatherWithGrad.apply(x)
 
 
-def contrastive_loss(q: Tensor, p: Tensor, n: Tensor, temperature: float, gather: bool = True) -> Tensor:
+def contrastive_loss(q: Tensor, p: Tensor, n: Tensor | None, temperature: float, gather: bool = True) -> Tensor:
     """This worker's loss with negatives from every worker. Averaging the workers' gradients (DDP does) gives
     exactly the gradient of the single-process loss over the global batch."""
     if not (gather and _dist_ready()):
         return compute_loss_from_embeddings(q, p, n, temperature)
     offset = torch.distributed.get_rank() * q.size(0)
-    return compute_loss_from_embeddings(q, gather_with_grad(p), gather_with_grad(n), temperature, offset)
+    return compute_loss_from_embeddings(q, gather_with_grad(p), None if n is None else gather_with_grad(n),
+                                        temperature, offset)
 
 
 class RandState:

@@ -45,13 +45,18 @@ def train_step(embedder, batch: list[dict], s: StepSettings, scaler=None, backwa
     if scaler is not None and backward is not None:
         raise ValueError("a custom backward (DeepSpeed) does its own loss scaling; do not pass a GradScaler too")
     lengths = (s.max_query_length, s.max_doc_length, s.max_doc_length)
-    sides = [[t["query"] for t in batch], [t["positive"] for t in batch], [t["negative"] for t in batch]]
+    sides = [[t["query"] for t in batch], [t["positive"] for t in batch]]
+    has_neg = [t.get("negative") is not None for t in batch]
+    if any(has_neg) and not all(has_neg):
+        raise ValueError("a batch mixes pairs and triples (the feed plans them apart: plan_batches(pairs=...))")
+    if all(has_neg):   # triples; pairs train with in-batch negatives only
+        sides.append([t["negative"] for t in batch])
     unscaled: list[torch.Tensor] = []
 
     def encode(side: int, texts: list[str]) -> torch.Tensor:
         return embedder.encode(texts, lengths[side])
 
-    def loss_fn(q, p, n):
+    def loss_fn(q, p, n=None):
         loss = contrastive_loss(q, p, n, s.temperature, s.gather)
         unscaled.append(loss.detach())
         return scaler.scale(loss) if scaler is not None else loss
@@ -62,7 +67,7 @@ def train_step(embedder, batch: list[dict], s: StepSettings, scaler=None, backwa
         grad_cache_step(encode, sides, loss_fn, s.mini_batch_size)
     else:
         plain_step(encode, sides, loss_fn, backward,
-                   encode_all=(lambda sd: embedder.encode_packed(sd, list(lengths))) if s.pack else None)
+                   encode_all=(lambda sd: embedder.encode_packed(sd, list(lengths[:len(sd)]))) if s.pack else None)
     return float(unscaled[-1])
 
 

@@ -38,17 +38,12 @@ def _eval_config(args: argparse.Namespace):
 
 def resolve_model_arg(model: str) -> tuple[str, str | None]:
     """A model reference, or a run directory -> its newest finished train_embedder model. Returns (model, label)."""
-    p = Path(model)
-    if not (p / "stages").is_dir():
+    from speed_ray.store import find_run_model
+
+    if model.startswith("offline:") or ("://" not in model and not Path(model).is_dir()):
         return model, None
-    best = None
-    for man in (p / "stages" / "train_embedder").glob("*/manifest.json"):
-        m = json.loads(man.read_text())
-        if m.get("model_path") and (best is None or man.stat().st_mtime > best[0]):
-            best = (man.stat().st_mtime, m["model_path"])
-    if best is None:
-        raise FileNotFoundError(f"{model} is a run directory with no finished train_embedder stage")
-    return best[1], p.name
+    path = find_run_model(model)
+    return (model, None) if path is None else (path, Path(model.rstrip("/")).name)
 
 
 def evaluate_main(args: argparse.Namespace) -> int:

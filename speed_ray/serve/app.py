@@ -10,32 +10,11 @@ import time
 from typing import Any
 
 from speed_ray.serve.protocol import embeddings_response, parse_embeddings_request, query_prefix, truncate_normalize
+from speed_ray.store import find_run_model  # one implementation, shared with `speed-ray evaluate RUN_DIR`
 
 log = logging.getLogger("speed_ray.serve")
 
 APP_NAME = "speed-ray-embeddings"
-
-
-def find_run_model(run_dir: str) -> str | None:
-    """The newest completed train_embedder stage's model_path in a run directory, or None if it is not a run dir."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(run_dir)
-    if not fs.isdir(f"{root.rstrip('/')}/stages"):
-        return None
-    found = []
-    for url in fs.glob(f"{root.rstrip('/')}/stages/train_embedder/*/manifest.json"):
-        with fs.open(url) as f:
-            m = json.load(f)
-        if m.get("model_path"):
-            found.append((m.get("ended_at") or 0, url, m["model_path"]))
-    if not found:
-        raise FileNotFoundError(f"{run_dir} is a run directory but has no completed train_embedder stage "
-                                "(no stages/train_embedder/*/manifest.json with a model_path)")
-    _, url, path = max(found)
-    if "://" not in path and not os.path.isabs(path):   # a path relative to the stage directory
-        path = os.path.join(os.path.dirname(url), path)
-    return path
 
 
 def resolve_served_model(spec: str) -> str:
