@@ -47,3 +47,25 @@ def test_batches_hold_one_task_type_and_split_evenly_over_workers():
     assert make_batches(triples, 4, seed=0) == batches
     b = batches[0]
     assert worker_slice(b, 0, 2) + worker_slice(b, 1, 2) == b
+
+
+def test_no_batch_holds_the_same_text_twice():
+    """Real labeled data repeats claims and shares positives: copies in one batch are each other's false negatives
+    (sentence-transformers' NoDuplicatesBatchSampler). The batches avoid them, deterministically, and are the
+    plain cut where no text repeats."""
+    import random as _random
+
+    rng = _random.Random(0)
+    triples = [{"id": f"r{i}", "task_type": "retrieval" if i % 2 else "sts", "query": f"claim {rng.randrange(25)}",
+                "positive": f"evidence {rng.randrange(40)}", "negative": f"other {i}"} for i in range(120)]
+    for one_task in (True, False):
+        batches = make_batches(triples, 6, one_task, seed=2)
+        assert batches == make_batches(triples, 6, one_task, seed=2)
+        assert len(batches) >= 10
+        for b in batches:
+            texts = [t[k] for t in b for k in ("query", "positive", "negative")]
+            assert len(texts) == len(set(texts)), b
+        plain = make_batches(triples, 6, one_task, seed=2, no_duplicates=False)
+        assert any(len({t["query"] for t in b}) < 6 for b in plain)   # without it, duplicates do land together
+    unique = [{**t, "query": f"q{i}", "positive": f"p{i}"} for i, t in enumerate(triples)]
+    assert make_batches(unique, 6, True, 2) == make_batches(unique, 6, True, 2, no_duplicates=False)

@@ -147,3 +147,16 @@ def test_feed_reader_reads_only_its_rows(tmp_path):
     with pytest.raises(ValueError, match="multiple"):
         FeedReader(plan, 0, 4)
     assert np.all(True)
+
+
+def test_feed_batches_never_repeat_a_text(ray_local, tmp_path):
+    """Rows that share a positive (several claims, one evidence passage) are planned into different batches."""
+    from speed_ray.embedder.feed import FeedReader, prepare_feed
+
+    rows = [{"id": f"s{i}", "task_type": "retrieval", "task": "t", "query": f"claim {i}",
+             "positive": f"evidence {i % 9}", "negative": f"other {i}"} for i in range(72)]
+    ctx = _ctx(tmp_path, rows, max_steps=8)
+    plan = prepare_feed(ctx, ctx.cfg.embedder, 3)
+    for step in range(plan.n_batches):
+        b = FeedReader(plan).batch(step)
+        assert len({t["positive"] for t in b}) == len(b), b

@@ -38,6 +38,7 @@ class EmbedderConfig:
     task_types: tuple[str, ...] | None = None # keep only these task types (influence study)
     public_data: str | None = None            # Parquet or JSONL of (query, positive, negative, task)
     public_fraction: float = 0.0              # share of the training mix from public_data
+    no_duplicate_texts: bool = True           # no batch holds a text twice (copies are each other's false negatives)
     train_pairs: bool = False                 # rows without a hard negative train with in-batch negatives only
                                               # (else they are dropped as incomplete)
     symmetric_task_types: tuple[str, ...] = ("sts", "matching_short", "matching_long", "bitext")  # instruction on both sides (E5)

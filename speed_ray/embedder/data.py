@@ -117,14 +117,19 @@ def mix_public(synthetic: list[dict], public: list[dict], fraction: float, seed:
 
 
 def make_batches(triples: list[dict], batch_size: int, one_task_per_batch: bool = True, seed: int = 0,
-                 epoch: int = 0) -> list[list[dict]]:
-    """Shuffled global batches of exactly batch_size triples: `plan_batches` over the triples' task types."""
-    plan = plan_batches([t["task_type"] for t in triples], batch_size, one_task_per_batch, seed, epoch)
+                 epoch: int = 0, no_duplicates: bool = True) -> list[list[dict]]:
+    """Shuffled global batches of exactly batch_size triples: `plan_batches` over the triples' task types (and,
+    with no_duplicates, their texts)."""
+    shared = shared_texts([(t["query"], t["positive"], t.get("negative")) for t in triples]) if no_duplicates \
+        else None
+    plan = plan_batches([t["task_type"] for t in triples], batch_size, one_task_per_batch, seed, epoch,
+                        shared=shared)
     return [[triples[i] for i in b] for b in plan]
 
 
 def plan_batches(task_types: list[str], batch_size: int, one_task_per_batch: bool = True, seed: int = 0,
-                 epoch: int = 0, pairs: list[bool] | None = None) -> list[list[int]]:
+                 epoch: int = 0, pairs: list[bool] | None = None,
+                 shared: dict[int, frozenset] | None = None) -> list[list[int]]:
     """Shuffled global batches of exactly batch_size row indices (every worker needs the same shape to all-gather),
     a pure function of the rows' task types (in their order), the seed and the epoch.
 
@@ -132,14 +137,21 @@ def plan_batches(task_types: list[str], batch_size: int, one_task_per_batch: boo
     kind (a classification label is no useful negative for a retrieval query). Rows of a type that do not fill
     a whole batch are pooled into mixed batches rather than thrown away; fewer than batch_size left are dropped.
     pairs (rows without a hard negative) never share a batch with triples: every row of a batch has the same
-    sides, on every worker."""
+    sides, on every worker.
+
+    shared: the rows that share a text (query, positive or negative) with another row, each with its texts' keys
+    (`shared_texts`). No batch holds the same text twice: two copies would be each other's false negatives (as
+    sentence-transformers' NoDuplicatesBatchSampler). A row that would repeat a text in the batch being filled waits
+    for the next one; without shared texts the batches are exactly the plain cut."""
     if pairs is not None and any(pairs):
         kinds = [(t if one_task_per_batch else "") + ("\x00pair" if p else "") for t, p in zip(task_types, pairs)]
         rng = random.Random(f"{seed}:{epoch}")
         out: list[list[int]] = []
         for flag in (False, True):   # triples, then pairs: each planned on its own, then interleaved
             idx = [i for i, p in enumerate(pairs) if bool(p) == flag]
-            sub = plan_batches([kinds[i] for i in idx], batch_size, True, rng.randrange(2 ** 31), epoch)
+            sub_shared = None if not shared else {j: shared[i] for j, i in enumerate(idx) if i in shared}
+            sub = plan_batches([kinds[i] for i in idx], batch_size, True, rng.randrange(2 ** 31), epoch,
+                               shared=sub_shared)
             out += [[idx[j] for j in b] for b in sub]
         rng.shuffle(out)
         return out
@@ -153,15 +165,67 @@ def plan_batches(task_types: list[str], batch_size: int, one_task_per_batch: boo
         for key in sorted(groups):
             g = groups[key]
             rng.shuffle(g)
-            full = len(g) // batch_size * batch_size
-            batches += [g[i:i + batch_size] for i in range(0, full, batch_size)]
-            rest += g[full:]
+            full, left = _cut(g, batch_size, shared)
+            batches += full
+            rest += left
     else:
         rest = list(range(len(task_types)))
     rng.shuffle(rest)
-    batches += [rest[i:i + batch_size] for i in range(0, len(rest) // batch_size * batch_size, batch_size)]
+    batches += _cut(rest, batch_size, shared)[0]
     rng.shuffle(batches)
     return batches
+
+
+def _cut(order: list[int], batch_size: int, shared: dict[int, frozenset] | None) -> tuple[list[list[int]], list[int]]:
+    """Full batches of `order` in order, and the rows left over. With `shared`, a row whose text is already in the
+    batch being filled waits (in order) for a later batch; rows that still cannot be placed are left over."""
+    if not shared:
+        full = len(order) // batch_size * batch_size
+        return [order[i:i + batch_size] for i in range(0, full, batch_size)], order[full:]
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    seen: set = set()
+    waiting: list[int] = []
+    for i in order:
+        texts = shared.get(i)
+        if texts is not None and not seen.isdisjoint(texts):
+            waiting.append(i)
+            continue
+        batch.append(i)
+        if texts is not None:
+            seen |= texts
+        if len(batch) == batch_size:
+            batches.append(batch)
+            batch, seen = [], set()
+            still = []
+            for w in waiting:   # the waiting rows get the first chance at the new batch
+                wt = shared[w]
+                if len(batch) < batch_size and seen.isdisjoint(wt):
+                    batch.append(w)
+                    seen |= wt
+                else:
+                    still.append(w)
+            waiting = still
+            if len(batch) == batch_size:   # (only when batch_size is smaller than the waiting queue)
+                batches.append(batch)
+                batch, seen = [], set()
+    return batches, batch + waiting
+
+
+def text_key(text: str) -> int:
+    """A text's 64-bit key (BLAKE2b), never 0 (0 stands for "no text")."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") or 1
+
+
+def shared_texts(rows_texts: list[tuple[str | None, ...]]) -> dict[int, frozenset]:
+    """For `plan_batches(shared=...)`: the rows whose texts (any side) occur in another row, with their texts'
+    64-bit keys. Rows with only unique texts are left out (they fit any batch)."""
+    keys = [[text_key(t) for t in row if t] for row in rows_texts]
+    count: dict[int, int] = defaultdict(int)
+    for ks in keys:
+        for k in set(ks):
+            count[k] += 1
+    return {i: frozenset(ks) for i, ks in enumerate(keys) if any(count[k] > 1 for k in ks)}
 
 
 def worker_slice(batch: list[dict], rank: int, world_size: int) -> list[dict]:

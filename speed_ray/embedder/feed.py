@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from speed_ray.embedder.data import DataError, TRIPLE_COLUMNS, load_public, plan_batches, to_triple
+from speed_ray.embedder.data import DataError, TRIPLE_COLUMNS, load_public, plan_batches, text_key, to_triple
 from speed_ray.store import StageOutput, StepMarkers, shards_at
 
 ROW_COLUMNS = ["id", "task_type", "task", "query", "positive", "negative"]
@@ -141,8 +141,10 @@ def triples_table(rows: list[dict], keys: np.ndarray, task_types, symmetric, sou
         incomplete.append(0 if t is not None else 1)
     table = {c: pa.array(v, pa.string()) for c, v in cols.items()}
     pair = [neg is None and not bad for neg, bad in zip(cols["negative"], incomplete)]
+    hashes = {f"h{c[0]}": pa.array([text_key(v) if v and not bad else 0 for v, bad in zip(cols[c], incomplete)],
+                                    pa.uint64()) for c in ("query", "positive", "negative")}
     return pa.table({**table, "key": pa.array(out_keys, pa.uint64()), "incomplete": pa.array(incomplete, pa.int8()),
-                     "pair": pa.array(pair, pa.bool_())})
+                     "pair": pa.array(pair, pa.bool_()), **hashes})
 
 
 def _public_task(path: str, seed: int, symmetric: tuple, out: StageOutput, allow_pairs: bool = False) -> int:
@@ -187,6 +189,7 @@ def plan_feed(t: pa.Table, cfg: dict, seed: int) -> tuple[dict, np.ndarray | Non
     canon = np.concatenate([syn, pub]).astype(np.int64)   # canonical order: selected rows by key, then public
     canon_types = list(types[canon])
     canon_pairs = is_pair[canon].tolist() if is_pair[canon].any() else None
+    shared = _shared(t, canon) if cfg.get("no_duplicate_texts", True) else None
     counts: dict[str, int] = {}
     for tt in canon_types:
         counts[tt] = counts.get(tt, 0) + 1
@@ -194,7 +197,7 @@ def plan_feed(t: pa.Table, cfg: dict, seed: int) -> tuple[dict, np.ndarray | Non
                "public_rows": len(pub), "triples": len(canon), "pairs": int(sum(canon_pairs or [])),
                "per_task_type": counts}
     b = cfg["batch_size"]
-    plan0 = plan_batches(canon_types, b, cfg["one_task_per_batch"], seed, 0, canon_pairs)
+    plan0 = plan_batches(canon_types, b, cfg["one_task_per_batch"], seed, 0, canon_pairs, shared)
     n_batches = len(plan0)
     info = {"summary": summary, "n_batches": n_batches, "epochs": 0}
     if n_batches == 0:
@@ -204,7 +207,8 @@ def plan_feed(t: pa.Table, cfg: dict, seed: int) -> tuple[dict, np.ndarray | Non
     order = np.argsort(keys[canon], kind="stable")
     positions = []
     for e in range(epochs):
-        batches = plan0 if e == 0 else plan_batches(canon_types, b, cfg["one_task_per_batch"], seed, e, canon_pairs)
+        batches = plan0 if e == 0 else plan_batches(canon_types, b, cfg["one_task_per_batch"], seed, e, canon_pairs,
+                                                                 shared)
         pos = np.full(len(canon), -1, dtype=np.int64)
         flat = np.asarray(batches, dtype=np.int64).reshape(-1)
         pos[flat] = np.arange(len(flat), dtype=np.int64)
@@ -212,9 +216,25 @@ def plan_feed(t: pa.Table, cfg: dict, seed: int) -> tuple[dict, np.ndarray | Non
     return info, keys[canon][order], positions
 
 
+def _shared(t: pa.Table, canon: np.ndarray) -> dict[int, frozenset] | None:
+    """plan_batches' `shared` over the canonical order, from the text-key columns: only the rows with a text that
+    occurs in another row."""
+    if "hq" not in t.column_names:
+        return None
+    h = np.stack([t.column(c).to_numpy(zero_copy_only=False) for c in ("hq", "hp", "hn")], axis=1)[canon]
+    flat = h.reshape(-1)
+    u, counts = np.unique(flat[flat != 0], return_counts=True)
+    dup = u[counts > 1]
+    if not len(dup):
+        return None
+    rows = np.flatnonzero(np.isin(h, dup).any(axis=1))
+    return {int(i): frozenset(int(x) for x in h[i] if x) for i in rows}
+
+
 def _plan_task(triples: StageOutput, cfg: dict, seed: int):
     """Ray task (3 returns): plan_feed over the triples shards' small columns."""
-    return plan_feed(triples.read_table(columns=["key", "task_type", "source", "incomplete", "pair"]), cfg, seed)
+    return plan_feed(triples.read_table(columns=["key", "task_type", "source", "incomplete", "pair", "hq", "hp",
+                                                 "hn"]), cfg, seed)
 
 
 # ---- pass 3: scatter rows to their epoch files ---------------------------------------------------------------------
@@ -291,7 +311,8 @@ def prepare_feed(ctx, cfg, seed: int) -> FeedPlan:
 
     if steps.get("feed") is None:
         plan_cfg = {"n_samples": cfg.n_samples, "public_fraction": cfg.public_fraction, "batch_size": cfg.batch_size,
-                    "one_task_per_batch": cfg.one_task_per_batch, "epochs": cfg.epochs, "max_steps": cfg.max_steps}
+                    "one_task_per_batch": cfg.one_task_per_batch, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
+                    "no_duplicate_texts": cfg.no_duplicate_texts}
         info_ref, keys_ref, pos_ref = ray.remote(num_cpus=1, num_returns=3)(_plan_task).remote(triples, plan_cfg,
                                                                                              seed)
         info = ray.get(info_ref)
