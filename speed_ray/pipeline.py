@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import logging
+import os
 import threading
 import time
 import traceback
@@ -13,13 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from speed_ray.config import to_dict
+from speed_ray.config_view import ConfigView, Recorder
 from speed_ray.run_config import RunConfig, dump_config
 from speed_ray.store import CostLedger, RunStore, StageOutput, library_versions, stable_hash
 
 log = logging.getLogger("speed_ray")
 
 # Bump STAGE_VERSION (all stages) or a StageSpec's version when code changes what is written, so old outputs
-# are not reused.
+# are not reused. Changing a config field's default is such a change: a fingerprint hashes only the settings that
+# differ from their defaults (so a field added with a default leaves finished stages reusable), so the stages that
+# hash the field would otherwise reuse outputs made with the old default.
 STAGE_VERSION = "1"
 
 
@@ -35,15 +40,34 @@ class StageSpec:
 
 
 # What identifies the teacher's answers: the model name, the model actually served when the teacher is the local
-# server, and the constrained-output mode.
-_TEACHER = ("teacher.model", "teacher.local_server.model", "teacher.json_mode")
+# server and the answer length it clips requests to, and the constrained-output mode.
+_TEACHER = ("teacher.model", "teacher.local_server.model", "teacher.local_server.max_new_tokens", "teacher.json_mode")
+
+# Settings that stages read but that by design do not change what they write: where the run and its outputs live,
+# how the teacher is reached and served, how fast, how robustly and within what budget requests go out, and how
+# rows are batched into shards. A stage's config_keys need not cover these, nor the fields marked
+# {"fingerprint": False} (checks like min_valid_share); every other setting a stage reads must be covered, which
+# tests/test_stage_reads.py checks by running the stages with ctx.cfg recording their reads. A budget cap with
+# teacher.on_budget_exhausted=finish completes a stage partially on purpose: it is topped up with --force.
+NOT_FINGERPRINTED = (
+    "run.name", "run.run_dir", "run.ray_address", "run.num_cpus", "run.log_level",
+    "teacher.base_url", "teacher.api_key_env", "teacher.concurrency", "teacher.rpm", "teacher.tpm",
+    "teacher.timeout_s", "teacher.max_retries", "teacher.backoff_base_s", "teacher.backoff_max_s", "teacher.cache",
+    "teacher.max_tokens_param", "teacher.max_calls", "teacher.max_tokens_budget", "teacher.on_budget_exhausted",
+    "teacher.max_failed_fraction", "teacher.shard_rows", "teacher.request_batch_size", "teacher.num_actors",
+    "teacher.local_server.engine", "teacher.local_server.host", "teacher.local_server.port",
+    "teacher.local_server.replicas", "teacher.local_server.num_cpus", "teacher.local_server.num_gpus",
+    "teacher.local_server.torch_threads", "teacher.local_server.max_batch_size",
+    "teacher.local_server.batch_wait_timeout_s",
+)
 
 # Every stage SPEED has. The variant picks a subset and rewires the generator roles (paper Table 1 and 2).
 _ALL = {
     "topics": StageSpec("topics", "speed_ray.teacher.stages:topics_stage", {}, ("topics", "run.seed"),
                         doc="sample multi-grained topics from the taxonomy"),
     "brainstorm": StageSpec("brainstorm", "speed_ray.teacher.stages:brainstorm_stage", {"topics": "topics"},
-                            ("brainstorm", *_TEACHER, "run.seed"), True, "teacher brainstorms task descriptions"),
+                            ("brainstorm", *_TEACHER, "teacher.sampling", "run.seed"), True,
+                            "teacher brainstorms task descriptions"),
     "seed_data": StageSpec("seed_data", "speed_ray.teacher.stages:seed_data_stage", {"tasks": "brainstorm"},
                            ("seed_data", "mixture", *_TEACHER, "teacher.sampling", "run.seed"), True,
                            "teacher writes D_seed"),
@@ -53,11 +77,13 @@ _ALL = {
                            {"generator": "junior_sft", "tasks": "brainstorm"}, ("root_data", "mixture", "run.seed"),
                            doc="junior generator writes k samples per prompt (D_root)"),
     "judge": StageSpec("judge", "speed_ray.teacher.stages:judge_stage", {"root": "root_data"},
-                       ("judge", *_TEACHER), True, "teacher picks best/worst: D_DPO",
+                       # the judge decodes at teacher.judge_temperature: sampling.temperature is not used
+                       ("judge", *_TEACHER, "teacher.judge_temperature", "teacher.sampling.top_p",
+                        "teacher.sampling.max_tokens"), True, "teacher picks best/worst: D_DPO",
                        version="3"),
     "revise_signals": StageSpec("revise_signals", "speed_ray.teacher.stages:revise_signals_stage",
-                                {"root": "root_data"}, ("revise_signals", *_TEACHER, "teacher.sampling"), True,
-                                "teacher revises root samples: D_revise"),
+                                {"root": "root_data"}, ("revise_signals", *_TEACHER, "teacher.sampling", "run.seed"),
+                                True, "teacher revises root samples: D_revise"),
     "senior_dpo": StageSpec("senior_dpo", "speed_ray.align.stages:senior_dpo_stage",
                             {"pairs": "judge", "reference": "junior_sft"}, ("senior_dpo", "run.seed"),
                             doc="DPO the junior into the senior generator"),
@@ -76,7 +102,9 @@ _ALL = {
     "dedup": StageSpec("dedup", "speed_ray.dedup.stage:dedup_stage", {"samples": "revision"},
                        ("dedup", "filters"), doc="exact + MinHash-LSH dedup, then quality filters"),
     "train_embedder": StageSpec("train_embedder", "speed_ray.embedder.stage:train_embedder_stage",
-                                {"data": "dedup"}, ("embedder", "run.seed"), doc="contrastive training of the embedder"),
+                                {"data": "dedup"}, ("embedder", "run.seed"), doc="contrastive training of the embedder",
+                                # 2: the streamed feed (n_samples counts usable triples; no text twice in a batch)
+                                version="2"),
     "evaluate": StageSpec("evaluate", "speed_ray.evaluate.stage:evaluate_stage", {"model": "train_embedder"},
                           ("evaluate",), doc="MTEB evaluation of the trained embedder"),
 }
@@ -120,37 +148,106 @@ def build_plan(variant: str) -> list[StageSpec]:
     return [s[n] for n in names]
 
 
-def _select(cfg_dict: dict, dotted: str) -> Any:
+_ABSENT = object()
+
+
+def _select(cfg_dict: dict, dotted: str, missing: Any = None) -> Any:
     node: Any = cfg_dict
     for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or part not in node:
+            return missing
+        node = node[part]
     return node
 
 
+def _fingerprinted(f: dataclasses.Field) -> bool:
+    """False for the fields that only check a stage's output (field metadata {"fingerprint": False}, e.g.
+    min_valid_share): changing a check must not orphan the shards it judged."""
+    return f.metadata.get("fingerprint", True)
+
+
 def _inputs_dict(cfg: Any) -> Any:
-    """to_dict(cfg) without the fields that only check a stage's output (field metadata {"fingerprint": False},
-    e.g. min_valid_share): changing a check must not orphan the shards it judged."""
+    """to_dict(cfg) without the fields that are not fingerprinted: what a manifest records as its settings."""
     if dataclasses.is_dataclass(cfg):
-        return {f.name: _inputs_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-                if f.metadata.get("fingerprint", True)}
+        return {f.name: _inputs_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if _fingerprinted(f)}
     return to_dict(cfg)
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return _ABSENT
+
+
+def _hashed_dict(cfg: Any) -> dict:
+    """_inputs_dict(cfg) without the leaves that equal their field's default, so a field added to a config class
+    with a default changes no fingerprint. A section that is all defaults drops out, unless its field's default is
+    not a section (e.g. None)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if not _fingerprinted(f):
+            continue
+        value, default = getattr(cfg, f.name), _field_default(f)
+        if dataclasses.is_dataclass(value):
+            sub = _hashed_dict(value)
+            if sub or not dataclasses.is_dataclass(default):
+                out[f.name] = sub
+        elif default is _ABSENT or to_dict(value) != to_dict(default):
+            out[f.name] = to_dict(value)
+    return out
+
+
 def fingerprint_settings(cfg: RunConfig, spec: StageSpec) -> dict[str, Any]:
-    """The settings a stage's fingerprint hashes (also recorded in its manifest): its config_keys' values."""
+    """The settings a stage's fingerprint depends on, as its manifest records them: its config_keys' values."""
     cfg_dict = _inputs_dict(cfg)
     return {k: _select(cfg_dict, k) for k in spec.config_keys}
 
 
+def _hashed_settings(hashed: dict, spec: StageSpec) -> dict[str, Any]:
+    """What the fingerprint hashes of those settings: the ones that differ from their defaults."""
+    picked = {k: _select(hashed, k, _ABSENT) for k in spec.config_keys}
+    return {k: v for k, v in picked.items() if v is not _ABSENT}
+
+
 def fingerprints(cfg: RunConfig, plan: list[StageSpec]) -> dict[str, str]:
-    """Each stage's fingerprint: its settings, its version and its inputs' fingerprints."""
+    """Each stage's fingerprint: its settings (those that differ from their defaults), its version and its
+    inputs' fingerprints."""
+    hashed = _hashed_dict(cfg)
     out: dict[str, str] = {}
     for spec in plan:
-        settings = fingerprint_settings(cfg, spec)
+        settings = _hashed_settings(hashed, spec)
         inputs = {role: out[up] for role, up in sorted(spec.inputs.items())}
         out[spec.name] = stable_hash({"stage": spec.name, "v": f"{STAGE_VERSION}.{spec.version}", "settings": settings,
                                       "inputs": inputs})
     return out
+
+
+def uncovered_reads(cfg: RunConfig, spec: StageSpec, paths: set[str] | list[str]) -> list[str]:
+    """The config paths a stage read that its fingerprint does not cover: not under one of its config_keys, not in
+    NOT_FINGERPRINTED, not a field marked {"fingerprint": False}. Changing one of them would reuse its output."""
+    def covered(path: str) -> bool:
+        if any(path == k or path.startswith(k + ".") for k in (*spec.config_keys, *NOT_FINGERPRINTED)):
+            return True
+        node: Any = cfg
+        for part in path.split("."):
+            if not dataclasses.is_dataclass(node):
+                return False
+            f = next((f for f in dataclasses.fields(node) if f.name == part), None)
+            if f is None:
+                return False
+            if not _fingerprinted(f):
+                return True
+            node = getattr(node, part)
+        return False
+
+    return sorted(p for p in paths if not covered(p))
+
+
+# A local directory, set by tests: the settings each stage reads, in the driver and in the Ray workers of this
+# machine, are written to READS_DIR/<stage>.json (accumulated over runs). Unset, only the driver's reads are seen.
+READS_DIR: str | None = None
 
 
 class StageError(RuntimeError):
@@ -159,7 +256,9 @@ class StageError(RuntimeError):
 
 @dataclass
 class StageContext:
-    """What a stage function gets: its config, its output dir, its inputs by role, and a cost ledger."""
+    """What a stage function gets: its config, its output dir, its inputs by role, and a cost ledger. When the
+    pipeline runs a stage, cfg is a speed_ray.config_view.ConfigView of the RunConfig: it reads like one and
+    records which settings the stage reads."""
 
     cfg: RunConfig
     name: str
@@ -307,8 +406,11 @@ def _run_stage(cfg: RunConfig, spec: StageSpec, store: RunStore, fps: dict[str, 
                              f"run it first or add it to --stages")
         inputs[role] = up_out
     out.clear_manifest()
-    ctx = StageContext(cfg=cfg, name=spec.name, out=out, inputs=inputs, store=store, run_name=run_name,
-                       _services=services)
+    # ctx.cfg records every setting the stage reads: reading one its fingerprint does not cover is a bug (a change
+    # to it would reuse this output), warned about below and caught by tests/test_stage_reads.py.
+    recorder = Recorder(os.path.join(READS_DIR, "workers", spec.name) if READS_DIR else None)
+    ctx = StageContext(cfg=ConfigView(cfg, recorder), name=spec.name, out=out, inputs=inputs, store=store,
+                       run_name=run_name, _services=services)
     resumed = len(out.shard_names())
     log.info("[%s] running -> %s%s", spec.name, out.url,
              f" (resuming: {resumed} shard(s) already written)" if resumed else "")
@@ -320,6 +422,7 @@ def _run_stage(cfg: RunConfig, spec: StageSpec, store: RunStore, fps: dict[str, 
                          f"(its partial output stays at {out.url}; rerun to resume)\n"
                          + traceback.format_exc(limit=6)) from e
     t1 = time.time()
+    _check_reads(cfg, spec, recorder)
     ledger = ctx.ledger.as_dict()
     if not ctx.ledger.cpu_seconds and not ctx.ledger.gpu_seconds:
         ledger["cpu_hours"] = (t1 - t0) / 3600
@@ -335,6 +438,23 @@ def _run_stage(cfg: RunConfig, spec: StageSpec, store: RunStore, fps: dict[str, 
     log.info("[%s] done in %.1fs: %d rows, %d teacher calls, %d tokens", spec.name, t1 - t0,
              manifest["rows"], ledger["calls"], ledger["total_tokens"])
     return {"state": "ran", **_brief(manifest)}
+
+
+def _check_reads(cfg: RunConfig, spec: StageSpec, recorder: Recorder) -> None:
+    reads = recorder.all_paths()
+    uncovered = uncovered_reads(cfg, spec, reads)
+    if uncovered:
+        log.warning("[%s] read setting(s) its fingerprint does not cover: %s; changing them would reuse its output "
+                    "(add them to its StageSpec.config_keys, or to NOT_FINGERPRINTED if they cannot change what it "
+                    "writes)", spec.name, ", ".join(uncovered))
+    if READS_DIR:
+        path = os.path.join(READS_DIR, f"{spec.name}.json")
+        before: list[str] = []
+        if os.path.exists(path):
+            with open(path) as f:
+                before = json.load(f)
+        with open(path, "w") as f:
+            json.dump(sorted(set(before) | reads), f)
 
 
 def _brief(m: dict) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from speed_ray import config_view
 from speed_ray.teacher.client import ChatRequest, ChatResult, Secret, TeacherClient
 from speed_ray.teacher.ratelimit import Budget
 
@@ -114,7 +114,7 @@ class TeacherUDF:
                  api_key: Secret | None):
         budget = _ActorBudget(budget) if budget is not None else None
         # caps live in the shared actor; the client must not build a private per-actor Budget from cfg
-        cfg = dataclasses.replace(cfg, max_calls=None, max_tokens_budget=None)
+        cfg = config_view.replace(cfg, max_calls=None, max_tokens_budget=None)
         self.client = TeacherClient.from_config(cfg, base_url, cache_url, budget=budget, api_key=api_key)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
@@ -145,7 +145,8 @@ def teacher_map(ds, cfg: "TeacherConfig", base_url: str, cache_url: str | None, 
         budget_name = f"teacher-budget-{uuid.uuid4().hex[:12]}"
     # The handle rides in the UDF's constructor args, so the (non-detached) actor lives as long as the dataset.
     budget = make_budget(budget_name, cfg.max_calls, cfg.max_tokens_budget) if budget_name else None
-    per = dataclasses.replace(
+    # config_view.replace: a stage's recorded reads stay the fields the client reads, not every field copied here
+    per = config_view.replace(
         cfg, concurrency=max(1, math.ceil(cfg.concurrency / num_actors)),
         rpm=None if cfg.rpm is None else max(1, cfg.rpm // num_actors),
         tpm=None if cfg.tpm is None else max(1, cfg.tpm // num_actors))
@@ -156,8 +157,9 @@ def teacher_map(ds, cfg: "TeacherConfig", base_url: str, cache_url: str | None, 
     # env var still authenticates, and nothing is put in a runtime_env, which the dashboard shows.
     key = os.environ.get(cfg.api_key_env)
     return ds.map_batches(
-        TeacherUDF, fn_constructor_kwargs={"cfg": per, "base_url": base_url, "cache_url": cache_url,
-                                           "budget": budget, "api_key": Secret(key) if key else None},
+        TeacherUDF, fn_constructor_kwargs={"cfg": config_view.for_workers(per), "base_url": base_url,
+                                           "cache_url": cache_url, "budget": budget,
+                                           "api_key": Secret(key) if key else None},
         batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=num_actors, max_size=num_actors))
 
