@@ -1,20 +1,40 @@
 """Paper scale on one machine: the pipeline's own stage functions at SPEED's counts (1.15M raw samples) on a real
-two-node Ray cluster started here, with the stub engine standing in for the generators.
+two-node Ray cluster started here, with stand-ins for the models: a fake OpenAI-compatible teacher, the tiny Llama
+for the aligned generators, the stub engine for generation.
 
     .venv/bin/python benchmarks/paper_scale.py --sizes 100000 1150000     # the measurement
-    .venv/bin/python benchmarks/paper_scale.py --quick                    # 20K rows, kills included (~5 min)
+    .venv/bin/python benchmarks/paper_scale.py --quick                    # 20K rows, kills included
     .venv/bin/python benchmarks/paper_scale.py --stages dedup --sizes 100000 --keep /tmp/ps
+    .venv/bin/python benchmarks/paper_scale.py --quick --stages brainstorm,seed_data,judge,revise_signals
 
-Per stage and size: rows/s, wall time, the driver's peak RSS (its own ru_maxrss: each stage runs in a fresh driver
-process), the largest Ray worker's peak RSS (psutil over the raylets' descendants, sampled), object-store spill
-(`ray memory` stats and the spill directories' size). Kill runs (the smallest size unless --kill-sizes): the driver
-is SIGKILLed at a random point of the stage, rerun, and the ids of the output are compared with the input's (lost,
-duplicated), and with the uninterrupted run's. Prints ONE JSON line last, with the 1.15M/100K ratios and the goals:
-driver peak <= 1.5 GiB and <= 1.2x from the smallest to the largest size, no worker above 3 GiB, 0 lost, 0 duplicated.
+Stages, in the default order (each reads the one before it from the same run directory):
+  teacher    brainstorm, seed_data, judge, revise_signals: the teacher stages against tests/fake_openai.py, served
+             from this process at 300 ms a request with 2% 429s (Retry-After: 1) and 1% 5xx (500/503), rolled per
+             request arrival from a seed, answering each kind of request with valid JSON (the responder of
+             tests/test_teacher_stages.py). SPEED's teacher work at n=1.15M: 20K topics brainstormed (4 calls each:
+             STS takes E5's fixed task), 25K D_seed calls, 10K judge lists, 10K revisions; scaled with n, with a
+             floor (TEACHER_FLOOR) so each stage does real work at --quick. brainstorm reads topics sampled from
+             the IAB taxonomy, judge and revise_signals a synthetic finished root_data stage (per prompt: 3 valid
+             outputs and one that does not parse, as the junior writes them).
+  alignment  junior_sft (on seed_data), senior_dpo (on judge, from the junior), revisor_sft (on revise_signals):
+             ALIGN_STEPS steps of the tiny Llama on Ray Train, one worker per node. What is measured is preparing
+             all rows (the driver builds the examples, each worker tokenizes them), not training quality.
+  generation synthesis, revision (the stub engine), dedup, embedder (a few MiniLM steps on the deduplicated rows).
 
-Stages are plain functions in STAGES (`name -> Stage(child=..., input=..., ids=...)`): to add one (teacher,
-alignment, embedder), write its child-side runner (builds the StageContext, runs the stage function) and how to
-list its input and output ids, and register it; the driver, the sampling, the kills and the report are shared.
+Per stage and size: rows/s (the stage's own rows: teacher requests, training examples, else n), wall time, the
+driver's peak RSS (its own ru_maxrss: each stage runs in a fresh driver process), the largest Ray worker's peak RSS
+(psutil over the raylets' descendants, sampled), object-store spill (`ray memory` stats and the spill directories'
+size); teacher stages also their calls, HTTP attempts, retries and valid share, and what the server saw (429s,
+5xx, peak in flight); the teacher and alignment stages' output ids are checked against their input's after the
+run. Kill runs (synthesis, revision and dedup at the smallest size, unless --kill-stages / --kill-sizes): the
+driver is SIGKILLed at a random point of the stage, rerun, and the ids of the output are compared with the input's
+(lost, duplicated), and with the uninterrupted run's. Prints ONE JSON line last, with the 1.15M/100K ratios and the
+goals: driver peak <= 1.5 GiB and <= 1.2x from the smallest to the largest size, no worker above 3 GiB, 0 lost,
+0 duplicated.
+
+Stages are plain functions in STAGES (`name -> Stage(child, ids_in, ids_out, ...)`): to add one, write its
+child-side runner (builds the StageContext, runs the stage function) and how to list its input and output ids,
+and register it; the driver, the sampling, the kills and the report are shared.
 """
 
 from __future__ import annotations
@@ -46,6 +66,22 @@ WORKER_LIMIT_MB = 3072
 DRIVER_RATIO_LIMIT = 1.2
 SEED = 0
 TASK_TYPES = ("retrieval", "classification", "matching_short", "matching_long", "sts", "bitext")
+
+# The teacher's work in SPEED at n = 1.15M raw samples: 20K topics brainstormed, and 45K calls (25K D_seed, 10K
+# judge lists, 10K revisions); scaled with n, never below the floor (--quick must still exercise each stage).
+PAPER_N = 1_150_000
+TEACHER_PAPER = {"brainstorm": 20_000, "seed_data": 25_000, "judge": 10_000, "revise_signals": 10_000}
+TEACHER_FLOOR = {"brainstorm": 100, "seed_data": 500, "judge": 500, "revise_signals": 500}
+BRAINSTORM_TYPES = ("retrieval", "classification", "matching_short", "matching_long", "sts")   # SPEED's five
+TEACHER_LATENCY_S, TEACHER_P429, TEACHER_P5XX = 0.3, 0.02, 0.01
+TEACHER_CONCURRENCY = 128      # 45K calls at 300 ms: >= 2 minutes at 128 in flight (the CPU sets the real pace)
+ROOT_K = 4                     # outputs per root prompt (paper: 4 per prompt)
+ALIGN_STEPS = 3
+
+
+def teacher_counts(n: int) -> dict[str, int]:
+    """Topics to brainstorm, D_seed calls, judge lists, revisions at size n."""
+    return {k: max(TEACHER_FLOOR[k], round(v * n / PAPER_N)) for k, v in TEACHER_PAPER.items()}
 
 
 # ---- the cluster -----------------------------------------------------------------------------------------------
@@ -282,12 +318,30 @@ class Sampler:
 
 
 # ---- the child driver: one stage in a fresh process ----------------------------------------------------------------
-def _config(run_dir: str, n: int, dup: float):
+def _config(run_dir: str, n: int, dup: float, teacher_url: str | None = None):
     from speed_ray.run_config import build_config
 
     engine = {"kind": "stub", "batch_size": 1000, "num_cpus_per_replica": 0.5, "replicas_min": 1, "replicas_max": 2}
+    counts = teacher_counts(n)
+    # the aligned generators: a few steps of the tiny Llama, one Ray Train worker per node; what is measured is the
+    # data preparation (examples built by the driver, tokenized by each worker), not the model
+    align = {"base_model": "offline:tiny-llama", "lora": False, "learning_rate": 1e-3, "batch_size": 4,
+             "per_device_batch_size": 2, "num_workers": 2, "max_steps": ALIGN_STEPS, "save_steps": ALIGN_STEPS,
+             "max_length": 2048}
     return build_config({
         "run": {"run_dir": run_dir, "seed": SEED, "name": "paper_scale"},
+        # the teacher: the benchmark's fake server (the parent's), one teacher_map actor (an aiohttp client keeps
+        # 128 requests in flight on a fraction of a core). Not one per node: on these 1-CPU nodes two actors take
+        # 0.25 CPU of each, and the 1-CPU ListFiles task of judge's and revise_signals' read_parquet then fits on
+        # no node (seen: revise_signals waited forever)
+        "teacher": {"model": "fake-gpt-4o", "base_url": teacher_url, "concurrency": TEACHER_CONCURRENCY,
+                    "num_actors": 1, "request_batch_size": 64, "json_mode": "json_object", "timeout_s": 30.0},
+        "topics": {"n_topics": counts["brainstorm"]},
+        "brainstorm": {"task_types": list(BRAINSTORM_TYPES), "tasks_per_topic": 1},
+        "seed_data": {"n_samples": counts["seed_data"]},
+        "judge": {"n_lists": counts["judge"]},
+        "revise_signals": {"n_samples": counts["revise_signals"]},
+        "junior_sft": align, "senior_dpo": {**align, "beta": 0.1}, "revisor_sft": align,
         "synthesis": {"n_samples": n, "shard_size": 2000,
                       "engine": {**engine, "model": f"stub:dup={dup},rows={n}"}},
         "revision": {"shard_size": 2000, "engine": {**engine, "model": "stub:corpus=1"}},
@@ -316,6 +370,140 @@ def _fp(n: int, kill: bool) -> str:
     return f"n{n}-kill" if kill else f"n{n}"
 
 
+def _done(store, stage: str, n: int):
+    """The finished output of an earlier stage of this benchmark run (the stage that reads it needs it)."""
+    out = store.stage(stage, _fp(n, False))
+    if not out.done:
+        raise SystemExit(f"no finished {stage} output at n={n} in {store.run_dir}: run --stages {stage} first "
+                         f"(with the same --keep directory)")
+    return out
+
+
+def teacher_responder() -> Callable[[dict], str]:
+    """The fake teacher's answers: the responder of tests/test_teacher_stages.py (valid JSON for each kind of SPEED
+    request), except that a revision is a sample of the revised prompt's own task type (the tests' responder
+    answers STS keys for every revision) and brainstormed tasks carry no test marker."""
+    if str(REPO / "tests") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests"))
+    from test_teacher_stages import POISON, responder
+
+    head, sep = "A language model has been given a prompt: ", "\n\nThe output generated by the model is: "
+
+    def respond(body: dict) -> str:
+        user = next((m.get("content") or "" for m in reversed(body["messages"]) if m.get("role") == "user"), "")
+        if user.startswith(head) and sep in user:      # revise: {"reason", "revision": <a sample of that task>}
+            inner = responder({"messages": [{"role": "user", "content": user[len(head):user.index(sep)]}]})
+            return json.dumps({"reason": f"revised {len(user)}", "revision": json.loads(inner)})
+        return responder(body).replace(f" {POISON}", "")
+
+    return respond
+
+
+def _topics_output(store, n: int):
+    """A finished topics stage: teacher_counts(n)["brainstorm"] topics drawn from the IAB taxonomy."""
+    out = store.stage("topics", _fp(n, False))
+    if not out.done:
+        from speed_ray.teacher.taxonomy import load_taxonomy
+        from speed_ray.teacher.topics import sample_topics
+
+        rows = sample_topics(load_taxonomy("iab", None), teacher_counts(n)["brainstorm"], SEED)
+        for k in range(0, len(rows), 5000):
+            out.write_shard(f"part-{k // 5000:05d}", rows[k:k + 5000])
+        out.write_manifest({"topics": len(rows)})
+    return out
+
+
+def _root_output(store, n: int):
+    """A finished root_data stage (D_root, what the junior writes): teacher_counts(n)["judge"] synthesis prompts
+    over the brainstorm types, each for its own task and topic (no two judge or revise requests alike, so none is
+    a cache hit), with ROOT_K outputs, the last one not a sample; the columns judge and revise_signals read.
+    Written in 1000-row shards (the driver never holds all of it)."""
+    out = store.stage("root_data", _fp(n, False))
+    if out.done:
+        return out
+    from speed_ray.teacher.parsing import canonical_json, parse_sample
+    from speed_ray.teacher.prompts import synthesis_messages
+    from speed_ray.teacher.samples import lineage_extend, stable_id
+
+    respond = teacher_responder()
+    total = teacher_counts(n)["judge"]
+    for start in range(0, total, 1000):
+        rows = []
+        for i in range(start, min(total, start + 1000)):
+            tt = BRAINSTORM_TYPES[i % len(BRAINSTORM_TYPES)]
+            t = {"task": f"Retrieve {tt} documents about subject {i}.", "topic": f"Topic {i}",
+                 "lineage": json.dumps({"topic": f"Topic {i}"})}
+            msgs, params = synthesis_messages(tt, t["task"], random.Random(i), t["topic"])
+            outputs = [respond({"messages": msgs[:-1] + [{**msgs[-1], "content": f"{msgs[-1]['content']} #{j}"}]})
+                       for j in range(ROOT_K - 1)] + ["I'm afraid this sample did not come out right."]
+            parsed = [parse_sample(o, tt) for o in outputs]
+            rows.append({"id": stable_id("root", SEED, i), "task_type": tt, "task": t["task"],
+                         "prompt": json.dumps(msgs, ensure_ascii=False), "prompt_params": json.dumps(params),
+                         "outputs": outputs, "samples": [canonical_json(p.sample) if p.ok else "" for p in parsed],
+                         "generator": "junior:paper-scale",
+                         "lineage": lineage_extend(t["lineage"], generator="junior:paper-scale"),
+                         "valid": True, "n_valid": sum(p.ok for p in parsed)})
+        out.write_shard(f"part-{start // 1000:05d}", rows)
+    out.write_manifest({"rows": total, "samples_per_prompt": ROOT_K})
+    return out
+
+
+def _teacher_child(ctx_for, name: str, inputs: dict, fn) -> dict:
+    ctx = ctx_for(name, inputs)
+    return {**fn(ctx), "ledger": ctx.ledger.as_dict()}
+
+
+def child_brainstorm(ctx_for, n: int, kill: bool):
+    from speed_ray.teacher.stages import brainstorm_stage
+
+    return _teacher_child(ctx_for, "brainstorm", {"topics": _topics_output(ctx_for.store, n)}, brainstorm_stage)
+
+
+def child_seed_data(ctx_for, n: int, kill: bool):
+    from speed_ray.teacher.stages import seed_data_stage
+
+    return _teacher_child(ctx_for, "seed_data", {"tasks": _done(ctx_for.store, "brainstorm", n)}, seed_data_stage)
+
+
+def child_judge(ctx_for, n: int, kill: bool):
+    from speed_ray.teacher.stages import judge_stage
+
+    return _teacher_child(ctx_for, "judge", {"root": _root_output(ctx_for.store, n)}, judge_stage)
+
+
+def child_revise_signals(ctx_for, n: int, kill: bool):
+    from speed_ray.teacher.stages import revise_signals_stage
+
+    return _teacher_child(ctx_for, "revise_signals", {"root": _root_output(ctx_for.store, n)},
+                          revise_signals_stage)
+
+
+def _align_child(ctx_for, name: str, inputs: dict, fn) -> dict:
+    src = inputs.get("data") or inputs["pairs"]
+    return {**fn(ctx_for(name, inputs)), "rows_in": len(_ids(src))}
+
+
+def child_junior_sft(ctx_for, n: int, kill: bool):
+    from speed_ray.align.stages import junior_sft_stage
+
+    return _align_child(ctx_for, "junior_sft", {"data": _done(ctx_for.store, "seed_data", n)}, junior_sft_stage)
+
+
+def child_senior_dpo(ctx_for, n: int, kill: bool):
+    from speed_ray.align.stages import senior_dpo_stage
+
+    store = ctx_for.store
+    return _align_child(ctx_for, "senior_dpo", {"pairs": _done(store, "judge", n),
+                                                "reference": _done(store, "junior_sft", n)}, senior_dpo_stage)
+
+
+def child_revisor_sft(ctx_for, n: int, kill: bool):
+    from speed_ray.align.stages import revisor_sft_stage
+
+    return _align_child(ctx_for, "revisor_sft", {"data": _done(ctx_for.store, "revise_signals", n)},
+                        revisor_sft_stage)
+
+
 def child_synthesis(ctx_for, n: int, kill: bool):
     from speed_ray.generate.stages import synthesis_stage
 
@@ -340,7 +528,8 @@ def child_embedder(ctx_for, n: int, kill: bool):
     return train_embedder_stage(ctx_for("train_embedder", {"data": ctx_for.store.stage("dedup", _fp(n, False))}))
 
 
-def run_child(stage: str, run_dir: str, address: str, n: int, dup: float, kill: bool) -> None:
+def run_child(stage: str, run_dir: str, address: str, n: int, dup: float, kill: bool,
+              teacher_url: str | None = None) -> None:
     """In the child driver process: connect to the cluster, run one stage function, print one JSON line."""
     import ray
 
@@ -349,8 +538,10 @@ def run_child(stage: str, run_dir: str, address: str, n: int, dup: float, kill: 
 
     ray.init(address=address, log_to_driver=False, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = _config(run_dir, n, dup)
+    cfg = _config(run_dir, n, dup, teacher_url)
     store = RunStore(run_dir)
+    if STAGES[stage].prepare is not None:   # synthetic inputs, before the stage's clock starts
+        STAGES[stage].prepare(store, n)
 
     def ctx_for(name, inputs):
         return StageContext(cfg=cfg, name=name, out=store.stage(name, _fp(n, kill)), inputs=inputs, store=store,
@@ -381,13 +572,33 @@ def run_child(stage: str, run_dir: str, address: str, n: int, dup: float, kill: 
         marks = {name: (_Steps(out).get(name) or {}).get("wall_s") for name in STEPS}
         summary["steps_wall_s"] = {**marks, "kept": round(wall - sum(v or 0 for v in marks.values()), 3)}
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"stage": stage, "n": n, "wall_s": wall, "driver_cpu_s": ru.ru_utime + ru.ru_stime,
+    rows = STAGES[stage].rows(man or {}) if STAGES[stage].rows is not None else n
+    print(json.dumps({"stage": stage, "n": n, "rows": rows, "wall_s": wall,
+                      "driver_cpu_s": ru.ru_utime + ru.ru_stime,
                       "driver_peak_rss_mb": ru.ru_maxrss / 1024,
                       "spilled_mib": spilled_mib, "summary": summary}), flush=True)
 
 
 def _summary(stage: str, man: dict | None) -> dict:
     man = man or {}
+    if stage in TEACHER_STAGES:
+        led = man.get("ledger") or {}
+        calls, attempts = led.get("calls", 0), led.get("http_attempts", 0)
+        return {"requests": man.get("requests"), "calls": calls, "http_attempts": attempts,
+                "retries": attempts - calls, "cached_calls": led.get("cached_calls"),
+                "failed_calls": led.get("failed_calls"), "tokens": led.get("total_tokens"),
+                "answered": man.get("answered"), "valid": man.get("valid"), "rejected": man.get("rejected"),
+                "pending": man.get("pending"), "valid_share": man.get("valid_rate"),
+                "parse_rate": man.get("parse_rate"), "reject_reasons": man.get("reject_reasons"),
+                "failed_errors": man.get("failed_errors")}
+    if stage in ALIGN_STAGES:
+        m = man.get("metrics") or {}
+        return {"rows_in": man.get("rows_in"), "rows_prepared": man.get("train_examples"),
+                "skipped_rows": man.get("skipped_rows"),
+                "examples_dropped_too_long": m.get("examples_dropped_too_long"),
+                "steps": m.get("global_step"), "world_size": m.get("world_size"),
+                "train_runtime_s": m.get("train_runtime"), "first_loss": m.get("first_loss"),
+                "last_loss": m.get("last_loss")}
     if stage == "dedup":
         d = man.get("dedup", {})
         return {k: d.get(k) for k in ("rows_in", "rows_out", "removed", "exact_duplicates", "near_duplicates",
@@ -452,6 +663,67 @@ def ids_embedder_out(store, n: int, kill: bool) -> list[str]:
     return _ids(shards_at(store.stage("train_embedder", _fp(n, kill)), "triples"))
 
 
+def _request_ids(out) -> list[str]:
+    """The request ids a teacher stage wrote: its valid rows' and its rejects' (each answered request once)."""
+    from speed_ray.teacher.runner import rejects_output
+
+    return [i for o in (out, rejects_output(out)) if o.shard_names() for i in _ids(o, ("request_id",))]
+
+
+def ids_brainstorm_in(store, n: int) -> list[str]:
+    from speed_ray.teacher.samples import stable_id
+
+    return [stable_id("brainstorm", t, tt) for t in _ids(store.stage("topics", _fp(n, False)))
+            for tt in BRAINSTORM_TYPES]
+
+
+def ids_seed_data_in(store, n: int) -> list[str]:
+    from speed_ray.teacher.config import MixtureConfig
+    from speed_ray.teacher.stages import plan_samples
+
+    tasks = store.stage("brainstorm", _fp(n, False)).read_rows(columns=["id", "task_type"])
+    return [p["id"] for p in plan_samples(tasks, teacher_counts(n)["seed_data"], MixtureConfig().weights, SEED,
+                                          "seed")]
+
+
+def ids_judge_in(store, n: int) -> list[str]:
+    from speed_ray.teacher.samples import stable_id
+
+    return [stable_id("judge", i) for i in sorted(_ids(store.stage("root_data", _fp(n, False))))]
+
+
+def ids_revise_signals_in(store, n: int) -> list[str]:
+    import pyarrow.compute as pc
+
+    from speed_ray.teacher.samples import stable_id
+    from speed_ray.teacher.stages import pick_revise_targets
+
+    root = store.stage("root_data", _fp(n, False)).read_table(columns=["id", "outputs"])
+    lens = dict(zip(root.column("id").to_pylist(), pc.list_value_length(root.column("outputs")).to_pylist()))
+    picked = pick_revise_targets(lens, teacher_counts(n)["revise_signals"], SEED)
+    return [stable_id("revise", lid, j) for lid, js in picked.items() for j in js]
+
+
+def _teacher_ids_out(stage: str) -> Callable:
+    return lambda store, n, kill: _request_ids(store.stage(stage, _fp(n, kill)))
+
+
+def _align_ids_in(source: str) -> Callable:
+    return lambda store, n: _ids(store.stage(source, _fp(n, False)))
+
+
+def _align_ids_out(stage: str) -> Callable:
+    """The ids of the examples the stage prepared (its train_data.parquet artifact, which the workers read)."""
+    def ids(store, n: int, kill: bool) -> list[str]:
+        import fsspec
+        import pyarrow.parquet as pq
+
+        fs, path = fsspec.core.url_to_fs(store.stage(stage, _fp(n, kill)).artifact("train_data.parquet"))
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=["id"]).column("id").to_pylist()
+    return ids
+
+
 @dataclass
 class Stage:
     child: Callable          # (ctx_for, n, kill) -> manifest dict, in the child driver
@@ -459,14 +731,42 @@ class Stage:
     ids_out: Callable        # (store, n, kill) -> the ids it wrote (data + rejects/removed), with repeats
     decision: Callable | None = None   # (store, n, kill) -> what must equal between the killed and the clean run
     name: str | None = None            # the pipeline's stage name, where it differs
+    rows: Callable | None = None       # (manifest) -> the rows the stage handled, for rows/s (default: n)
+    prepare: Callable | None = None    # (store, n) -> None: writes synthetic inputs, before the stage's clock
+    teacher: bool = False              # talks to the benchmark's fake teacher server
+    check_ids: bool = False            # ids checked after the clean run too (stages that are not killed)
+
+
+TEACHER_STAGES = ("brainstorm", "seed_data", "judge", "revise_signals")
+ALIGN_STAGES = ("junior_sft", "senior_dpo", "revisor_sft")
+
+
+def _teacher_stage(child: Callable, ids_in: Callable, stage: str, prepare: Callable | None = None) -> Stage:
+    return Stage(child, ids_in, _teacher_ids_out(stage), rows=lambda m: m.get("requests") or 0, prepare=prepare,
+                 teacher=True, check_ids=True)
+
+
+def _align_stage(child: Callable, source: str, stage: str) -> Stage:
+    return Stage(child, _align_ids_in(source), _align_ids_out(stage), rows=lambda m: m.get("train_examples") or 0,
+                 check_ids=True)
 
 
 STAGES: dict[str, Stage] = {
+    "brainstorm": _teacher_stage(child_brainstorm, ids_brainstorm_in, "brainstorm",
+                                 lambda store, n: _topics_output(store, n)),
+    "seed_data": _teacher_stage(child_seed_data, ids_seed_data_in, "seed_data"),
+    "judge": _teacher_stage(child_judge, ids_judge_in, "judge", lambda store, n: _root_output(store, n)),
+    "revise_signals": _teacher_stage(child_revise_signals, ids_revise_signals_in, "revise_signals",
+                                     lambda store, n: _root_output(store, n)),
+    "junior_sft": _align_stage(child_junior_sft, "seed_data", "junior_sft"),
+    "senior_dpo": _align_stage(child_senior_dpo, "judge", "senior_dpo"),
+    "revisor_sft": _align_stage(child_revisor_sft, "revise_signals", "revisor_sft"),
     "synthesis": Stage(child_synthesis, ids_synthesis_in, ids_synthesis_out),
     "revision": Stage(child_revision, ids_revision_in, ids_revision_out),
     "dedup": Stage(child_dedup, ids_dedup_in, ids_dedup_out, kept_dedup),
     "embedder": Stage(child_embedder, ids_embedder_in, ids_embedder_out, name="train_embedder"),
 }
+DEFAULT_STAGES = ",".join(STAGES)
 
 
 # ---- the stand-in generator's own speed --------------------------------------------------------------------------
@@ -501,24 +801,58 @@ def stub_engine_rate(model: str = "stub:dup=0.2,rows=1150000", rows: int = 2000,
             "rows_per_wall_s": round(done / (time.time() - w0)), "valid_share": valid / out.num_rows}
 
 
+# ---- the fake teacher ----------------------------------------------------------------------------------------------
+def start_teacher_server(latency_s: float = TEACHER_LATENCY_S, p429: float = TEACHER_P429,
+                         p5xx: float = TEACHER_P5XX, seed: int = SEED):
+    """tests/fake_openai.py in this process (its own event loop thread): `latency_s` per request, a share p429 of
+    the requests answered 429 with Retry-After: 1 and p5xx answered 500 or 503 (half each), rolled per arrival."""
+    if str(REPO / "tests") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests"))
+    from fake_openai import FakeOpenAI, Fault
+
+    srv = FakeOpenAI(latency_s=latency_s, responder=teacher_responder(), seed=seed, keep_bodies=False)
+    srv.add_fault(Fault("status", status=429, retry_after="1", times=None, probability=p429,
+                        message="Rate limit reached (injected)"),
+                  Fault("status", status=500, times=None, probability=p5xx / 2),
+                  Fault("status", status=503, times=None, probability=p5xx / 2))
+    return srv.start()
+
+
+def server_window(srv, mark: int, cpu0: float) -> dict:
+    """What the fake teacher saw since log entry `mark`: requests by outcome, peak in flight, this process's CPU."""
+    from collections import Counter
+
+    seen = Counter(outcome for _, _, outcome in srv.log[mark:])
+    return {"requests": sum(seen.values()), "ok": seen.get("ok", 0), "http_429": seen.get("429", 0),
+            "http_5xx": sum(v for k, v in seen.items() if k.isdigit() and k.startswith("5")),
+            "max_inflight": srv.max_inflight, "server_process_cpu_s": round(time.process_time() - cpu0, 1)}
+
+
 # ---- the parent: runs, kills, measures ----------------------------------------------------------------------------
 class Bench:
     def __init__(self, args):
         self.args = args
         self.cluster = Cluster(args.head_cpus, args.worker_cpus, args.object_store_mb)
         self.run_dir = args.keep or tempfile.mkdtemp(prefix="srps-run-")
+        self.server = None
 
     def _spawn(self, stage: str, n: int, kill: bool) -> subprocess.Popen:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", stage, "--run-dir", self.run_dir,
                "--address", self.cluster.address, "--n", str(n), "--dup", str(self.args.dup)]
         if kill:
             cmd.append("--kill-run")
+        if self.server is not None:
+            cmd += ["--teacher-url", self.server.base_url]
         return subprocess.Popen(cmd, env=self.cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, cwd=str(REPO))
 
     def run_stage(self, stage: str, n: int, kill: bool = False, kill_after: float | None = None) -> dict:
         """One child driver for `stage`; with kill_after, SIGKILL it that many seconds after the stage began."""
         self.sampler.reset()
+        mark, cpu0 = 0, time.process_time()
+        if self.server is not None:
+            mark = len(self.server.log)
+            self.server.max_inflight = self.server.inflight
         proc = self._spawn(stage, n, kill)
         self.sampler.driver_pid = proc.pid
         lines: list[str] = []
@@ -556,8 +890,12 @@ class Bench:
             raise RuntimeError(f"{stage} at {n} failed (rc {proc.returncode}):\n{''.join(err_lines)[-4000:]}")
         out = json.loads([ln for ln in lines if ln.startswith("{")][-1])
         res.update(out)
-        res["rows_per_s"] = round(n / max(out["wall_s"], 1e-9), 1)
-        res["cpu_ms_per_row"] = round(1000 * (res["workers_cpu_s"] + out["driver_cpu_s"]) / n, 3)
+        rows = out.get("rows") or n
+        res["rows_per_s"] = round(rows / max(out["wall_s"], 1e-9), 1)
+        res["cpu_ms_per_row"] = round(1000 * (res["workers_cpu_s"] + out["driver_cpu_s"]) / rows, 3)
+        if STAGES[stage].teacher and self.server is not None:
+            res["summary"]["server"] = server_window(self.server, mark, cpu0)
+            res["summary"]["calls_per_s"] = round(res["summary"]["calls"] / max(out["wall_s"], 1e-9), 1)
         res["wall_s"] = round(out["wall_s"], 1)
         res["driver_peak_rss_mb"] = round(out["driver_peak_rss_mb"], 1)
         res["parent_wall_s"] = round(time.time() - t0, 1)
@@ -606,16 +944,19 @@ class Bench:
         rng = random.Random(f"{self.args.seed}-{stage}-{n}")
         kill_dir = os.path.join(self.run_dir, "stages", STAGES[stage].name or stage, _fp(n, True))
         points, settle_s = [], 0.0
+        done_s = 0.0   # roughly how much of the clean run's work the killed runs did (start-up discounted)
         for k in range(self.args.kills_per_stage):
             frac = rng.uniform(0.15, 0.6)
+            remaining = max(clean["wall_s"] - 0.7 * done_s, 0.25 * clean["wall_s"])
             for _ in range(4):   # a run that ends before its kill point: kill earlier
-                killed = self.run_stage(stage, n, kill=True, kill_after=frac * clean["wall_s"])
+                killed = self.run_stage(stage, n, kill=True, kill_after=frac * remaining)
                 if killed["killed"] or k > 0:
                     break
                 shutil.rmtree(kill_dir, ignore_errors=True)
                 frac /= 2
             points.append({"kill_fraction": round(frac, 3), "killed": killed["killed"],
                            "killed_after_s": killed.get("killed_after_s")})
+            done_s += killed.get("killed_after_s") or 0.0
             settle_s += self._settle(kill_dir)
             if not killed["killed"]:
                 break   # the stage completed before this kill point: nothing left to kill
@@ -630,6 +971,13 @@ class Bench:
             res["same_as_clean_run"] = spec.decision(store, n, True) == spec.decision(store, n, False)
         # checked: the killed run's output goes (at 1.15M rows a stage writes gigabytes; the clean one stays)
         shutil.rmtree(kill_dir, ignore_errors=True)
+        return res
+
+    def measure(self, stage: str, n: int) -> dict:
+        """The clean run of `stage` at n; the teacher and alignment stages' ids checked after it (not killed)."""
+        res = self.run_stage(stage, n)
+        if STAGES[stage].check_ids:
+            res["ids"] = self.check_ids(stage, n, False)
         return res
 
     def run(self) -> dict:
@@ -651,17 +999,21 @@ class Bench:
         results: dict[str, dict[str, dict]] = {}
         kills: list[dict] = []
         try:
+            if any(STAGES[s].teacher for s in args.stages):
+                self.server = start_teacher_server(args.teacher_latency, args.teacher_p429, args.teacher_p5xx)
+                print(json.dumps({"progress": "fake teacher", "url": self.server.base_url}), file=sys.stderr,
+                      flush=True)
             for n in args.sizes:
                 for stage in args.stages:
                     r = self._cached(f"{stage}-{_fp(n, False)}", stage, _fp(n, False),
-                                     lambda: self.run_stage(stage, n), resumable=True)
+                                     lambda: self.measure(stage, n), resumable=True)
                     results.setdefault(stage, {})[str(n)] = r
                     if "environment_kill" in r:
                         kills.append(r["environment_kill"])
-                    print(json.dumps({"progress": stage, "n": n, "wall_s": r["wall_s"],
+                    print(json.dumps({"progress": stage, "n": n, "wall_s": r["wall_s"], "rows": r.get("rows"),
                                       "rows_per_s": r["rows_per_s"], "cpu_ms_per_row": r["cpu_ms_per_row"],
                                       "driver_mb": r["driver_peak_rss_mb"], "worker_mb": r["worker_peak_rss_mb"],
-                                      "worker_private_mb": r["worker_peak_private_mb"],
+                                      "worker_private_mb": r["worker_peak_private_mb"], "ids": r.get("ids"),
                                       "load": os.getloadavg()[0]}),
                           file=sys.stderr, flush=True)
                     if n in args.kill_sizes and stage in args.kill_stages:
@@ -672,6 +1024,8 @@ class Bench:
         finally:
             self.sampler.close()
             self.cluster.stop()
+            if self.server is not None:
+                self.server.stop()
             if not args.keep:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
         return self.report(results, kills, time.time() - t_start)
@@ -714,13 +1068,14 @@ class Bench:
             segs = earlier + [res]
             res = {**res, "segments": len(segs), "interrupted_walls_s": [e["wall_s"] for e in earlier]}
             res["wall_s"] = round(sum(e["wall_s"] for e in segs), 1)
-            res["rows_per_s"] = round(res["n"] / max(res["wall_s"], 1e-9), 1)
+            rows = res.get("rows") or res["n"]
+            res["rows_per_s"] = round(rows / max(res["wall_s"], 1e-9), 1)
             for k in ("worker_peak_rss_mb", "worker_peak_private_mb", "spill_dir_peak_mb"):
                 res[k] = max(e.get(k, 0.0) for e in segs)
             res["driver_peak_rss_mb"] = max([res["driver_peak_rss_mb"]]
                                             + [e.get("driver_sampled_peak_rss_mb", 0.0) for e in earlier])
             cpu = sum(e.get("workers_cpu_s", 0.0) for e in segs) + res.get("driver_cpu_s", 0.0)
-            res["cpu_ms_per_row"] = round(1000 * cpu / res["n"], 3)   # without the killed drivers' own CPU
+            res["cpu_ms_per_row"] = round(1000 * cpu / rows, 3)   # without the killed drivers' own CPU
             res["environment_kill"] = {"stage": stage, "n": res["n"], "kind": "cluster killed (environment)",
                                        "segments": len(segs), **self.check_ids(stage, res["n"], False)}
         with open(base + ".json", "w") as f:
@@ -766,19 +1121,29 @@ class Bench:
             "duplicated": sum(k["duplicated"] for k in kills),
             "unexpected": sum(k["unexpected"] for k in kills),
             "kills_same_as_clean": all(k.get("same_as_clean_run", True) for k in kills),
+            # the teacher and alignment stages: every request answered once, every row prepared once
+            "stage_ids_ok": all(r["ids"]["lost"] == 0 and r["ids"]["duplicated"] == 0 and r["ids"]["unexpected"] == 0
+                                for r in flat if r.get("ids")),
         }
         goals["ok"] = bool(goals["driver_peak_ok"] and goals["driver_ratio_ok"] and goals["worker_peak_ok"]
                            and goals["lost"] == 0 and goals["duplicated"] == 0 and goals["unexpected"] == 0
-                           and goals["kills_same_as_clean"])
-        slim = {stage: {n: {k: r.get(k) for k in ("rows_per_s", "wall_s", "cpu_ms_per_row", "driver_peak_rss_mb",
+                           and goals["kills_same_as_clean"] and goals["stage_ids_ok"])
+        slim = {stage: {n: {k: r.get(k) for k in ("rows", "rows_per_s", "wall_s", "cpu_ms_per_row",
+                                                  "driver_peak_rss_mb",
                                                   "worker_peak_rss_mb", "worker_peak_private_mb",
                                                   "workers_peak_count", "workers_private_sum_peak_mb",
                                                   "worker_peak_process", "spilled_mib", "spill_dir_peak_mb",
-                                                  "segments", "summary")}
+                                                  "segments", "ids", "summary")}
                         for n, r in by_n.items()} for stage, by_n in results.items()}
+        teacher = None
+        if any(STAGES[s].teacher for s in args.stages if s in STAGES):
+            teacher = {"server": "tests/fake_openai.py", "latency_s": args.teacher_latency, "p429": args.teacher_p429,
+                       "p5xx": args.teacher_p5xx, "concurrency": TEACHER_CONCURRENCY,
+                       "counts": {str(n): teacher_counts(n) for n in sizes}}
         return {"benchmark": "paper_scale", "engine": "stub", "sizes": sizes, "stages": args.stages,
                 "cluster": {"nodes": 2, "head_cpus": args.head_cpus, "worker_cpus": args.worker_cpus,
                             "object_store_mb_per_node": args.object_store_mb},
+                "teacher": teacher, "align_steps": ALIGN_STEPS,
                 "results": slim, "ratios": ratios, "kills": kills, "goals": goals, "ok": goals["ok"],
                 "merged_from": merged_from,
                 "stub_engine": self.stub, "total_s": round(total_s, 1), "load_avg_start": self.load_start,
@@ -790,12 +1155,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_150_000])
     ap.add_argument("--quick", action="store_true", help="20K rows, kills included (a check, not a measurement)")
-    ap.add_argument("--stages", default="synthesis,revision,dedup,embedder",
-                    help=f"comma-separated, run in this order; known: {', '.join(STAGES)}")
+    ap.add_argument("--stages", default=DEFAULT_STAGES,
+                    help=f"comma-separated, run in this order (each reads the one before it); known: {DEFAULT_STAGES}")
     ap.add_argument("--kill-sizes", type=int, nargs="*", default=None,
                     help="sizes to run the SIGKILL+resume check at (default: the smallest; none: no kills)")
     ap.add_argument("--kill-stages", default="synthesis,revision,dedup",
-                    help="comma-separated stages to kill (the issue's three; add embedder to kill it too)")
+                    help="comma-separated stages to kill (the issue's three; add embedder to kill it too); the "
+                         "teacher and alignment stages are checked for lost and duplicated ids after their clean run")
     ap.add_argument("--kills-per-stage", type=int, default=None, help="default: 3 (1 with --quick)")
     ap.add_argument("--dup", type=float, default=0.2, help="share of near duplicates the stub engine plants")
     ap.add_argument("--seed", type=int, default=0, help="seeds the kill points")
@@ -803,6 +1169,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--worker-cpus", type=int, default=1)
     ap.add_argument("--object-store-mb", type=int, default=1024)
     ap.add_argument("--stage-timeout", type=float, default=6 * 3600)
+    ap.add_argument("--teacher-latency", type=float, default=TEACHER_LATENCY_S, help="fake teacher, s per request")
+    ap.add_argument("--teacher-p429", type=float, default=TEACHER_P429, help="share of requests answered 429")
+    ap.add_argument("--teacher-p5xx", type=float, default=TEACHER_P5XX, help="share answered 500/503")
     ap.add_argument("--keep", default=None, help="run directory to keep (default: a temp dir, removed)")
     ap.add_argument("--merge", nargs="*", default=None,
                     help="output files of earlier runs: their results join this report (ratios across runs)")
@@ -813,9 +1182,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--address", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--kill-run", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--teacher-url", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        run_child(args.child, args.run_dir, args.address, args.n, args.dup, args.kill_run)
+        run_child(args.child, args.run_dir, args.address, args.n, args.dup, args.kill_run, args.teacher_url)
         return
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     args.kill_stages = [s.strip() for s in args.kill_stages.split(",") if s.strip()]

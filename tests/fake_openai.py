@@ -9,6 +9,14 @@ Usage (in-process; the server runs on its own event loop in a daemon thread):
         srv.received                                 # Counter: request hash -> times received
         srv.total, srv.max_inflight, srv.log         # counts, peak concurrency, (arrival monotonic t, hash, outcome)
 
+Random faults (a realistic endpoint): `Fault(..., times=None, probability=p)` fires on a share p of the requests
+it matches, rolled per arrival from FakeOpenAI(seed=...), the request and how often it came, so a retry rolls again
+and a run is reproducible whatever the arrival order:
+
+    FakeOpenAI(latency_s=0.3, seed=0, keep_bodies=False).add_fault(
+        Fault("status", status=429, retry_after="1", times=None, probability=0.02),
+        Fault("status", status=500, times=None, probability=0.01))
+
 Default answer: a deterministic function of the request, always a valid JSON object as the message content:
     {"request_hash": <12 hex>, "model": ..., "n_messages": ..., "last_user": <first 200 chars>}
 
@@ -18,6 +26,7 @@ the prompt in `body["messages"]` and return the JSON its parser expects. Faults 
 
 Out of process (for benchmarks, so the server does not share the client's GIL):
     python tests/fake_openai.py --latency 0.2     # prints "READY http://127.0.0.1:<port>/v1" then serves
+    python tests/fake_openai.py --latency 0.3 --p429 0.02 --p5xx 0.01 --seed 0   # with random 429s and 500s
 """
 
 from __future__ import annotations
@@ -48,7 +57,10 @@ class Fault:
     sentence), refusal_field (content null + message.refusal, as OpenAI structured outputs do), wrong_schema
     (valid JSON, wrong keys), garbage_body (HTTP 200 with a non-JSON body), disconnect (the connection is
     dropped without an answer).
-    times: how often it fires in total (None: forever); with per_request=True, how often per distinct request."""
+    times: how often it fires in total (None: forever); with per_request=True, how often per distinct request.
+    probability: the share of matching arrivals it fires on (1.0: every one until `times` is used up); each arrival
+    rolls independently (seeded by FakeOpenAI(seed=...), the request and its arrival count), and when several
+    faults would fire the first one listed does."""
 
     kind: FaultKind
     status: int = 500
@@ -58,6 +70,7 @@ class Fault:
     per_request: bool = False
     hang_s: float = 30.0
     message: str = "injected fault"
+    probability: float = 1.0
 
 
 def request_hash(body: dict) -> str:
@@ -77,8 +90,11 @@ def default_responder(body: dict) -> str:
 
 class FakeOpenAI:
     def __init__(self, latency_s: float = 0.0, responder: Callable[[dict], str | dict] | None = None,
-                 host: str = "127.0.0.1", port: int = 0):
+                 host: str = "127.0.0.1", port: int = 0, seed: int = 0, keep_bodies: bool = True):
+        """seed: rolls the probabilistic faults; keep_bodies=False: `bodies` stays empty (a long benchmark run
+        would otherwise hold every request it served)."""
         self.latency_s = latency_s
+        self.seed, self.keep_bodies = seed, keep_bodies
         self.responder = responder or default_responder
         self.host, self.port = host, port
         self._lock = threading.Lock()
@@ -111,14 +127,21 @@ class FakeOpenAI:
             self.total = 0
             self.max_inflight = self.inflight
 
+    def _roll(self, i: int, h: str, nth: int) -> float:
+        """A uniform draw in [0, 1) for fault i on the nth arrival of request h."""
+        d = hashlib.blake2b(f"{self.seed}:{i}:{h}:{nth}".encode(), digest_size=8).digest()
+        return int.from_bytes(d, "big") / 2 ** 64
+
     def _pick_fault(self, body: dict, h: str) -> Fault | None:
         text = json.dumps(body.get("messages"), ensure_ascii=False)
         with self._lock:
-            for entry in self._faults:
+            for i, entry in enumerate(self._faults):
                 f, fired, per = entry
                 if f.match is not None and f.match not in text:
                     continue
                 if f.times is not None and (per[h] if f.per_request else fired) >= f.times:
+                    continue
+                if f.probability < 1.0 and self._roll(i, h, self.received[h]) >= f.probability:
                     continue
                 entry[1] += 1
                 per[h] += 1
@@ -137,7 +160,8 @@ class FakeOpenAI:
         with self._lock:
             self.total += 1
             self.received[h] += 1
-            self.bodies[h] = body
+            if self.keep_bodies:
+                self.bodies[h] = body
             self.auth_headers[request.headers.get("Authorization", "")] += 1
             self.inflight += 1
             self.max_inflight = max(self.max_inflight, self.inflight)
@@ -261,8 +285,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--latency", type=float, default=0.0)
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--p429", type=float, default=0.0, help="share of requests answered 429 (Retry-After: 1)")
+    p.add_argument("--p5xx", type=float, default=0.0, help="share of requests answered 500")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random faults")
     args = p.parse_args()
-    srv = FakeOpenAI(latency_s=args.latency, port=args.port)
+    srv = FakeOpenAI(latency_s=args.latency, port=args.port, seed=args.seed, keep_bodies=False)
+    if args.p429:
+        srv.add_fault(Fault("status", status=429, retry_after="1", times=None, probability=args.p429))
+    if args.p5xx:
+        srv.add_fault(Fault("status", status=500, times=None, probability=args.p5xx))
     loop = asyncio.new_event_loop()
     loop.run_until_complete(srv._start())
     print(f"READY {srv.base_url}", flush=True)
