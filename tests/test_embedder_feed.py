@@ -28,7 +28,7 @@ def _ctx(tmp_path, rows, **embedder):
 
     cfg = build_config({"run": {"run_dir": str(tmp_path), "seed": 3},
                         "embedder": {"base_model": "offline:minilm", "batch_size": 4, "max_steps": 30,
-                                     "one_task_per_batch": True, **embedder}})
+                                     "one_task_per_batch": True, "train_pairs": False, **embedder}})
     store = RunStore(str(tmp_path))
     data = store.stage("dedup", "fp0")
     for k in range(0, len(rows), 25):
@@ -160,3 +160,17 @@ def test_feed_batches_never_repeat_a_text(ray_local, tmp_path):
     for step in range(plan.n_batches):
         b = FeedReader(plan).batch(step)
         assert len({t["positive"] for t in b}) == len(b), b
+
+
+def test_rows_without_a_negative_train_as_pairs_by_default(ray_local, tmp_path):
+    """SPEED's short-long matching samples have no hard negative: they train with in-batch negatives (pairs)
+    instead of being dropped, and never share a batch with triples."""
+    from speed_ray.embedder.feed import FeedReader, prepare_feed
+
+    rows = _rows()
+    ctx = _ctx(tmp_path, rows, train_pairs=True, one_task_per_batch=False)
+    plan = prepare_feed(ctx, ctx.cfg.embedder, 3)
+    n_pairs = sum(1 for r in rows if not r["negative"])
+    assert plan.summary["rows_dropped_incomplete"] == 0 and plan.summary["pairs"] == n_pairs
+    batches = [FeedReader(plan).batch(s) for s in range(plan.n_batches)]
+    assert all(len({t["negative"] is None for t in b}) == 1 for b in batches)

@@ -39,8 +39,8 @@ class EmbedderConfig:
     public_data: str | None = None            # Parquet or JSONL of (query, positive, negative, task)
     public_fraction: float = 0.0              # share of the training mix from public_data
     no_duplicate_texts: bool = True           # no batch holds a text twice (copies are each other's false negatives)
-    train_pairs: bool = False                 # rows without a hard negative train with in-batch negatives only
-                                              # (else they are dropped as incomplete)
+    train_pairs: bool = True                  # rows without a hard negative (SPEED's short-long matching has none)
+                                              # train with in-batch negatives only; false: dropped as incomplete
     symmetric_task_types: tuple[str, ...] = ("sts", "matching_short", "matching_long", "bitext")  # instruction on both sides (E5)
     query_instruction: str = "Given a web search query, retrieve relevant passages that answer the query"  # exported "query" prompt
 
