@@ -173,10 +173,17 @@ def _inputs_dict(cfg: Any) -> Any:
     return to_dict(cfg)
 
 
+_SECTION = object()   # the default of a field whose default_factory is a config section class
+
+
 def _field_default(f: dataclasses.Field) -> Any:
+    """A field's default. A section's default is not built (its __post_init__ may depend on the process, e.g.
+    run.run_dir resolves against a working directory that a Ray job's driver may no longer have): only its kind."""
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            return _SECTION
         return f.default_factory()
     return _ABSENT
 
@@ -192,7 +199,7 @@ def _hashed_dict(cfg: Any) -> dict:
         value, default = getattr(cfg, f.name), _field_default(f)
         if dataclasses.is_dataclass(value):
             sub = _hashed_dict(value)
-            if sub or not dataclasses.is_dataclass(default):
+            if sub or not (default is _SECTION or dataclasses.is_dataclass(default)):
                 out[f.name] = sub
         elif default is _ABSENT or to_dict(value) != to_dict(default):
             out[f.name] = to_dict(value)

@@ -32,8 +32,12 @@ def _outputs(tmp_path):
     return out, rej
 
 
-def test_done_set_without_ray_is_local(tmp_path):
+def test_done_set_without_ray_is_local(tmp_path, monkeypatch):
+    import ray
+
     from speed_ray.streaming import done_set
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)   # as in a process without Ray (the suite may have one)
 
     out, rej = _outputs(tmp_path)
     d = done_set(out, rej)

@@ -24,16 +24,16 @@ def _triples(n=16):
 
 
 def _loop_config(tmp_path, model_path, **embedder):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import dataclasses
 
-    data = str(tmp_path / "triples.parquet")
-    pq.write_table(pa.Table.from_pylist(_triples()), data)
+    from speed_ray.embedder.feed import write_feed_local
+
     cfg = EmbedderConfig(**{"pooling": "last_token", "lora": True, "lora_r": 4, "lora_alpha": 8, "batch_size": 8,
                             "learning_rate": 1e-3, "warmup_steps": 0, "max_query_length": 24, "max_doc_length": 40,
                             "max_steps": 4, "save_steps": 2, "temperature": 0.05, "gradient_checkpointing": True,
                             **embedder})
-    return {"embedder": to_dict(cfg), "model_path": model_path, "data_url": data,
+    feed = write_feed_local(_triples(), str(tmp_path / "feed"), cfg.batch_size, cfg.one_task_per_batch, 0, epochs=2)
+    return {"embedder": to_dict(cfg), "model_path": model_path, "feed": dataclasses.asdict(feed),
             "export_url": str(tmp_path / "model"), "seed": 0, "query_instruction": "retrieve"}
 
 

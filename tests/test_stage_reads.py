@@ -327,3 +327,23 @@ def test_every_stage_of_every_variant_reads_only_fingerprinted_settings(ray_loca
     every = {s.name for v in pipeline.VARIANTS for s in build_plan(v)}
     _assert_reads_covered(cfg, _reads(reads_dir), every)
     assert RunStore(cfg.run.run_dir).stage("evaluate", fingerprints(cfg, build_plan("full"))["evaluate"]).done
+
+
+def test_fingerprints_need_no_working_directory(monkeypatch):
+    """A Ray job's driver may have no working directory left when the pipeline computes fingerprints. Comparing
+    settings with their defaults must not build default sections (RunSection resolves run_dir against the working
+    directory): `ray job submit ... jobs.speed_pipeline` failed with a bare "[Errno 2]" before."""
+    import os
+
+    from speed_ray.run_config import load_config
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"), ["run.run_dir=/tmp/x"])
+    plan = pipeline.build_plan(cfg.pipeline.variant)
+
+    def gone():
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(os, "getcwd", gone)
+    fps = pipeline.fingerprints(cfg, plan)
+    monkeypatch.undo()
+    assert fps == pipeline.fingerprints(cfg, plan)

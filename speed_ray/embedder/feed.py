@@ -109,6 +109,30 @@ class FeedReader:
             self._open = None
 
 
+def write_feed_local(triples: list[dict], url: str, batch_size: int, one_task_per_batch: bool = True, seed: int = 0,
+                     epochs: int = 1, rows_per_file: int | None = None, world: int = 1) -> FeedPlan:
+    """The feed of a small in-memory training set, written in this process (no Ray): `make_batches` per epoch, in
+    the same file layout the stage writes. For tests and small local data."""
+    import os
+
+    from speed_ray.embedder.data import make_batches
+
+    n_batches = len(make_batches(triples, batch_size, one_task_per_batch, seed, 0))
+    if n_batches == 0:
+        raise DataError(f"{len(triples)} triples cannot fill one batch of {batch_size}")
+    rows_per_file = rows_per_file or batch_size * max(1, 16384 // batch_size)
+    for e in range(epochs):
+        rows = [{c: t.get(c) for c in TRIPLE_COLUMNS}
+                for b in make_batches(triples, batch_size, one_task_per_batch, seed, e) for t in b]
+        for f, start in enumerate(range(0, len(rows), rows_per_file)):
+            path = f"{url}/e{e:03d}/f{f:05d}.parquet"
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            table = pa.Table.from_pylist(rows[start:start + rows_per_file],
+                                         schema=pa.schema([(c, pa.string()) for c in TRIPLE_COLUMNS]))
+            pq.write_table(table, path, row_group_size=max(1, batch_size // world))
+    return FeedPlan(url, n_batches, batch_size, epochs, rows_per_file, {"triples": len(triples)})
+
+
 # ---- pass 1: triples with their order keys -----------------------------------------------------------------------
 class _Triples:
     """map_batches UDF: sample rows -> triples (instruction applied), filtered by task type, with order keys."""
