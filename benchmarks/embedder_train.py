@@ -2,12 +2,17 @@
 
 Same model (offline:minilm, full fine-tuning, fp32 CPU), same batches, same steps. The headline batches have
 SPEED-like lengths (queries 4-30 words, documents 20-110), where the project's length-sorted packing of all
-three sides pays off; near-uniform lengths, where it cannot, are reported beside them (uniform_*). Throughput: project's
-train_step (plain) vs sentence-transformers' losses called on the same batches with the same AdamW (their
-SentenceTransformerTrainer adds dataloader overhead that is not the loss; this measures the loss+model step).
-Memory: peak RSS (resource.getrusage ru_maxrss) of a fresh subprocess per measurement, which sees torch's CPU
-allocations; the baseline RSS after loading the model is subtracted. Last line: one JSON object.
+three sides pays off; near-uniform lengths, where it cannot, are reported beside them (uniform_*), and so are
+long documents that fill a 256-token limit (long_*: queries 4-30 words, documents 200-400 words, truncated at
+256 tokens by both trainers; padding saves almost nothing there, what is left is the number of forward passes).
+Throughput: project's train_step (plain) vs sentence-transformers' losses called on the same batches with the
+same AdamW (their SentenceTransformerTrainer adds dataloader overhead that is not the loss; this measures the
+loss+model step). Memory: peak RSS (resource.getrusage ru_maxrss) of a fresh subprocess per measurement, which
+sees torch's CPU allocations; the baseline RSS after loading the model is subtracted. On a shared machine the
+wall-clock rates swing with other processes' load: *_cpu_vs_st_* beside each ratio is the same comparison in
+this process's CPU seconds (user + system, all threads; ST's over the project's). Last line: one JSON object.
 Usage: python benchmarks/embedder_train.py [--steps 5] [--batch 32] [--mem-batch 256] [--rounds 3]
+                                           [--cases varied,gradcache,uniform,long,memory]
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ _WORDS = ("the of and to in is was for on that with as by at from which or be ar
 
 def _batches(n_steps: int, b: int, shape: str = "varied") -> list[list[dict]]:
     """Triples with SPEED-like lengths (varied: queries 4-30 words, documents 20-110 words, as synthetic
-    retrieval/classification samples run) or near-constant lengths (uniform: every text of a side about as
-    long, the case where per-side padding wastes nothing). Seeded: both trainers see the same batches."""
+    retrieval/classification samples run), near-constant lengths (uniform: every text of a side about as
+    long, the case where per-side padding wastes nothing) or long documents (long: 200-400 words, about one
+    token each, so most fill a 256-token limit). Seeded: both trainers see the same batches."""
     import random
 
     rng = random.Random(0)
@@ -38,12 +44,15 @@ def _batches(n_steps: int, b: int, shape: str = "varied") -> list[list[dict]]:
     def text(lo: int, hi: int) -> str:
         return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi)))
 
-    q, d = ((4, 30), (20, 110)) if shape == "varied" else ((10, 12), (30, 33))
+    q, d = {"varied": ((4, 30), (20, 110)), "uniform": ((10, 12), (30, 33)), "long": ((4, 30), (200, 400))}[shape]
     return [[{"query": f"Instruct: Retrieve passages\nQuery: {text(*q)}", "positive": text(*d),
               "negative": text(*d)} for _ in range(b)] for _ in range(n_steps)]
 
 
-def project_step(mini: int = 0):
+LONG_MAX_LENGTH = 256   # the long case's document limit (both trainers truncate there)
+
+
+def project_step(mini: int = 0, max_length: int = 128):
     """One training step of the project's trainer (train_step + AdamW) on a fresh model."""
     import torch
 
@@ -54,7 +63,7 @@ def project_step(mini: int = 0):
     torch.manual_seed(0)
     emb = load_embedder(resolve_model("offline:minilm"), lora=False, max_length=128).train()
     opt = torch.optim.AdamW([p for p in emb.parameters() if p.requires_grad], lr=1e-5)
-    s = StepSettings(temperature=0.05, mini_batch_size=mini, max_query_length=128, max_doc_length=128)
+    s = StepSettings(temperature=0.05, mini_batch_size=mini, max_query_length=128, max_doc_length=max_length)
 
     def step(b):
         train_step(emb, b, s)
@@ -64,7 +73,7 @@ def project_step(mini: int = 0):
     return step
 
 
-def st_step(cached: bool = False, mini: int = 32):
+def st_step(cached: bool = False, mini: int = 32, max_length: int = 128):
     """One step of sentence-transformers' (Cached)MultipleNegativesRankingLoss + AdamW on a fresh model."""
     import torch
     from sentence_transformers import SentenceTransformer
@@ -75,7 +84,7 @@ def st_step(cached: bool = False, mini: int = 32):
 
     torch.manual_seed(0)
     model = SentenceTransformer(resolve_model("offline:minilm"), device="cpu")
-    model.max_seq_length = 128
+    model.max_seq_length = max_length
     model.train()
     loss = (CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=mini, show_progress_bar=False)
             if cached else MultipleNegativesRankingLoss(model, scale=20.0))
@@ -91,20 +100,26 @@ def st_step(cached: bool = False, mini: int = 32):
     return step
 
 
-def compare(ours, theirs, batches, rounds: int) -> tuple[float, float]:
+def compare(ours, theirs, batches, rounds: int, cpu: dict | None = None) -> tuple[float, float]:
     """Samples/s of each step function: one warm-up step each, then `rounds` timed passes over batches[1:],
-    alternating ours and theirs (so drift in the machine's speed hits both); the medians."""
+    alternating ours and theirs (so drift in the machine's speed hits both); the medians. cpu, if given, gets
+    "cpu_vs_st": the median of theirs' CPU seconds (user + system) per round over ours'."""
     import statistics
 
     ours(batches[0])
     theirs(batches[0])
     rates: dict[int, list[float]] = {0: [], 1: []}
+    secs: dict[int, list[float]] = {0: [], 1: []}
     for _ in range(rounds):
         for k, step in enumerate((ours, theirs)):
-            t0 = time.perf_counter()
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             for b in batches[1:]:
                 step(b)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
             rates[k].append((len(batches) - 1) * len(batches[0]) / (time.perf_counter() - t0))
+            secs[k].append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+    if cpu is not None:
+        cpu["cpu_vs_st"] = statistics.median(secs[1]) / statistics.median(secs[0])
     return statistics.median(rates[0]), statistics.median(rates[1])
 
 
@@ -142,31 +157,53 @@ def main() -> None:
     ap.add_argument("--mem-batch", type=int, default=256)
     ap.add_argument("--mini", type=int, default=32, help="GradCache chunk at --mem-batch (half of it at --batch)")
     ap.add_argument("--rounds", type=int, default=3, help="timed passes per trainer; the median is reported")
+    ap.add_argument("--cases", default="varied,gradcache,uniform,long,memory",
+                    help="which measurements to run (comma-separated; the default runs all)")
     ap.add_argument("--child")
     a = ap.parse_args()
     if a.child:
         return _child(a.child, a.batch, a.mini)
     import torch
 
+    cases = set(a.cases.split(","))
+    unknown = cases - {"varied", "gradcache", "uniform", "long", "memory"}
+    if unknown:
+        raise SystemExit(f"unknown --cases: {sorted(unknown)}")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    batches, uniform = _batches(a.steps + 1, a.batch), _batches(a.steps + 1, a.batch, "uniform")
-    res = {"batch": a.batch, "steps": a.steps, "rounds": a.rounds,
-           "data": "varied (SPEED-like lengths) for the headline; uniform lengths reported beside it"}
-    res["project_plain_samples_s"], res["st_mnrl_samples_s"] = compare(project_step(), st_step(), batches, a.rounds)
-    res["project_gradcache_samples_s"], res["st_cmnrl_samples_s"] = compare(
-        project_step(a.mini // 2), st_step(cached=True, mini=a.mini // 2), batches, a.rounds)
-    res["plain_vs_st_mnrl"] = res["project_plain_samples_s"] / res["st_mnrl_samples_s"]
-    res["gradcache_vs_st_cmnrl"] = res["project_gradcache_samples_s"] / res["st_cmnrl_samples_s"]
-    res["uniform_project_plain_samples_s"], res["uniform_st_mnrl_samples_s"] = compare(
-        project_step(), st_step(), uniform, a.rounds)
-    res["uniform_plain_vs_st_mnrl"] = res["uniform_project_plain_samples_s"] / res["uniform_st_mnrl_samples_s"]
-    p, c = _peak_child("plain", a.mem_batch, a.mini), _peak_child("gradcache", a.mem_batch, a.mini)
-    res["peak_mib_plain_b%d" % a.mem_batch], res["peak_mib_gradcache_b%d" % a.mem_batch] = p["peak_mib"], c["peak_mib"]
-    res["abs_peak_mib_plain_b%d" % a.mem_batch] = plain = p["abs_peak_mib"]
-    res["abs_peak_mib_gradcache_b%d" % a.mem_batch] = cached = c["abs_peak_mib"]
-    res["gradcache_vs_plain_memory"] = cached / plain if plain > 0 else None
-    res["memory_method"] = ("absolute peak RSS (getrusage) of a fresh subprocess per run; peak_mib_* is the increment "
-                            "over the high-water mark after model load")
+    batches = _batches(a.steps + 1, a.batch)
+    res = {"batch": a.batch, "steps": a.steps, "rounds": a.rounds, "threads": torch.get_num_threads(),
+           "data": "varied (SPEED-like lengths) for the headline; uniform lengths and long documents (max_doc_length "
+                   f"{LONG_MAX_LENGTH}) reported beside it"}
+    if "varied" in cases:
+        res["project_plain_samples_s"], res["st_mnrl_samples_s"] = compare(project_step(), st_step(), batches,
+                                                                           a.rounds, cpu := {})
+        res["plain_vs_st_mnrl"] = res["project_plain_samples_s"] / res["st_mnrl_samples_s"]
+        res["plain_cpu_vs_st_mnrl"] = cpu["cpu_vs_st"]
+    if "gradcache" in cases:
+        res["project_gradcache_samples_s"], res["st_cmnrl_samples_s"] = compare(
+            project_step(a.mini // 2), st_step(cached=True, mini=a.mini // 2), batches, a.rounds, cpu := {})
+        res["gradcache_vs_st_cmnrl"] = res["project_gradcache_samples_s"] / res["st_cmnrl_samples_s"]
+        res["gradcache_cpu_vs_st_cmnrl"] = cpu["cpu_vs_st"]
+    if "uniform" in cases:
+        res["uniform_project_plain_samples_s"], res["uniform_st_mnrl_samples_s"] = compare(
+            project_step(), st_step(), _batches(a.steps + 1, a.batch, "uniform"), a.rounds, cpu := {})
+        res["uniform_plain_vs_st_mnrl"] = res["uniform_project_plain_samples_s"] / res["uniform_st_mnrl_samples_s"]
+        res["uniform_plain_cpu_vs_st_mnrl"] = cpu["cpu_vs_st"]
+    if "long" in cases:
+        res["long_project_plain_samples_s"], res["long_st_mnrl_samples_s"] = compare(
+            project_step(max_length=LONG_MAX_LENGTH), st_step(max_length=LONG_MAX_LENGTH),
+            _batches(a.steps + 1, a.batch, "long"), a.rounds, cpu := {})
+        res["long_plain_vs_st_mnrl"] = res["long_project_plain_samples_s"] / res["long_st_mnrl_samples_s"]
+        res["long_plain_cpu_vs_st_mnrl"] = cpu["cpu_vs_st"]
+    if "memory" in cases:
+        p, c = _peak_child("plain", a.mem_batch, a.mini), _peak_child("gradcache", a.mem_batch, a.mini)
+        res["peak_mib_plain_b%d" % a.mem_batch] = p["peak_mib"]
+        res["peak_mib_gradcache_b%d" % a.mem_batch] = c["peak_mib"]
+        res["abs_peak_mib_plain_b%d" % a.mem_batch] = plain = p["abs_peak_mib"]
+        res["abs_peak_mib_gradcache_b%d" % a.mem_batch] = cached = c["abs_peak_mib"]
+        res["gradcache_vs_plain_memory"] = cached / plain if plain > 0 else None
+        res["memory_method"] = ("absolute peak RSS (getrusage) of a fresh subprocess per run; peak_mib_* is the "
+                                "increment over the high-water mark after model load")
     print(json.dumps(res))
 
 

@@ -146,9 +146,10 @@ def test_packed_encoding_equals_side_by_side(model_fixture, request):
 
     side_m, packed_m = copy.deepcopy(base), copy.deepcopy(base)
     want = plain_step(lambda i, t: side_m.encode(t, lengths[i]), sides, loss_fn)
-    got = plain_step(None, sides, loss_fn, encode_all=lambda sd: packed_m.encode_packed(sd, lengths, min_chunk=2))
+    # pass_tokens=0: a pass costs nothing, so every length gets its own pass (the most reassembly to get right)
+    got = plain_step(None, sides, loss_fn, encode_all=lambda sd: packed_m.encode_packed(sd, lengths, pass_tokens=0))
     assert got.item() == pytest.approx(want.item(), abs=1e-5)
-    for a, b in zip(packed_m.encode_packed(sides, lengths, min_chunk=2),
+    for a, b in zip(packed_m.encode_packed(sides, lengths, pass_tokens=0),
                     [side_m.encode(t, lengths[i]) for i, t in enumerate(sides)]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     g_want, g_got = _grads(side_m), _grads(packed_m)
@@ -158,25 +159,121 @@ def test_packed_encoding_equals_side_by_side(model_fixture, request):
             torch.testing.assert_close(g_got[name], g, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_packing_sorts_varied_lengths_and_keeps_uniform_sides(minilm, monkeypatch):
-    """Varied lengths: chunks of similar length, each padded to its own longest (fewer tokens than per-side
-    padding). Uniform lengths: one pass per side, as three encode calls would do."""
+def test_packing_sorts_varied_lengths_and_merges_uniform_ones(minilm, monkeypatch):
+    """Varied lengths: a few passes of similar lengths, each padded to its own longest (fewer tokens than per-side
+    padding). Uniform lengths: no more passes than sides, no more padding than per side (sides of the same length
+    share a pass). Long documents that fill the max length: both document sides in one pass, the queries in
+    another (per side would be three passes of the same widths). pass_tokens is set for these few texts (the
+    default is sized for training batches)."""
     from speed_ray.embedder.model import load_embedder
 
     emb = load_embedder(minilm, lora=False, max_length=64).eval()
     widths: list[tuple[int, int]] = []
     forward = emb.forward
     monkeypatch.setattr(emb, "forward", lambda f: widths.append(tuple(f["input_ids"].shape)) or forward(f))
+
+    def run(sides, lengths, **kw):
+        widths.clear()
+        with torch.no_grad():
+            emb.encode_packed(sides, lengths, **kw)
+        per_side = [tuple(emb.tokenize(t, m)["input_ids"].shape) for t, m in zip(sides, lengths)]
+        return sum(n * w for n, w in widths), sum(n * w for n, w in per_side), per_side
+
     words = "alpha beta gamma delta".split()
     varied = [[" ".join(words[: 1 + i % 4]) * (1 + 3 * (i % 5)) for i in range(16)] for _ in range(3)]
-    with torch.no_grad():
-        emb.encode_packed(varied, [64, 64, 64], min_chunk=2)
-    padded = sum(n * w for n, w in widths)
-    per_side = sum(emb.tokenize(t)["input_ids"].numel() for t in varied)
+    padded, per_side, _ = run(varied, [64, 64, 64], pass_tokens=32)
     assert len(widths) > 3 and padded < 0.8 * per_side, (widths, per_side)
-    widths.clear()
+
     uniform = [[f"query {i}" for i in range(8)], [f"document number {i}" for i in range(8)],
                [f"other document {i}" for i in range(8)]]
+    padded, per_side, _ = run(uniform, [64, 64, 64], pass_tokens=4)
+    assert len(widths) <= 3 and padded <= per_side, widths
+    assert sorted(n for n, _ in widths) != [8, 8, 8]            # the two document sides share a pass
+
+    filler = "the river and the court of the harbor " * 40       # far over 48 tokens: truncated
+    long_docs = [[f"query {i}" for i in range(8)], [f"{i} {filler}" for i in range(8)],
+                 [f"{filler} {i}" for i in range(8)]]
+    padded, per_side, sides = run(long_docs, [16, 48, 48], pass_tokens=64)
+    assert sorted(widths) == sorted([sides[0], (16, 48)]), widths
+    assert padded == per_side
+
+
+def _partitions(items):
+    if not items:
+        yield []
+        return
+    head, rest = items[0], items[1:]
+    for part in _partitions(rest):
+        yield [[head]] + part
+        for k in range(len(part)):
+            yield part[:k] + [[head] + part[k]] + part[k + 1:]
+
+
+def _plan_cost(passes, lengths, pass_tokens, attention_width):
+    return sum(len(p) * max(lengths[i] for i in p) * (1 + max(lengths[i] for i in p) / attention_width)
+               + pass_tokens for p in passes)
+
+
+@pytest.mark.parametrize("pass_tokens", [0, 10, 40, 1000])
+def test_plan_passes_is_the_cheapest_partition(pass_tokens):
+    """plan_passes' passes cover every text once and cost no more than any partition of the texts (all of
+    them, checked by enumeration on small random sets); pass_tokens=0 gives one pass per length, a huge one
+    a single pass."""
+    import random
+
+    from speed_ray.embedder.model import plan_passes
+
+    rng = random.Random(pass_tokens)
+    for _ in range(12):
+        lengths = [rng.choice([3, 5, 8, 9, 20, 21, 40]) for _ in range(rng.randint(1, 7))]
+        passes = plan_passes(lengths, pass_tokens, attention_width=30)
+        assert sorted(i for p in passes for i in p) == list(range(len(lengths)))
+        best = min(_plan_cost(p, lengths, pass_tokens, 30) for p in _partitions(list(range(len(lengths)))))
+        assert _plan_cost(passes, lengths, pass_tokens, 30) == pytest.approx(best)
+        if pass_tokens == 0:
+            assert sorted(len({lengths[i] for i in p}) for p in passes) == [1] * len(set(lengths))
+        if pass_tokens == 1000:
+            assert len(passes) == 1
+
+
+def test_plan_passes_keeps_every_pass_under_max_rows():
+    """With a row cap per width, no pass exceeds it, every text is in one pass, and a run of equal long texts
+    is cut into as few passes as the cap allows."""
+    from speed_ray.embedder.model import plan_passes
+
+    lengths = [256] * 20 + [200] * 3 + [30] * 12
+    cap = lambda w: 4 if w > 100 else 100  # noqa: E731
+    passes = plan_passes(lengths, 512, attention_width=768, max_rows=cap)
+    assert sorted(i for p in passes for i in p) == list(range(len(lengths)))
+    assert all(len(p) <= cap(max(lengths[i] for i in p)) for p in passes), passes
+    assert sum(max(lengths[i] for i in p) == 256 for p in passes) == 5          # 20 texts at 256, 4 a pass
+    assert sorted(len(p) for p in passes if max(lengths[i] for i in p) == 30) == [12]
+
+
+def test_cpu_passes_keep_activations_under_the_byte_budget(minilm, monkeypatch):
+    """On CPU, encode_packed cuts long texts into passes whose largest activation per layer stays within
+    cpu_pass_bytes (the attention weights where training materializes them, else the MLP's), and the
+    embeddings are those of encoding each side on its own."""
+    from speed_ray.embedder.model import load_embedder
+
+    emb = load_embedder(minilm, lora=False, max_length=64)
+    cfg = emb.backbone.config
+    assert emb.train().rows_per_pass(256) < emb.eval().rows_per_pass(256)     # dropout: SDPA's math kernel
+    train_rows = emb.train().rows_per_pass(256)
+    assert train_rows * cfg.num_attention_heads * 256 * 256 * 4 <= emb.cpu_pass_bytes
+    emb.eval()
+    emb.cpu_pass_bytes = 2 << 20
+    widths: list[tuple[int, int]] = []
+    forward = emb.forward
+    monkeypatch.setattr(emb, "forward", lambda f: widths.append(tuple(f["input_ids"].shape)) or forward(f))
+    filler = "the river and the court of the harbor " * 20
+    sides = [[f"query {i}" for i in range(16)], [f"{i} {filler}" for i in range(16)],
+             [f"{filler} {i}" for i in range(16)]]
+    lengths = [16, 48, 48]
     with torch.no_grad():
-        emb.encode_packed(uniform, [64, 64, 64])
-    assert widths == [tuple(emb.tokenize(t)["input_ids"].shape) for t in uniform]
+        got = emb.encode_packed(sides, lengths)
+        budget = [n * w * cfg.intermediate_size * 4 for n, w in widths]
+        assert max(budget) <= emb.cpu_pass_bytes and sum(n for n, w in widths if w == 48) == 32, widths
+        assert len([w for _, w in widths if w == 48]) == -(-32 // emb.rows_per_pass(48))
+        for a, side, m in zip(got, sides, lengths):
+            torch.testing.assert_close(a, emb.encode(side, m), atol=1e-5, rtol=1e-4)

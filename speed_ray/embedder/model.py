@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +71,42 @@ def pool(hidden: Tensor, mask: Tensor, pooling: Pooling) -> Tensor:
     return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
 
 
+def plan_passes(lengths: list[int], pass_tokens: float, attention_width: float,
+                max_rows: Callable[[int], int] | None = None) -> list[list[int]]:
+    """Cut texts of these token lengths into forward passes (lists of indices, each padded to its longest) with
+    the least estimated cost: per pass, rows x width x (1 + width / attention_width) (the layers' work per padded
+    token, plus attention's, which grows with the width) and `pass_tokens` for the pass itself. max_rows(width),
+    if given, caps the rows of a pass of that width (a longer run of texts is cut into as many passes as it
+    needs, each charged pass_tokens).
+
+    The optimum takes texts sorted by length, longest first, in runs of consecutive texts cut only where the
+    length changes (moving a boundary to the start of its run of equal lengths moves texts from a wider pass to
+    a narrower one), so a dynamic program over the runs finds it: O(runs^2), runs <= the max length."""
+    import numpy as np
+
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    starts = [k for k in range(len(order)) if k == 0 or lengths[order[k]] != lengths[order[k - 1]]]
+    pos = np.array(starts + [len(order)], dtype=np.float64)         # run r covers order[pos[r]:pos[r+1]]
+    width = np.array([lengths[order[k]] for k in starts], dtype=np.float64)
+    per_row = width * (1.0 + width / attention_width)               # a pass starting at run r pads to its width
+    cap = np.array([max(1, max_rows(int(w))) if max_rows else len(order) for w in width], dtype=np.float64)
+    best = np.zeros(len(starts) + 1)                                 # best[e]: least cost of the first e runs
+    cut = np.zeros(len(starts) + 1, dtype=np.int64)
+    for e in range(1, len(starts) + 1):
+        rows = pos[e] - pos[:e]
+        cost = best[:e] + rows * per_row[:e] + np.ceil(rows / cap[:e]) * pass_tokens
+        cut[e] = int(np.argmin(cost))
+        best[e] = cost[cut[e]]
+    passes, e = [], len(starts)
+    while e > 0:
+        s = int(cut[e])
+        run = order[int(pos[s]):int(pos[e])]
+        k = -(-len(run) // int(cap[s]))                             # over the cap: k passes of near-equal rows
+        passes.extend(run[j * len(run) // k:(j + 1) * len(run) // k] for j in reversed(range(k)))
+        e = s
+    return passes[::-1]
+
+
 class Embedder(nn.Module):
     """backbone + pooling; encode(texts) tokenizes, runs the backbone and pools."""
 
@@ -116,40 +152,57 @@ class Embedder(nn.Module):
             mask[r, sl] = 1
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
-    def encode_packed(self, sides: list[list[str]], max_lengths: list[int], pad_waste: float = 0.05,
-                      min_chunk: int = 8) -> list[Tensor]:
-        """Embed the texts of several sides (queries, positives, negatives) in as few forward passes as padding
-        allows: every text is tokenized alone (truncated to its side's max length), all are sorted by length and
-        cut into chunks whose padding stays within `pad_waste` of their real tokens (and at least `min_chunk`
-        texts each). Per-side padding, as in three separate encode calls, pads every short text of a side to its
-        longest; here each chunk pads to its own longest (on synthetic triples, whose documents run from a few
-        words to a few hundred, that is about a third fewer tokens). When sorting saves under 5% of the padded
-        tokens it keeps one pass per side. Returns one (n_side, d) tensor per side, in order,
-        with gradients flowing back to every chunk."""
+    #: encode_packed: what one more forward pass costs, in padded tokens (its fixed work: every layer's kernels
+    #: and their backward, launched and, on CPU, synchronized across threads once more).
+    pass_tokens: int = 512
+    #: CPU: the most bytes the largest activation of one layer may take in one pass (see rows_per_pass).
+    cpu_pass_bytes: int = 24 << 20
+
+    def _row_bytes(self, width: int) -> int:
+        """Bytes of the largest activation one text of this padded width adds to a layer: the attention weights
+        (heads x width x width) where they are materialized (eager attention, or SDPA with dropout in training,
+        which takes torch's math kernel on CPU), else the MLP's (intermediate x width)."""
+        cfg = getattr(self.backbone, "config", None)
+        hidden = getattr(cfg, "hidden_size", None) or 0
+        per_token = max(hidden, getattr(cfg, "intermediate_size", None) or 4 * hidden)
+        dropout = getattr(cfg, "attention_probs_dropout_prob", None) or getattr(cfg, "attention_dropout", None) or 0.0
+        if getattr(cfg, "_attn_implementation", None) == "eager" or (self.training and dropout > 0):
+            per_token = max(per_token, (getattr(cfg, "num_attention_heads", None) or 1) * width)
+        itemsize = (self.autocast_dtype or next(self.backbone.parameters()).dtype).itemsize
+        return max(1, width * per_token * itemsize)
+
+    def rows_per_pass(self, width: int) -> int:
+        """The most texts one forward pass of encode_packed takes at this padded width (0: no limit).
+
+        On CPU torch allocates with malloc, and glibc serves every block over its mmap threshold (32 MiB at most)
+        with fresh pages from the kernel, zeroed on first touch, and hands them back on free: an activation over
+        it costs a page fault per 4 KiB on every step, forward and backward. Long documents pass it: a 32 x 256
+        pass of MiniLM in training holds 100 MB of attention weights per layer, and a fifth of the step went to
+        the kernel. Passes whose activations stay under cpu_pass_bytes reuse the heap's memory from step to step.
+        Elsewhere (a GPU's caching allocator) there is no limit."""
+        if self.device.type != "cpu" or self.cpu_pass_bytes <= 0:
+            return 0
+        return max(1, self.cpu_pass_bytes // self._row_bytes(width))
+
+    def encode_packed(self, sides: list[list[str]], max_lengths: list[int],
+                      pass_tokens: float | None = None) -> list[Tensor]:
+        """Embed the texts of several sides (queries, positives, negatives) in the forward passes that cost least:
+        every text is tokenized alone (truncated to its side's max length), and plan_passes cuts them, sorted by
+        length, into passes that each pad to their own longest, weighing the padding a pass adds against the
+        fixed cost of one more pass (`pass_tokens`, default self.pass_tokens), with no pass over rows_per_pass
+        texts. Per-side padding, as in three separate encode calls, pads every short text of a side to its
+        longest (on synthetic triples, whose documents run from a few words to a few hundred, that is about a
+        third more tokens); one pass per text length would pay a pass's overhead dozens of times. Uniform lengths
+        go in one pass per length (the documents of both sides together); documents that fill their max length
+        on CPU in passes of rows_per_pass. Returns one (n_side, d) tensor per side, in order, with gradients
+        flowing back to every pass."""
         ids: list[list[int]] = []
         for texts, m in zip(sides, max_lengths):
             ids.extend(self.tokenizer(list(texts), truncation=True, max_length=m or self.max_length)["input_ids"])
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
-        chunks: list[list[int]] = []
-        longest = real = 0
-        for i in order:
-            n = len(ids[i])
-            cur = chunks[-1] if chunks else None
-            if cur is not None and (len(cur) < min_chunk or (len(cur) + 1) * longest <= (1 + pad_waste) * (real + n)):
-                cur.append(i)
-                real += n
-            else:
-                chunks.append([i])
-                longest, real = n, n
-        # Lengths that are already uniform gain nothing from sorting: then keep one pass per side.
-        packed_tokens = sum(len(c) * len(ids[c[0]]) for c in chunks)
-        bounds, start = [], 0
-        for texts in sides:
-            bounds.append(list(range(start, start + len(texts))))
-            start += len(texts)
-        per_side_tokens = sum(len(b) * max(len(ids[i]) for i in b) for b in bounds if b)
-        if packed_tokens > 0.95 * per_side_tokens:
-            chunks = [b for b in bounds if b]
+        hidden = getattr(getattr(self.backbone, "config", None), "hidden_size", None) or 512
+        limited = self.rows_per_pass(1) > 0
+        chunks = plan_passes([len(x) for x in ids], self.pass_tokens if pass_tokens is None else pass_tokens,
+                             attention_width=2 * hidden, max_rows=self.rows_per_pass if limited else None)
         outs = []
         for chunk in chunks:
             outs.append(self(self._pad([ids[i] for i in chunk])))
