@@ -158,3 +158,27 @@ def test_scaler_unscales_before_the_step_and_skips_overflows():
     w = lin.weight.detach().clone()
     assert optimizer_step(opt, sched, scaler) is False                 # skipped: weights and schedule wait
     assert torch.equal(lin.weight, w) and scaler.get_scale() == 512.0 and sched.last_epoch == 0
+
+
+def test_cpu_worker_uses_the_configured_torch_threads(tmp_path, tiny_llama, monkeypatch):
+    """embedder.torch_threads: a CPU worker sets torch's threads (Ray gives a {"CPU": 1} worker one thread, which
+    leaves a core idle on a 2-core machine) and reports them; unset, the worker's CPU share."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        result, _ = _run_local(_loop_config(tmp_path, tiny_llama, max_steps=1, torch_threads=2), monkeypatch)
+        assert result.metrics["torch_threads"] == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_worker_threads_follow_the_setting_or_the_cpu_share():
+    from speed_ray.config import ConfigError
+    from speed_ray.threads import worker_threads
+
+    assert worker_threads(None, 1.0) == 1 and worker_threads(None, 2.5) == 2 and worker_threads(None, 0.5) == 1
+    assert worker_threads(3, 1.0) == 3
+    with pytest.raises(ValueError, match="torch_threads"):
+        worker_threads(0, 1.0)
+    with pytest.raises(ConfigError, match="torch_threads"):
+        EmbedderConfig(torch_threads=0)

@@ -25,6 +25,8 @@ class TrainerConfig:
     num_workers: int = 1                      # Ray Train workers
     use_gpu: bool = False
     cpus_per_worker: float = 1.0              # Ray resources each training worker asks for
+    # Threads torch uses in each CPU worker (None: its CPU share). Speed only: not in the fingerprint.
+    torch_threads: int | None = field(default=None, metadata={"fingerprint": False})
     strategy: Literal["ddp", "fsdp", "deepspeed_zero3"] = "ddp"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # auto: fp32 on CPU, bf16 on GPU
     gradient_checkpointing: bool = False
@@ -54,6 +56,7 @@ class TrainerConfig:
         check(self.max_steps > 0 or self.epochs > 0, "epochs", "must be > 0 when max_steps is not set")
         check(self.max_length > 0, "max_length", "must be > 0")
         check(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        check(self.torch_threads is None or self.torch_threads >= 1, "torch_threads", "must be >= 1 or null")
         check(self.save_steps > 0, "save_steps", "must be > 0")
         check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         check(self.max_failures >= -1, "max_failures", "must be >= 0 (or -1: retry forever)")

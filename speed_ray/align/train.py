@@ -438,6 +438,9 @@ def train_loop_per_worker(config: dict) -> None:
     job = replace(job, base_model=local_model_dir(base_ref))   # an s3:// checkpoint (DPO's junior): fetched per node
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    from speed_ray.threads import set_worker_threads
+
+    threads = set_worker_threads(job.cfg.torch_threads, job.cfg.cpus_per_worker, job.cfg.use_gpu)
     local_dir = make_scratch_dir(job, rank)
     try:
         with _builtin_print():
@@ -457,7 +460,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics.update({k: v for k, v in out.metrics.items() if isinstance(v, (int, float))})
             metrics.update(trainer.speed_ray_counts)
             metrics.update({"global_step": trainer.state.global_step, "resumed_from_step": resumed_from,
-                            "world_size": ctx.get_world_size()})
+                            "world_size": ctx.get_world_size(), "torch_threads": threads})
             _write_json(job.metrics_url, {"metrics": metrics, "log_history": trainer.state.log_history})
     finally:
         shutil.rmtree(local_dir, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from speed_ray.config import check
@@ -29,6 +29,10 @@ class EmbedderConfig:
     max_doc_length: int = 512
     num_workers: int = 1
     use_gpu: bool = False
+    cpus_per_worker: float = 1.0              # Ray resources each CPU training worker asks for
+    # Threads torch uses in each CPU worker (None: its CPU share). A single worker on an otherwise idle machine
+    # can take every core without reserving them. Speed only: not in the fingerprint (speed_ray/threads.py).
+    torch_threads: int | None = field(default=None, metadata={"fingerprint": False})
     strategy: Literal["ddp", "deepspeed_zero3"] = "ddp"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
@@ -48,6 +52,8 @@ class EmbedderConfig:
         check(self.temperature > 0, "temperature", "must be > 0")
         check(self.batch_size >= 2, "batch_size", "must be >= 2 (in-batch negatives)")
         check(self.num_workers >= 1, "num_workers", "must be >= 1")
+        check(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        check(self.torch_threads is None or self.torch_threads >= 1, "torch_threads", "must be >= 1 or null")
         check(self.batch_size % self.num_workers == 0, "batch_size", "must be a multiple of num_workers")
         check(self.mini_batch_size >= 0, "mini_batch_size", "must be >= 0")
         check(0.0 <= self.public_fraction < 1.0, "public_fraction", "must be in [0, 1)")

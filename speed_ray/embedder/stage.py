@@ -36,7 +36,7 @@ def train_embedder_stage(ctx) -> dict:
                                      failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                                      checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
     scaling = ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                      resources_per_worker=None if cfg.use_gpu else {"CPU": 1})
+                                      resources_per_worker=None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker})
     t0 = time.time()
     result = TorchTrainer(_train_func, train_loop_config=loop_config, scaling_config=scaling,
                           run_config=run_config).fit()
@@ -55,7 +55,7 @@ def train_embedder_stage(ctx) -> dict:
             "metrics": {"loss": loss_summary(m.get("losses", [])), "steps": m.get("step"),
                         "steps_this_attempt": m.get("steps_this_attempt"), "resumed_from_step": m.get("resumed_from_step"),
                         "samples_per_s": m.get("samples_per_s"), "train_seconds": m.get("train_seconds"),
-                        "precision": m.get("precision"), "skipped_steps": m.get("skipped_steps"),
+                        "precision": m.get("precision"), "torch_threads": m.get("torch_threads"), "skipped_steps": m.get("skipped_steps"),
                         "weights_in_sync": m.get("weights_in_sync"), "wall_seconds": wall, "data": data_summary},
             "train_config": dataclasses.asdict(cfg) | {"resolved_model": loop_config["model_path"]}}
 

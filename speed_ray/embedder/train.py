@@ -220,6 +220,9 @@ def train_func(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if e["use_gpu"] else torch.device("cpu")
+    from speed_ray.threads import set_worker_threads
+
+    threads = set_worker_threads(e.get("torch_threads"), e.get("cpus_per_worker", 1.0), e["use_gpu"])
     precision = e["precision"] if e["precision"] != "auto" else ("bf16" if e["use_gpu"] else "fp32")
 
     from speed_ray.embedder.feed import FeedPlan, FeedReader
@@ -291,7 +294,7 @@ def train_func(config: dict[str, Any]) -> None:
     final = {"step": total, "steps_this_attempt": done_here, "resumed_from_step": start,
              "samples_per_s": done_here * e["batch_size"] / elapsed if elapsed > 0 else None,
              "train_seconds": elapsed, "losses": losses, "skipped_steps": skipped, "weights_in_sync": in_sync,
-             "precision": precision}
+             "precision": precision, "torch_threads": threads}
     report(final, total, final_state)
 
 
