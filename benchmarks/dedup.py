@@ -105,7 +105,7 @@ def run_stage(ids, texts, num_perm, bands, rows, ngram) -> tuple[set, float]:
 
     from speed_ray.dedup.config import DedupConfig
     from speed_ray.dedup.stage import dedup_stage, shards_at
-    from speed_ray.pipeline import StageContext
+    from speed_ray.stage import StageContext
     from speed_ray.run_config import RunConfig
     from speed_ray.store import RunStore
 

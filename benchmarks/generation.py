@@ -27,7 +27,7 @@ def _requests(n: int, max_tokens: int):
     import random
 
     from speed_ray.generate.engine import GenRequest
-    from speed_ray.teacher.prompts import synthesis_messages
+    from speed_ray.synth.prompts import synthesis_messages
 
     types = ("sts", "bitext", "retrieval", "classification", "matching_short", "matching_long")
     out = []

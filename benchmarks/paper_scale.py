@@ -421,9 +421,9 @@ def _root_output(store, n: int):
     out = store.stage("root_data", _fp(n, False))
     if out.done:
         return out
-    from speed_ray.teacher.parsing import canonical_json, parse_sample
-    from speed_ray.teacher.prompts import synthesis_messages
-    from speed_ray.teacher.samples import lineage_extend, stable_id
+    from speed_ray.synth.parsing import canonical_json, parse_sample
+    from speed_ray.synth.prompts import synthesis_messages
+    from speed_ray.synth.samples import lineage_extend, stable_id
 
     respond = teacher_responder()
     total = teacher_counts(n)["judge"]
@@ -533,7 +533,7 @@ def run_child(stage: str, run_dir: str, address: str, n: int, dup: float, kill: 
     """In the child driver process: connect to the cluster, run one stage function, print one JSON line."""
     import ray
 
-    from speed_ray.pipeline import StageContext
+    from speed_ray.stage import StageContext
     from speed_ray.store import RunStore
 
     ray.init(address=address, log_to_driver=False, include_dashboard=False)
@@ -618,7 +618,7 @@ def _ids(out, columns=("id",)) -> list[str]:
 
 
 def ids_synthesis_in(store, n: int) -> list[str]:
-    from speed_ray.teacher.samples import stable_id
+    from speed_ray.synth.samples import stable_id
 
     return [stable_id("synthesis", SEED, i) for i in range(n)]
 
@@ -671,7 +671,7 @@ def _request_ids(out) -> list[str]:
 
 
 def ids_brainstorm_in(store, n: int) -> list[str]:
-    from speed_ray.teacher.samples import stable_id
+    from speed_ray.synth.samples import stable_id
 
     return [stable_id("brainstorm", t, tt) for t in _ids(store.stage("topics", _fp(n, False)))
             for tt in BRAINSTORM_TYPES]
@@ -687,7 +687,7 @@ def ids_seed_data_in(store, n: int) -> list[str]:
 
 
 def ids_judge_in(store, n: int) -> list[str]:
-    from speed_ray.teacher.samples import stable_id
+    from speed_ray.synth.samples import stable_id
 
     return [stable_id("judge", i) for i in sorted(_ids(store.stage("root_data", _fp(n, False))))]
 
@@ -695,7 +695,7 @@ def ids_judge_in(store, n: int) -> list[str]:
 def ids_revise_signals_in(store, n: int) -> list[str]:
     import pyarrow.compute as pc
 
-    from speed_ray.teacher.samples import stable_id
+    from speed_ray.synth.samples import stable_id
     from speed_ray.teacher.stages import pick_revise_targets
 
     root = store.stage("root_data", _fp(n, False)).read_table(columns=["id", "outputs"])
@@ -778,7 +778,7 @@ def stub_engine_rate(model: str = "stub:dup=0.2,rows=1150000", rows: int = 2000,
 
     from speed_ray.generate.plan import plan_prompt, request_seed
     from speed_ray.generate.ray_engines import EngineUDF
-    from speed_ray.teacher.schemas import sample_schema
+    from speed_ray.synth.schemas import sample_schema
 
     pools = {t: [{"id": f"t{i}", "topic": f"Topic {i}", "task": f"task {t} {i}", "lineage": "{}"} for i in range(50)]
              for t in TASK_TYPES}

@@ -1,7 +1,7 @@
 """Parse rate of real synthesis prompts with and without JSON-schema-constrained decoding (xgrammar), HF engine.
 
 The same prompts (mixed task types), sampling seeds and model on both sides; a sample counts as parsed when
-speed_ray.teacher.parsing.parse_sample accepts it for its task type. Last line: JSON with both parse rates.
+speed_ray.synth.parsing.parse_sample accepts it for its task type. Last line: JSON with both parse rates.
 
     .venv/bin/python benchmarks/structured_output.py --model offline:smollm2 --n 16 --max-tokens 256
 """
@@ -24,8 +24,8 @@ def _requests(n: int, max_tokens: int, structured: bool):
     import random
 
     from speed_ray.generate.engine import GenRequest
-    from speed_ray.teacher.prompts import synthesis_messages
-    from speed_ray.teacher.schemas import sample_schema
+    from speed_ray.synth.prompts import synthesis_messages
+    from speed_ray.synth.schemas import sample_schema
 
     out = []
     for i in range(n):
@@ -41,7 +41,7 @@ def _requests(n: int, max_tokens: int, structured: bool):
 
 
 def run(eng, n: int, max_tokens: int, structured: bool) -> dict:
-    from speed_ray.teacher.parsing import parse_sample
+    from speed_ray.synth.parsing import parse_sample
 
     reqs = _requests(n, max_tokens, structured)
     t0 = time.time()

@@ -15,19 +15,16 @@ USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionErr
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from speed_ray.config import ConfigError
-    from speed_ray.embedder.data import DataError
+    from speed_ray.errors import DataError
     from speed_ray.models.offline import ModelNotFound
 
     return USER_ERRORS + (ConfigError, ModelNotFound, DataError)
 
 
 def _split_overrides(args: argparse.Namespace) -> None:
-    args.overrides = [o for o in getattr(args, "overrides", []) or []]
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        from speed_ray.config import ConfigError
+    from speed_ray.config import check_overrides
 
-        raise ConfigError(f"expected a.b=value overrides after the config, got {bad[0]!r}")
+    args.overrides = check_overrides(getattr(args, "overrides", None))
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -204,7 +201,7 @@ def build_parser() -> Parser:
     sv.add_argument("--allow-unauthenticated-public", action="store_true",
                     help="bind a non-loopback host with no token configured")
     sv.add_argument("overrides", nargs="*")
-    sv.set_defaults(fn=_lazy("speed_ray.serve.app:serve_main"))
+    sv.set_defaults(fn=_lazy("speed_ray.serve.cli:serve_main"))
 
     from speed_ray.embedder.cli import add_parser as add_train_embedder
 
@@ -234,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, _user_errors()):
             print(f"speed-ray: error: {e}", file=sys.stderr)
             return 2
-        from speed_ray.pipeline import StageError
+        from speed_ray.stage import StageError
 
         if isinstance(e, StageError):
             first = str(e).splitlines()

@@ -155,6 +155,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def check_overrides(overrides: list[str] | None) -> list[str]:
+    """Command-line `a.b=value` overrides as a list; ConfigError naming the first one without an '='."""
+    out = list(overrides or [])
+    bad = [o for o in out if "=" not in o]
+    if bad:
+        raise ConfigError(f"expected a.b=value overrides after the config, got {bad[0]!r}")
+    return out
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply a.b=c overrides to a nested dict (in a copy)."""
     import copy

@@ -7,7 +7,6 @@ import importlib
 import json
 import logging
 import os
-import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,8 @@ from typing import Any, Callable
 
 from speed_ray.config import to_dict
 from speed_ray.config_view import ConfigView, Recorder
-from speed_ray.run_config import RunConfig, dump_config
+from speed_ray.run_config import VARIANTS, RunConfig, dump_config
+from speed_ray.stage import Services, StageContext, StageError
 from speed_ray.store import CostLedger, RunStore, StageOutput, library_versions, stable_hash
 
 log = logging.getLogger("speed_ray")
@@ -109,7 +109,6 @@ _ALL = {
                           ("evaluate",), doc="MTEB evaluation of the trained embedder"),
 }
 
-VARIANTS = ("full", "sft_only", "no_dpo", "no_revisor", "direct_instruct", "direct_teacher")
 
 
 def _rewire(spec: StageSpec, **inputs: str | None) -> StageSpec:
@@ -257,41 +256,6 @@ def uncovered_reads(cfg: RunConfig, spec: StageSpec, paths: set[str] | list[str]
 READS_DIR: str | None = None
 
 
-class StageError(RuntimeError):
-    """A stage failed; what it already wrote stays in the store for the next run to resume from."""
-
-
-@dataclass
-class StageContext:
-    """What a stage function gets: its config, its output dir, its inputs by role, and a cost ledger. When the
-    pipeline runs a stage, cfg is a speed_ray.config_view.ConfigView of the RunConfig: it reads like one and
-    records which settings the stage reads."""
-
-    cfg: RunConfig
-    name: str
-    out: StageOutput
-    inputs: dict[str, StageOutput]
-    store: RunStore
-    run_name: str
-    ledger: CostLedger = field(default_factory=CostLedger)
-    _services: dict = field(default_factory=dict)
-
-    def log(self, msg: str, *args: Any) -> None:
-        log.info(f"[{self.name}] " + msg, *args)
-
-    def teacher_base_url(self) -> str:
-        """The teacher endpoint; starts the local OpenAI-compatible server when the config asks for one."""
-        if self.cfg.teacher.base_url:
-            return self.cfg.teacher.base_url
-        with self._services.setdefault("lock", threading.Lock()):   # concurrent teacher stages start it once
-            if "teacher_url" not in self._services:
-                from speed_ray.generate.server import start_local_server
-
-                self._services["teacher_url"] = start_local_server(self.cfg.teacher.local_server, self.cfg.run,
-                                                                     (self.cfg.teacher.model,))
-            return self._services["teacher_url"]
-
-
 def _load(fn: str) -> Callable[[StageContext], dict | None]:
     mod, _, attr = fn.partition(":")
     return getattr(importlib.import_module(mod), attr)
@@ -331,7 +295,7 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: list[st
                                                                     "inputs": s.inputs} for s in plan]})
     dump_config(cfg, store.run_url(run_name, "config.yaml"))
     summary: dict[str, Any] = {"run": run_name, "run_dir": cfg.run.run_dir, "stages": {}}
-    services: dict = {}
+    services = Services()
     todo = []
     # A forced stage writes new data, so every stage downstream of it (in plan order) is forced too; one that is not
     # selected this time is only warned about (its output was made from the data being replaced).
@@ -361,7 +325,7 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: list[st
             if not any(spec.uses_teacher for spec in group):
                 # A local teacher holds CPUs (or a GPU) and memory that training and synthesis need; on a small
                 # cluster Ray Data's other operators would wait on them forever. It restarts when needed again.
-                _stop_services(services)
+                services.stop_all()
             run = lambda spec: _run_stage(cfg, spec, store, fps, run_name, services)  # noqa: E731
             if len(group) == 1:
                 summary["stages"][group[0].name] = run(group[0])
@@ -379,7 +343,7 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: list[st
             if errors:
                 raise errors[0]
     finally:
-        _stop_services(services)
+        services.stop_all()
     summary["stages"] = {n: summary["stages"][n] for n in names if n in summary["stages"]}
     store.write_json(store.run_url(run_name, "summary.json"), summary)
     return summary
@@ -402,7 +366,7 @@ def stage_groups(todo: list[StageSpec], concurrent_teacher: bool = True) -> list
 
 
 def _run_stage(cfg: RunConfig, spec: StageSpec, store: RunStore, fps: dict[str, str], run_name: str,
-               services: dict) -> dict:
+               services: Services) -> dict:
     """Run one stage into its output dir and write its manifest; returns its summary entry."""
     out = store.stage(spec.name, fps[spec.name])
     inputs = {}
@@ -417,7 +381,7 @@ def _run_stage(cfg: RunConfig, spec: StageSpec, store: RunStore, fps: dict[str, 
     # to it would reuse this output), warned about below and caught by tests/test_stage_reads.py.
     recorder = Recorder(os.path.join(READS_DIR, "workers", spec.name) if READS_DIR else None)
     ctx = StageContext(cfg=ConfigView(cfg, recorder), name=spec.name, out=out, inputs=inputs, store=store,
-                       run_name=run_name, _services=services)
+                       run_name=run_name, services=services)
     resumed = len(out.shard_names())
     log.info("[%s] running -> %s%s", spec.name, out.url,
              f" (resuming: {resumed} shard(s) already written)" if resumed else "")
@@ -469,13 +433,3 @@ def _brief(m: dict) -> dict:
             "cost": m.get("cost", {}), "url": None}
 
 
-def _stop_services(services: dict) -> None:
-    if "teacher_url" in services:
-        try:
-            from speed_ray.generate.server import stop_local_server
-
-            stop_local_server()
-            log.info("stopped the local teacher server")
-        except Exception as e:  # never mask the run's own outcome
-            log.warning("could not stop the local teacher server: %s", e)
-        services.pop("teacher_url", None)

@@ -37,6 +37,10 @@ class RunSection:
         object.__setattr__(self, "run_dir", absolute_run_dir(self.run_dir))
 
 
+# The pipeline variants (paper Tables 1 and 2); speed_ray.pipeline.build_plan wires each.
+VARIANTS = ("full", "sft_only", "no_dpo", "no_revisor", "direct_instruct", "direct_teacher")
+
+
 @dataclass(frozen=True)
 class PipelineSection:
     variant: str = "full"                     # full | sft_only | no_dpo | no_revisor | direct_instruct | direct_teacher
@@ -45,8 +49,6 @@ class PipelineSection:
     concurrent_teacher_stages: bool = True    # run independent teacher stages (judge, revise_signals) together
 
     def __post_init__(self):
-        from speed_ray.pipeline import VARIANTS
-
         check(self.variant in VARIANTS, "variant", f"must be one of {list(VARIANTS)}")
 
 

@@ -18,7 +18,7 @@ PROMPT = json.dumps([{"role": "system", "content": "You write data."},
 
 
 def _revisor(prompt_messages, root_text):
-    """Stand-in with the signature of speed_ray.teacher.prompts.revisor_messages."""
+    """Stand-in with the signature of speed_ray.synth.prompts.revisor_messages."""
     return [{"role": "user", "content": f"{prompt_messages[-1]['content']}\nOUTPUT: {root_text}\nRevise it."}]
 
 
@@ -61,7 +61,7 @@ def test_revisor_input_is_prompt_plus_root_sample_and_target_is_the_revision():
 
 
 def test_the_real_revisor_prompt_builder_fits_the_example_builder():
-    from speed_ray.teacher.prompts import revisor_messages
+    from speed_ray.synth.prompts import revisor_messages
 
     ex = revise_sft_example({"prompt": PROMPT, "root_text": "ROOT-SAMPLE", "revised_text": "REVISED"},
                             revisor_messages)

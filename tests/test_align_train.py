@@ -11,7 +11,7 @@ import pytest
 from speed_ray.align.config import TrainerConfig
 from speed_ray.align.data import to_columns
 from speed_ray.align.stages import junior_sft_stage, revisor_sft_stage, senior_dpo_stage
-from speed_ray.pipeline import StageContext
+from speed_ray.stage import StageContext
 from speed_ray.run_config import build_config
 from speed_ray.store import RunStore
 from test_align_trl import completion_logps  # noqa: E402  (tests/ is on sys.path under pytest)

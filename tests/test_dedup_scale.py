@@ -95,7 +95,7 @@ def test_dedup_stage_keeps_ids_and_components_out_of_the_driver(ray_local, tmp_p
 # ---- the stub engine's corpus mode ----------------------------------------------------------------------------------
 def _stub_samples(model: str, n: int, task_type: str = "retrieval", seed0: int = 0):
     from speed_ray.generate.engine import GenRequest, StubEngine
-    from speed_ray.teacher.schemas import sample_schema
+    from speed_ray.synth.schemas import sample_schema
 
     eng = StubEngine(model)
     reqs = [GenRequest([{"role": "user", "content": f"prompt {i}"}], json_schema=sample_schema(task_type),
@@ -119,7 +119,7 @@ def test_stub_corpus_is_valid_for_every_task_type_and_deterministic(task_type):
     from speed_ray.dedup.filters import quality_reason
     from speed_ray.config import to_dict
     from speed_ray.dedup.config import FiltersConfig
-    from speed_ray.teacher.parsing import parse_sample
+    from speed_ray.synth.parsing import parse_sample
 
     _, a = _stub_samples("stub:corpus=1", 200, task_type)
     _, b = _stub_samples("stub:corpus=1", 200, task_type)
@@ -135,7 +135,7 @@ def test_stub_corpus_is_valid_for_every_task_type_and_deterministic(task_type):
 
 
 def test_stub_corpus_distinct_rows_stay_distinct_and_dup_plants_a_fifth():
-    from speed_ray.teacher.parsing import parse_sample
+    from speed_ray.synth.parsing import parse_sample
 
     _, plain = _stub_samples("stub:corpus=1", 3000)
     parsed = [parse_sample(r.text, "retrieval") for r in plain]
@@ -148,9 +148,9 @@ def test_stub_corpus_distinct_rows_stay_distinct_and_dup_plants_a_fifth():
 
 def test_stub_revision_keeps_the_document_so_duplicates_survive():
     from speed_ray.generate.engine import GenRequest, StubEngine
-    from speed_ray.teacher.parsing import parse_sample
-    from speed_ray.teacher.prompts import revisor_messages
-    from speed_ray.teacher.schemas import sample_schema
+    from speed_ray.synth.parsing import parse_sample
+    from speed_ray.synth.prompts import revisor_messages
+    from speed_ray.synth.schemas import sample_schema
 
     reqs, res = _stub_samples("stub:dup=0.2,rows=2000", 2000)
     rev = [GenRequest(revisor_messages(json.dumps(q.messages), r.text), json_schema=sample_schema("retrieval"),

@@ -11,7 +11,7 @@ import pytest
 
 from speed_ray.dedup.config import DedupConfig, FiltersConfig
 from speed_ray.dedup.stage import dedup_stage, shards_at
-from speed_ray.pipeline import StageContext
+from speed_ray.stage import StageContext
 from speed_ray.run_config import RunConfig
 from speed_ray.store import RunStore
 

@@ -98,7 +98,7 @@ def test_import_and_feed_own_data_from_three_formats(ray_local, tmp_path):
 
     from speed_ray.embedder.feed import FeedReader, prepare_feed
     from speed_ray.embedder.own_data import import_data
-    from speed_ray.pipeline import StageContext
+    from speed_ray.stage import StageContext
     from speed_ray.run_config import build_config
     from speed_ray.store import RunStore
 

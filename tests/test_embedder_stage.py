@@ -20,7 +20,7 @@ def _rows(n=48):
 
 
 def _ctx(tmp_path, rows, **embedder):
-    from speed_ray.pipeline import StageContext
+    from speed_ray.stage import StageContext
     from speed_ray.run_config import build_config
     from speed_ray.store import RunStore
 

@@ -134,7 +134,7 @@ def test_cache_second_run_encodes_nothing_and_cli_prints_scores(minilm, tmp_path
 
 def test_evaluate_stage_with_baseline_and_missing_task(minilm, tmp_path):
     from speed_ray.evaluate.stage import evaluate_stage
-    from speed_ray.pipeline import StageContext
+    from speed_ray.stage import StageContext
     from speed_ray.run_config import build_config
     from speed_ray.store import RunStore
 

@@ -41,8 +41,11 @@ def _cfg(tmp_path, **over):
 def test_full_run_then_rerun_skips_everything(tmp_path, fake_stages):
     cfg = _cfg(tmp_path)
     summary = run_pipeline(cfg)
-    names = [s.name for s in build_plan("full")]
-    assert fake_stages == names
+    plan = build_plan("full")
+    # Every stage once, each after its inputs; the independent teacher stages (judge, revise_signals) run together
+    # in threads, so their order between themselves is the scheduler's.
+    assert sorted(fake_stages) == sorted(s.name for s in plan)
+    assert all(fake_stages.index(up) < fake_stages.index(s.name) for s in plan for up in s.inputs.values() if up)
     assert all(s["state"] == "ran" for s in summary["stages"].values())
     fake_stages.clear()
     summary = run_pipeline(cfg)
@@ -145,9 +148,11 @@ def test_local_teacher_runs_only_during_teacher_stages(tmp_path, monkeypatch):
     monkeypatch.setattr(server, "start_local_server", lambda *a: events.append("start") or "http://t/v1")
     monkeypatch.setattr(server, "stop_local_server", lambda: events.append("stop"))
 
+    from speed_ray.teacher.endpoint import teacher_base_url
+
     def stage(ctx):
         if pipeline._ALL[ctx.name].uses_teacher:
-            assert ctx.teacher_base_url() == "http://t/v1"
+            assert teacher_base_url(ctx) == "http://t/v1"
         events.append(ctx.name)
         ctx.out.write_shard("part-0", [{"id": f"{ctx.name}-0"}])
 

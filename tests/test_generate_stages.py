@@ -346,7 +346,7 @@ sys.path.insert(0, {repo!r})
 import ray
 ray.init(address={address!r}, include_dashboard=False, log_to_driver=False)
 ray.data.DataContext.get_current().enable_progress_bars = False
-from speed_ray.pipeline import StageContext
+from speed_ray.stage import StageContext
 from speed_ray.run_config import build_config
 from speed_ray.store import RunStore
 from speed_ray.generate.stages import synthesis_stage

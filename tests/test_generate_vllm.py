@@ -11,7 +11,7 @@ from speed_ray.generate.config import EngineConfig
 from speed_ray.generate.engine import GenRequest, request_columns
 from speed_ray.generate.vllm_engine import (Preprocess, finalize_row, lora_target, postprocess, processor_kwargs,
                                             sampling_params, vllm_lora_rank)
-from speed_ray.teacher.schemas import sample_schema
+from speed_ray.synth.schemas import sample_schema
 
 SCHEMA = {"type": "object", "properties": {"S1": {"type": "string"}}, "required": ["S1"]}
 

@@ -113,7 +113,7 @@ def test_two_worker_grad_cache_fp32_fp16_bf16_equal_single_process(ray_local, ti
 
 
 def _stage_ctx(tmp_path, **embedder):
-    from speed_ray.pipeline import StageContext
+    from speed_ray.stage import StageContext
     from speed_ray.run_config import build_config
     from speed_ray.store import RunStore
 

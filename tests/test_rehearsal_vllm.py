@@ -26,7 +26,7 @@ import pytest
 
 from speed_ray.generate.config import EngineConfig
 from speed_ray.generate.engine import GenRequest, request_columns
-from speed_ray.teacher.schemas import sample_keys, sample_schema
+from speed_ray.synth.schemas import sample_keys, sample_schema
 
 pytestmark = pytest.mark.rehearsal
 

@@ -293,7 +293,7 @@ def test_start_refuses_a_public_serve_already_running_without_token(monkeypatch)
 def test_serve_main_refuses_public_bind_without_token(monkeypatch):
     import argparse
 
-    from speed_ray.serve.app import serve_main
+    from speed_ray.serve.cli import serve_main
 
     monkeypatch.delenv("SPEED_RAY_API_TOKEN", raising=False)
     args = argparse.Namespace(model="offline:minilm", config=None, host="0.0.0.0", port=PORT + 1,
@@ -305,7 +305,7 @@ def test_serve_main_refuses_public_bind_without_token(monkeypatch):
 def test_app_builder_for_serve_run(minilm):
     from ray.serve import Application
 
-    from speed_ray.serve.app import app_builder
+    from speed_ray.serve.cli import app_builder
 
     app = app_builder({"model": minilm, "max_inputs": "4", "serve.model_name": "mine"})
     assert isinstance(app, Application)

@@ -9,11 +9,11 @@ import random
 import pytest
 
 from speed_ray.config import ConfigError
-from speed_ray.teacher import prompts, schemas
-from speed_ray.teacher.mixture import allocate, normalize_mixture
-from speed_ray.teacher.parsing import (ParseError, extract_json, parse_judge, parse_revision, parse_sample,
-                                       parse_task_list, to_triple)
-from speed_ray.teacher.samples import lineage_extend, sample_row, stable_id
+from speed_ray.synth import prompts, schemas
+from speed_ray.synth.mixture import allocate, normalize_mixture
+from speed_ray.synth.parsing import (ParseError, extract_json, parse_judge, parse_revision, parse_sample,
+                                       parse_task_list, sample_texts)
+from speed_ray.synth.samples import lineage_extend, sample_row, stable_id
 from speed_ray.teacher.taxonomy import load_taxonomy, odp_paths, with_ancestors
 from speed_ray.teacher.topics import sample_topics, truncate_topic
 
@@ -221,9 +221,9 @@ def test_parse_sample_ok_and_triples():
     assert p.ok and p.sample == RETRIEVAL and list(p.sample) == list(RETRIEVAL)
     assert (p.query, p.positive, p.negative) == tuple(RETRIEVAL.values())
     assert parse_sample('{"input_text": "Great clubs", "label": 5, "misleading_label": "4"}', "classification").ok
-    assert to_triple("classification", {"input_text": "t", "label": "l", "misleading_label": "m"}) == ("t", "l", "m")
-    assert to_triple("sts", {"S1": "a", "S2": "b", "S3": "c"}) == ("a", "b", "c")
-    assert to_triple("matching_short", {"input": "a", "positive_document": "b"}) == ("a", "b", "")
+    assert sample_texts("classification", {"input_text": "t", "label": "l", "misleading_label": "m"}) == ("t", "l", "m")
+    assert sample_texts("sts", {"S1": "a", "S2": "b", "S3": "c"}) == ("a", "b", "c")
+    assert sample_texts("matching_short", {"input": "a", "positive_document": "b"}) == ("a", "b", "")
     assert parse_sample("I cannot do that.", "sts").reason == "refusal"
     assert parse_sample('{"S1": "a b", "S2": "a b", "S3": "c"}', "sts").reason == "query_equals_positive"
 

@@ -15,6 +15,8 @@ import random
 from collections import Counter
 from typing import Callable, Iterable
 
+from speed_ray.errors import DataError
+
 Messages = list[dict]
 
 # Used only when the base tokenizer has no chat template (e.g. a base Llama-3): plain-text turns, and the
@@ -25,10 +27,6 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '### assistant:\n' }}{% endif %}"
 )
-
-
-class DataError(ValueError):
-    """Training rows that cannot make a single usable example."""
 
 
 def parse_messages(raw: str | list) -> Messages:

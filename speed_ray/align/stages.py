@@ -9,7 +9,7 @@ from speed_ray.align.config import TrainerConfig
 from speed_ray.align.data import (DataError, build_examples, cap_examples, dpo_example, revise_sft_example,
                                   seed_sft_example, to_columns)
 from speed_ray.config import to_dict
-from speed_ray.pipeline import StageContext
+from speed_ray.stage import StageContext
 from speed_ray.store import StageOutput
 
 
@@ -84,7 +84,7 @@ def senior_dpo_stage(ctx: StageContext) -> dict:
 def revisor_sft_stage(ctx: StageContext) -> dict:
     """SFT the revisor on D_revise: (data prompt, task, root sample) -> the teacher's revision (Eq. 3)."""
     from speed_ray.models.offline import resolve_model
-    from speed_ray.teacher.prompts import revisor_messages
+    from speed_ray.synth.prompts import revisor_messages
 
     cfg = ctx.cfg.revisor_sft
     url, n, skipped = _prepare(ctx, ctx.inputs["data"], lambda r: revise_sft_example(r, revisor_messages),

@@ -41,7 +41,7 @@ def _config(args: argparse.Namespace):
 def train_embedder_main(args: argparse.Namespace) -> int:
     from speed_ray.embedder.own_data import Columns, import_data
     from speed_ray.embedder.stage import train_embedder_stage
-    from speed_ray.pipeline import StageContext
+    from speed_ray.stage import StageContext
     from speed_ray.raylocal import ensure_ray
     from speed_ray.store import RunStore, library_versions, stable_hash
 
@@ -116,7 +116,7 @@ def add_parser(p, sub) -> None:
 
 
 def _lazy_main(args: argparse.Namespace) -> int:
-    from speed_ray.cli import _split_overrides
+    from speed_ray.config import check_overrides
 
-    _split_overrides(args)
+    args.overrides = check_overrides(getattr(args, "overrides", None))
     return train_embedder_main(args)

@@ -16,7 +16,9 @@ import random
 from collections import defaultdict
 from typing import Iterable
 
-QUERY_TEMPLATE = "Instruct: {task}\nQuery: {query}"
+from speed_ray.e5 import e5_prefix, with_instruction
+from speed_ray.errors import DataError
+
 # E5-mistral treats these as symmetric: both sides are "queries" (see the module docstring).
 SYMMETRIC_TASK_TYPES = ("sts", "matching_short", "matching_long", "bitext")
 # Stored as the SentenceTransformer's "query" prompt: a generic retrieval instruction for callers with no task.
@@ -24,17 +26,8 @@ DEFAULT_QUERY_INSTRUCTION = "Given a web search query, retrieve relevant passage
 TRIPLE_COLUMNS = ("id", "task_type", "task", "query", "positive", "negative", "source")
 
 
-class DataError(ValueError):
-    """Training data that cannot be used: missing columns, an unreadable file, too few rows for one batch."""
-
-
-def query_prompt(task: str) -> str:
-    """The instruction prefix put before a query (what SentenceTransformer calls a prompt)."""
-    return QUERY_TEMPLATE.format(task=task.strip(), query="")
-
-
-def with_instruction(task: str, text: str) -> str:
-    return QUERY_TEMPLATE.format(task=task.strip(), query=text)
+# The instruction format (one, shared with evaluation and serving) and the data error, re-exported here.
+query_prompt = e5_prefix
 
 
 def _order_key(row_id: str, seed: int) -> str:

@@ -11,14 +11,14 @@ class EncoderActor:
     def __init__(self, path: str, max_length: int, batch_size: int):
         import torch
 
-        from speed_ray.evaluate.encoder import load_sentence_transformer
+        from speed_ray.evaluate.st_model import load_sentence_transformer
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_sentence_transformer(path, max_length, device)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
-        from speed_ray.evaluate.encoder import encode_local
+        from speed_ray.evaluate.st_model import encode_local
 
         emb = encode_local(self.model, [str(t) for t in batch["text"]], self.batch_size)
         return {"idx": np.asarray(batch["idx"]), "embedding": list(emb)}

@@ -11,6 +11,7 @@ import numpy as np
 
 from speed_ray.evaluate.cache import EmbeddingCache, text_key
 from speed_ray.evaluate.instructions import E5_TEMPLATE, query_prefix, task_instruction
+from speed_ray.evaluate.st_model import encode_local, load_sentence_transformer
 
 log = logging.getLogger("speed_ray.evaluate")
 
@@ -205,24 +206,3 @@ def _unit(x):
     if x.dim() == 1:
         x = x[None]
     return torch.nn.functional.normalize(x, dim=-1)
-
-
-def load_sentence_transformer(path: str, max_length: int, device: str | None = None):
-    """A SentenceTransformer whose max_seq_length is capped (never raised) at max_length."""
-    from sentence_transformers import SentenceTransformer
-
-    from speed_ray.models.remote import local_model_dir
-
-    model = SentenceTransformer(local_model_dir(path), device=device)
-    current = model.max_seq_length or max_length
-    model.max_seq_length = min(current, max_length)
-    return model
-
-
-def encode_local(model: Any, texts: list[str], batch_size: int) -> np.ndarray:
-    """Batched encoding in this process (SentenceTransformer sorts by length to limit padding)."""
-    import torch
-
-    with torch.inference_mode():
-        emb = model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
-    return np.asarray(emb, dtype=np.float32)

@@ -6,7 +6,7 @@ The table is the one E5-mistral was evaluated with (microsoft/unilm e5/utils.py,
 
 from __future__ import annotations
 
-E5_TEMPLATE = "Instruct: {instruction}\nQuery: "
+from speed_ray.e5 import E5_TEMPLATE, e5_prefix
 
 # One instruction for every task of a type.
 _BY_TYPE = {
@@ -100,4 +100,4 @@ def query_prefix(instruction: str, template: str = E5_TEMPLATE) -> str:
     """The text put before each query: the template with the instruction filled in."""
     if "{instruction}" not in template:
         raise ValueError(f"instruction template {template!r} has no '{{instruction}}' placeholder")
-    return template.format(instruction=instruction)
+    return e5_prefix(instruction, template)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from speed_ray.pipeline import StageContext
+from speed_ray.stage import StageContext
 
 
 def evaluate_stage(ctx: StageContext) -> dict:

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from speed_ray.teacher.mixture import allocate, normalize_mixture
-from speed_ray.teacher.prompts import FIXED_TASKS, needs_brainstorm, synthesis_messages
-from speed_ray.teacher.samples import lineage_extend, stable_id
+from speed_ray.synth.mixture import allocate, normalize_mixture
+from speed_ray.synth.prompts import FIXED_TASKS, needs_brainstorm, synthesis_messages
+from speed_ray.synth.samples import lineage_extend, stable_id
 
 
 def type_schedule(n: int, weights: dict[str, float], seed: int) -> tuple[list[str], np.ndarray]:
@@ -71,7 +71,7 @@ def reject_reason(parse_reason: str, finish_reason: str, gen_error: str) -> str:
 def root_lists(rows: list[dict], k: int) -> dict[str, Any]:
     """The k generations of one prompt (rows sharing `prompt_id`) -> a root_data row's outputs/samples lists, and
     per output its reject code ("" when it parsed)."""
-    from speed_ray.teacher.parsing import canonical_json, parse_sample
+    from speed_ray.synth.parsing import canonical_json, parse_sample
 
     rows = sorted(rows, key=lambda r: int(r["sample_index"]))
     outputs = [r.get("text") or "" for r in rows]

@@ -103,7 +103,7 @@ def _prompt_rows(n: int, weights: dict, seed: int, stage: str, task_rows: list[d
 def _requests(ds, temperature: float, top_p: float, max_tokens: int, structured: bool, seed: int,
               messages_fn=None):
     """Add the engine request columns (messages, sampling params, JSON schema per task type) to prompt rows."""
-    from speed_ray.teacher.schemas import sample_schema
+    from speed_ray.synth.schemas import sample_schema
 
     def add(batch: pa.Table) -> pa.Table:
         d = batch.to_pydict()
@@ -183,13 +183,13 @@ def _filter(ds, done: set[str]):
 
 
 class _SampleRows:
-    """Engine output -> `samples` rows (speed_ray.teacher.samples.sample_row) plus token/engine metadata."""
+    """Engine output -> `samples` rows (speed_ray.synth.samples.sample_row) plus token/engine metadata."""
 
     def __init__(self, generator: str):
         self.generator = generator
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from speed_ray.teacher.samples import sample_row
+        from speed_ray.synth.samples import sample_row
 
         out = []
         for r in batch.to_pylist():
@@ -252,7 +252,7 @@ class _RootRows:
         self.generator, self.k = generator, k
 
     def __call__(self, group: pa.Table) -> pa.Table:
-        from speed_ray.teacher.samples import lineage_extend
+        from speed_ray.synth.samples import lineage_extend
 
         rows = group.to_pylist()
         r0 = rows[0]
@@ -292,7 +292,7 @@ def revision_stage(ctx) -> dict:
     ds = _filter(ctx.inputs["samples"].ray_dataset(), done)
 
     def messages(r: dict) -> str:
-        from speed_ray.teacher.prompts import revisor_messages
+        from speed_ray.synth.prompts import revisor_messages
 
         return json.dumps(revisor_messages(r["prompt"], r.get("sample") or r["source_text"]), ensure_ascii=False)
 
@@ -330,8 +330,8 @@ class _RevisedRows:
         self.revisor = revisor
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from speed_ray.teacher.parsing import canonical_json, parse_sample
-        from speed_ray.teacher.samples import lineage_extend
+        from speed_ray.synth.parsing import canonical_json, parse_sample
+        from speed_ray.synth.samples import lineage_extend
 
         out = []
         for r in batch.to_pylist():

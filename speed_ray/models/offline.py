@@ -9,6 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from speed_ray.models import ModelNotFound, cache_dir   # noqa: F401 (re-exported: their home before)
+
 OFFLINE_NAMES = ("offline:smollm2", "offline:minilm", "offline:tiny-llama")
 
 CHAT_TEMPLATE = (
@@ -19,12 +21,6 @@ CHAT_TEMPLATE = (
 )
 
 
-class ModelNotFound(ValueError):
-    """A config names a model that is neither a local directory, an offline name, nor a usable hub id."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPEED_RAY_CACHE", Path.home() / ".cache" / "speed-ray")) / "models"
 
 
 def _atomic_dir(target: Path, build) -> Path:

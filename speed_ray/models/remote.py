@@ -24,7 +24,7 @@ def is_remote(ref: str) -> bool:
 
 
 def remote_cache_root() -> Path:
-    from speed_ray.models.offline import cache_dir
+    from speed_ray.models import cache_dir
 
     return cache_dir() / "remote"
 
@@ -33,7 +33,7 @@ def _signature(fs, path: str) -> tuple[str, list[tuple[str, int]]]:
     """A content signature of a remote directory: relative names, sizes and etags (or mtimes)."""
     files = fs.find(path, detail=True)
     if not files:
-        from speed_ray.models.offline import ModelNotFound
+        from speed_ray.models import ModelNotFound
 
         raise ModelNotFound(f"model directory {path!r} is empty or does not exist on {fs.protocol}")
     entries = []

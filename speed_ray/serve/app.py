@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import os
-import time
 from typing import Any
 
 from speed_ray.serve.protocol import embeddings_response, parse_embeddings_request, query_prefix, truncate_normalize
@@ -115,21 +114,6 @@ def build_embeddings_app(model_path: str, cfg, served_name: str | None = None, t
                          max_body_bytes=max_body_bytes(cfg), deployment_options=deployment_options(cfg))
 
 
-def _serve_cfg(args) -> tuple[Any, Any]:
-    """(RunSection, ServeConfig) from --config/overrides plus the command line's --host/--port/--allow-..."""
-    import dataclasses
-
-    from speed_ray.run_config import RunConfig, load_config, replace
-
-    overrides = list(getattr(args, "overrides", None) or [])
-    cfg = load_config(args.config, overrides) if getattr(args, "config", None) else replace(RunConfig(), overrides)
-    s = cfg.serve
-    s = dataclasses.replace(s, host=getattr(args, "host", None) or s.host, port=getattr(args, "port", None) or s.port,
-                            allow_unauthenticated_public=bool(getattr(args, "allow_unauthenticated_public", False))
-                            or s.allow_unauthenticated_public)
-    return cfg.run, s
-
-
 def start(model: str, cfg, ray_address: str | None = None, timeout_s: float = 600.0, app_name: str = APP_NAME,
           route_prefix: str = "/") -> tuple[str, bool]:
     """Resolve the model, check auth and binding, deploy; returns (base URL once /v1/models answers, started Serve)."""
@@ -154,39 +138,3 @@ def start(model: str, cfg, ray_address: str | None = None, timeout_s: float = 60
     base_url = f"http://{connect_host(host)}:{port}{route_prefix.rstrip('/')}/v1"
     wait_healthy(base_url, timeout_s, {"Authorization": f"Bearer {token}"} if token else None)
     return base_url, started
-
-
-def serve_main(args) -> int:
-    """`speed-ray serve MODEL_OR_RUN_DIR [--config c.yaml] [--host H] [--port P]`: serve until Ctrl-C."""
-    from speed_ray.serve.lifecycle import stop_app
-
-    run, cfg = _serve_cfg(args)
-    base_url, started = start(args.model, cfg, run.ray_address)
-    print(f"serving {args.model} at {base_url} (POST /embeddings, GET /models); Ctrl-C to stop", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping", flush=True)
-    finally:
-        stop_app(APP_NAME, started)
-    return 0
-
-
-def app_builder(args: dict[str, str]):
-    """`serve run speed_ray.serve.app:app_builder model=RUN_DIR_OR_MODEL [config=c.yaml] [serve.x=y ...]`.
-
-    The token is read here, in the process that deploys, and only its digest travels to the replicas.
-    """
-    import argparse
-
-    from speed_ray.serve.auth import load_token, token_digest
-
-    args = dict(args)
-    model = args.pop("model")
-    ns = argparse.Namespace(config=args.pop("config", None),
-                            overrides=[f"{k if k.startswith('serve.') else 'serve.' + k}={v}" for k, v in args.items()])
-    _, cfg = _serve_cfg(ns)
-    token = load_token(cfg.token_env, cfg.token_file)
-    return build_embeddings_app(resolve_served_model(model), cfg, cfg.model_name or model,
-                                token_digest(token) if token else None)

@@ -358,8 +358,9 @@ def query_prefix(params: EmbedParams, prompts: dict[str, str]) -> str:
     """The text prepended to each input: the request's instruction, the model's saved query/document prompt, or ""."""
     if params.input_type == "query":
         if params.instruction:
-            # The E5-mistral / SPEED query format (https://arxiv.org/abs/2401.00368, section 3.2).
-            return f"Instruct: {params.instruction.strip()}\nQuery: "
+            from speed_ray.e5 import e5_prefix   # the format the embedder was trained with
+
+            return e5_prefix(params.instruction)
         return prompts.get("query", "")
     return prompts.get("document", prompts.get("passage", ""))
 

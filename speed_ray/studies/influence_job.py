@@ -14,7 +14,8 @@ import numpy as np
 
 from speed_ray import pipeline
 from speed_ray.config import to_dict
-from speed_ray.pipeline import StageContext, StageSpec, fingerprints
+from speed_ray.pipeline import StageSpec, fingerprints
+from speed_ray.stage import StageContext
 from speed_ray.run_config import RunConfig, load_config, replace
 from speed_ray.store import RunStore, library_versions
 from speed_ray.studies.influence import all_subsets, by_task_category, compute_influence

@@ -203,7 +203,7 @@ def run_points(cfgs: list[RunConfig], max_concurrent: int = 1, num_cpus: float =
         except Exception as e:  # keep the other points running; finished ones are in the store
             errors.append(f"{cfgs[i].run.name}: {e}")
     if errors:
-        from speed_ray.pipeline import StageError
+        from speed_ray.stage import StageError
 
         raise StageError(f"{len(errors)} sweep point(s) failed (finished points are kept; rerun to resume):\n"
                          + "\n".join(errors))

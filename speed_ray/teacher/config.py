@@ -103,7 +103,7 @@ class MixtureConfig:
                                                                 "matching": 2})
 
     def __post_init__(self):
-        from speed_ray.teacher.mixture import normalize_mixture
+        from speed_ray.synth.mixture import normalize_mixture
 
         normalize_mixture(self.weights)  # raises ConfigError naming the bad key
 

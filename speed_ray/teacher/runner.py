@@ -108,7 +108,7 @@ def budget_name(ctx) -> str | None:
     t = ctx.cfg.teacher
     if t.max_calls is None and t.max_tokens_budget is None:
         return None
-    return ctx._services.setdefault("teacher_budget", f"teacher-budget-{ctx.run_name}-{uuid.uuid4().hex[:8]}")
+    return ctx.services.setdefault("teacher_budget", f"teacher-budget-{ctx.run_name}-{uuid.uuid4().hex[:8]}")
 
 
 def written_ids(out: StageOutput) -> set[str]:
@@ -119,11 +119,12 @@ def run_teacher(ctx, requests, finish: Finish, total_requests: int) -> dict:
     """Send the pending requests of Ray Dataset `requests` (REQUEST_COLS + whatever `finish` needs; already
     filtered of written ids by the caller) through the teacher, write results, fill ctx.ledger; return the
     manifest metrics. Raises BudgetExhausted (cfg.teacher.on_budget_exhausted=fail) after writing."""
+    from speed_ray.teacher.endpoint import teacher_base_url
     from speed_ray.teacher.requests_ray import teacher_map
 
     t = ctx.cfg.teacher
     cache_url = f"{ctx.cfg.run.run_dir.rstrip('/')}/cache/teacher" if t.cache else None
-    ds = teacher_map(requests, t, ctx.teacher_base_url(), cache_url, budget_name(ctx),
+    ds = teacher_map(requests, t, teacher_base_url(ctx), cache_url, budget_name(ctx),
                      batch_size=t.request_batch_size, num_actors=t.num_actors)
     summary = ds.map_batches(_SplitWriter(ctx.out, finish), batch_size=t.shard_rows, batch_format="pyarrow",
                              num_cpus=0.1)

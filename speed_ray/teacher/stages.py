@@ -12,12 +12,12 @@ from collections import defaultdict
 
 import pyarrow as pa
 
-from speed_ray.teacher import prompts, schemas
-from speed_ray.teacher.mixture import allocate, normalize_mixture
-from speed_ray.teacher.parsing import (ParseError, canonical_json, parse_judge, parse_revision, parse_sample,
+from speed_ray.synth import prompts, schemas
+from speed_ray.synth.mixture import allocate, normalize_mixture
+from speed_ray.synth.parsing import (ParseError, canonical_json, parse_judge, parse_revision, parse_sample,
                                        parse_task_list)
 from speed_ray.teacher.runner import finalize, pending_mask, reject_row, run_teacher, teacher_cols, written_ids
-from speed_ray.teacher.samples import lineage_extend, stable_id
+from speed_ray.synth.samples import lineage_extend, stable_id
 
 
 def _seed_int(*parts) -> int:

@@ -6,7 +6,7 @@ import json
 import random
 from collections import defaultdict
 
-from speed_ray.teacher.samples import stable_id
+from speed_ray.synth.samples import stable_id
 
 
 def truncate_topic(path: str, max_depth: int = 4) -> str:

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from speed_ray.teacher.schemas import sample_keys
+from speed_ray.synth.schemas import sample_keys
 
 
 class ParseError(ValueError):
@@ -121,7 +121,7 @@ def _norm(s: str) -> str:
     return " ".join(s.split()).casefold()
 
 
-def to_triple(task_type: str, sample: dict) -> tuple[str, str, str]:
+def sample_texts(task_type: str, sample: dict) -> tuple[str, str, str]:
     """(query, positive, negative) of a sample; matching has no hard negative ("")."""
     keys = sample_keys(task_type)
     vals = [str(sample.get(k, "")) for k in keys]
@@ -151,7 +151,7 @@ def check_sample(obj: Any, task_type: str, min_chars: int = 1, max_chars: int = 
         if len(v) > max_chars:
             raise ParseError(f"too_long:{k}")
         out[k] = v
-    q, pos, neg = to_triple(task_type, out)
+    q, pos, neg = sample_texts(task_type, out)
     if neg and _norm(pos) == _norm(neg):
         raise ParseError("positive_equals_negative")
     if _norm(q) == _norm(pos):
@@ -160,7 +160,7 @@ def check_sample(obj: Any, task_type: str, min_chars: int = 1, max_chars: int = 
 
 
 def _parsed(sample: dict, task_type: str, explanation: str = "") -> ParsedSample:
-    q, p, n = to_triple(task_type, sample)
+    q, p, n = sample_texts(task_type, sample)
     return ParsedSample(True, sample, "", q, p, n, explanation)
 
 

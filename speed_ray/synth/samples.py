@@ -41,7 +41,7 @@ def lineage_extend(lineage_json: str | dict | None, **fields: Any) -> str:
 def sample_row(base: dict, text: str | None, task_type: str, generator: str, min_chars: int = 1,
                max_chars: int = 20000) -> dict:
     """A `samples` row from a base row (id, task_type, task, prompt, prompt_params, lineage) and a raw output."""
-    from speed_ray.teacher.parsing import canonical_json, parse_sample
+    from speed_ray.synth.parsing import canonical_json, parse_sample
 
     p = parse_sample(text, task_type, min_chars, max_chars)
     return {
