@@ -658,9 +658,11 @@ def ids_embedder_in(store, n: int) -> list[str]:
 
 
 def ids_embedder_out(store, n: int, kill: bool) -> list[str]:
-    from speed_ray.store import shards_at
+    from speed_ray.store import StepMarkers
 
-    return _ids(shards_at(store.stage("train_embedder", _fp(n, kill)), "triples"))
+    out = store.stage("train_embedder", _fp(n, kill))
+    out.data_url = StepMarkers(out).get("triples")["shared"]   # pass 1's shared triples (embedder/feed.py)
+    return _ids(out)
 
 
 def _request_ids(out) -> list[str]:

@@ -87,9 +87,13 @@ def test_feed_subsets_are_nested_and_a_resume_rebuilds_the_same_files(ray_local,
     fs = ctx.out.fs
     fs.rm(ctx.out._path(ctx.out.artifact("steps")), recursive=True)
     fs.rm(ctx.out._path(ctx.out.artifact("feed")), recursive=True)
+    from speed_ray.embedder.feed import triples_output, triples_url
     from speed_ray.store import shards_at
 
-    triples = shards_at(ctx.out, "triples")
+    shared = triples_output(ctx.inputs["data"], ctx.cfg.embedder, 3)
+    triples = shards_at(shared)
+    triples.data_url = triples_url(ctx.inputs["data"], ctx.cfg.embedder, 3)
+    fs.rm(shared._path(shared.artifact("steps")), recursive=True)
     for n in triples.shard_names()[::2]:
         fs.rm(triples._path(triples.shard_url(n)))
     again = prepare_feed(ctx, ctx.cfg.embedder, 3)
@@ -174,3 +178,41 @@ def test_rows_without_a_negative_train_as_pairs_by_default(ray_local, tmp_path):
     assert plan.summary["rows_dropped_incomplete"] == 0 and plan.summary["pairs"] == n_pairs
     batches = [FeedReader(plan).batch(s) for s in range(plan.n_batches)]
     assert all(len({t["negative"] is None for t in b}) == 1 for b in batches)
+
+
+def test_sweep_points_share_pass_one(ray_local, tmp_path, monkeypatch):
+    """Two train_embedder stages on the same rows that differ only in n_samples (two points of the scaling sweep)
+    convert the rows to triples once: the second reads the first's triples and runs no pass 1. Another task-type
+    filter (the influence study) gets triples of its own. The batches equal the in-memory reference either way."""
+    import dataclasses
+
+    from speed_ray.embedder import feed
+    from speed_ray.embedder.feed import FeedReader, prepare_feed, triples_output, triples_url
+    from speed_ray.store import StepMarkers, shards_at
+
+    rows = _rows()
+    small = _ctx(tmp_path, rows, n_samples=20)
+    plan_small = prepare_feed(small, small.cfg.embedder, 3)
+    shared = triples_output(small.inputs["data"], small.cfg.embedder, 3)
+    triples = shards_at(shared)
+    triples.data_url = triples_url(small.inputs["data"], small.cfg.embedder, 3)
+    shards = sorted(triples.shard_names())
+    assert shards and StepMarkers(shared).get("triples")["made_by"] == small.out.url
+
+    from speed_ray.run_config import replace
+
+    big = dataclasses.replace(small, out=small.store.stage("train_embedder", "fp2"),
+                              cfg=replace(small.cfg, ["embedder.n_samples=40"]))
+    monkeypatch.setattr(feed, "_Triples", None)   # pass 1 would fail: it must not run
+    plan_big = prepare_feed(big, big.cfg.embedder, 3)
+    monkeypatch.undo()
+    assert triples_url(big.inputs["data"], big.cfg.embedder, 3) == triples.data_url
+    assert sorted(triples.shard_names()) == shards
+    assert StepMarkers(big.out).get("triples") == {"shared": triples.data_url}
+    assert (plan_small.summary["triples"], plan_big.summary["triples"]) == (20, 40)
+    for plan, cfg in ((plan_small, small.cfg.embedder), (plan_big, big.cfg.embedder)):
+        assert [FeedReader(plan).batch(s) for s in range(plan.n_batches)] == \
+            [_in_memory(rows, cfg, 3, s) for s in range(plan.n_batches)]
+    # a task-type filter converts other rows: its own triples
+    assert triples_output(small.inputs["data"], dataclasses.replace(small.cfg.embedder, task_types=("sts",)),
+                          3).url != shared.url

@@ -3,7 +3,8 @@
 No list of all triples sits in the driver or in a training worker. The stage prepares the feed in four passes,
 each a Ray task or a Ray Data pipeline, and marks each done (artifacts/steps/) so a killed stage resumes:
 
-    artifacts/triples/*.parquet             every usable triple (the run's rows, then public data) and its order
+    stages/_embedder_triples/<key>/artifacts/triples/*.parquet
+                                            every usable triple (the run's rows, then public data) and its order
                                             key: a 64-bit prefix of sha256(seed:id)        (1: Ray Data + a task)
     artifacts/feed/plan.json                batches per epoch, epochs written, rows per file, the data summary
                                                                                            (2: a task, 3 columns)
@@ -16,6 +17,12 @@ of n_samples is the n smallest order keys, so the scaling sweep's subsets are ne
 random draws over the same canonical order (the selected rows sorted by key, then the public ones). A training
 worker reads, per step, the row groups of its own slice of that step's batch (`FeedReader`): the batch of a step
 is a pure function of the files, the same on every worker and on resume.
+
+Pass 1's triples depend on the input rows and on how rows become triples (seed, task types, symmetric types,
+pairs, public data), not on n_samples or batching: they are written once per input and setting, beside the run's
+stages (`triples_output`), and shared by every train_embedder that reads the same rows, so the scaling sweep's
+points convert the deduplicated rows once, not once per point. The key holds the input stage's fingerprint and
+when its output was made, so a forced rerun of the input makes new triples.
 """
 
 from __future__ import annotations
@@ -311,6 +318,29 @@ def _gather_task(parts: StageOutput, url: str, first: int, n: int, row_group: in
     return n
 
 
+TRIPLES_STAGE = "_embedder_triples"
+
+
+def triples_output(source: StageOutput, cfg, seed: int) -> StageOutput:
+    """The shared output for the triples of `source` (the input stage's output) under cfg's conversion settings:
+    same input and settings, same place, whatever the batching. Its step marker "triples" names the finished
+    triples shards ({"url": ...}); triples_url reads it."""
+    from speed_ray.store import stable_hash
+
+    made = source.manifest.get("started_at") if source.done else None
+    key = stable_hash({"input": [source.stage, source.fingerprint, made],
+                       "seed": seed, "task_types": list(cfg.task_types or ()),
+                       "symmetric": list(cfg.symmetric_task_types), "pairs": bool(cfg.train_pairs),
+                       "public": [cfg.public_data, cfg.public_fraction > 0] if cfg.public_fraction > 0 else None})
+    return StageOutput(source.run_dir, TRIPLES_STAGE, f"{source.fingerprint}-{key[:12]}")
+
+
+def triples_url(source: StageOutput, cfg, seed: int) -> str | None:
+    """Where the finished triples of `source` under cfg's settings are, or None before pass 1 has finished."""
+    made = StepMarkers(triples_output(source, cfg, seed)).get("triples")
+    return made["url"] if made else None
+
+
 def prepare_feed(ctx, cfg, seed: int) -> FeedPlan:
     """Passes 1-4 for the train_embedder stage's context (cfg: its EmbedderConfig); returns the plan. A killed
     stage resumes: pass 1 from its shards, the others from their step markers."""
@@ -321,9 +351,14 @@ def prepare_feed(ctx, cfg, seed: int) -> FeedPlan:
 
     out = ctx.out
     steps = StepMarkers(out)
-    triples = shards_at(out, "triples")
+    shared = triples_output(ctx.inputs["data"], cfg, seed)
+    shared_steps = StepMarkers(shared)
     plan_url = out.artifact("feed", "plan.json")
-    if steps.get("triples") is None:
+    made = shared_steps.get("triples")
+    if made is None:
+        # This stage's own directory under the shared output: concurrent sweep points that race here each write
+        # complete, identical triples, and the marker names either; a killed stage resumes into its own.
+        triples = shards_at(shared, "triples", out.fingerprint)
         ds = filter_pending(ctx.inputs["data"].ray_dataset().select_columns(ROW_COLUMNS), done_set(triples))
         udf = _Triples(seed, cfg.task_types, cfg.symmetric_task_types, cfg.train_pairs)
         write_stream(ds.map_batches(udf, batch_format="pyarrow", batch_size=4096, num_cpus=_LIGHT), triples,
@@ -331,7 +366,15 @@ def prepare_feed(ctx, cfg, seed: int) -> FeedPlan:
         if cfg.public_fraction > 0:
             ray.get(ray.remote(num_cpus=_LIGHT)(_public_task).remote(
                 cfg.public_data, seed, tuple(cfg.symmetric_task_types), triples, cfg.train_pairs))
-        steps.mark("triples", {"shards": len(triples.shard_names())})
+        shared_steps.mark("triples", {"url": triples.data_url, "shards": len(triples.shard_names()),
+                                      "made_by": out.url})
+    else:
+        triples = shards_at(shared)
+        triples.data_url = made["url"]
+        if steps.get("triples") is None:
+            ctx.log("reusing the triples at %s (made by %s)", made["url"], made.get("made_by"))
+    if steps.get("triples") is None:
+        steps.mark("triples", {"shared": triples.data_url})
 
     if steps.get("feed") is None:
         plan_cfg = {"n_samples": cfg.n_samples, "public_fraction": cfg.public_fraction, "batch_size": cfg.batch_size,
