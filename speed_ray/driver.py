@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from speed_ray.pipeline import build_plan, fingerprints, plan_status, run_pipeline
+from speed_ray.pricing import teacher_price, usd
 from speed_ray.run_config import RunConfig, build_config, load_config
 from speed_ray.store import RunStore
 
@@ -31,6 +32,10 @@ def run(cfg: RunConfig, stages: list[str] | None = None, force: list[str] | None
     summary["wall_s"] = time.time() - t0
     print_summary(cfg, summary)
     return summary
+
+
+def _money(v: float | None) -> str:
+    return "n/a" if v is None else f"${v:,.2f}"
 
 
 def print_summary(cfg: RunConfig, summary: dict[str, Any]) -> None:
@@ -109,14 +114,21 @@ def status_main(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"run {name} (variant {cfg.pipeline.variant})")
             print(f"  {'stage':<18} {'state':<8} {'rows':>8} {'secs':>8} {'calls':>7} {'tokens':>9} {'cpu_h':>7} "
-                  f"{'gpu_h':>7}")
+                  f"{'gpu_h':>7} {'cost':>10}")
+            total = 0.0
             for r in rows:
                 m = r["manifest"] or {}
                 c = m.get("cost", {})
                 state = "stale" if r["stale"] else r["state"]
+                dollars = usd(c, cfg.teacher.model, cfg.pricing)
+                r["usd"] = dollars
+                total += dollars["total_usd"]
                 print(f"  {r['stage']:<18} {state:<8} {m.get('rows', 0):>8} {m.get('duration_s', 0):>8.1f} "
                       f"{c.get('calls', 0):>7} {c.get('total_tokens', 0):>9} {c.get('cpu_hours', 0):>7.3f} "
-                      f"{c.get('gpu_hours', 0):>7.3f}")
+                      f"{c.get('gpu_hours', 0):>7.3f} {_money(dollars['total_usd']):>10}")
+            print(f"  {'total':<18} {'':<8} {'':>8} {'':>8} {'':>7} {'':>9} {'':>7} {'':>7} {_money(total):>10}  "
+                  f"(teacher {cfg.teacher.model} at {teacher_price(cfg.teacher.model, cfg.pricing) or 'no known price'}"
+                  f" USD/1M in,out tokens; GPU h at {cfg.pricing.accelerator}'s; config `pricing`)")
     if args.json:
         print(json.dumps(out, default=str))
     return 0

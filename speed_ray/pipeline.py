@@ -58,7 +58,7 @@ NOT_FINGERPRINTED = (
     "teacher.local_server.engine", "teacher.local_server.host", "teacher.local_server.port",
     "teacher.local_server.replicas", "teacher.local_server.num_cpus", "teacher.local_server.num_gpus",
     "teacher.local_server.torch_threads", "teacher.local_server.max_batch_size",
-    "teacher.local_server.batch_wait_timeout_s",
+    "teacher.local_server.batch_wait_timeout_s", "pricing",
 )
 
 # Every stage SPEED has. The variant picks a subset and rewires the generator roles (paper Table 1 and 2).

@@ -14,6 +14,7 @@ from speed_ray.dedup.config import DedupConfig, FiltersConfig
 from speed_ray.embedder.config import EmbedderConfig
 from speed_ray.evaluate.config import EvalConfig
 from speed_ray.generate.config import RevisionConfig, RootDataConfig, SynthesisConfig
+from speed_ray.pricing import PricingConfig
 from speed_ray.serve.config import ServeConfig
 from speed_ray.studies.config import InfluenceConfig, SweepConfig
 from speed_ray.teacher.config import (BrainstormConfig, JudgeConfig, MixtureConfig, ReviseSignalsConfig,
@@ -80,6 +81,7 @@ class RunConfig:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
 
 

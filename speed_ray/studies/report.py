@@ -98,12 +98,22 @@ def generator_of(cfg: dict) -> str:
     return f"{(cfg.get(key) or {}).get('base_model')} ({'junior' if key == 'junior_sft' else 'senior'})"
 
 
+def run_prices(cfg: dict) -> tuple[str, Any]:
+    """(teacher model, PricingConfig) of a run's saved config (a dict)."""
+    from speed_ray.config import from_dict
+    from speed_ray.pricing import PricingConfig
+    from speed_ray.teacher.config import TeacherConfig
+
+    return ((cfg.get("teacher") or {}).get("model") or TeacherConfig.model,
+            from_dict(PricingConfig, cfg.get("pricing") or {}))
+
+
 def summary_row(run: dict) -> dict[str, Any]:
     """One line of the cross-run table: variant, generator, score vs the paper, and cost."""
     from speed_ray.studies.cost import cost_table
 
     done = {k: m for k, m in run["manifests"].items() if m}
-    tot = cost_table(done)["total"]
+    tot = cost_table(done, *run_prices(run["config"]))["total"]
     ev = done.get("evaluate") or {}
     ours = (ev.get("averages") or {}).get("average")
     paper = (run["config"].get("pipeline") or {}).get("paper_result")
@@ -113,6 +123,7 @@ def summary_row(run: dict) -> dict[str, Any]:
             "comparable": paper_comparable(run["config"]),
             "n_tasks": (ev.get("averages") or {}).get("n_tasks"), "calls": tot["calls"],
             "tokens": tot["total_tokens"], "gpu_hours": tot["gpu_hours"], "cpu_hours": tot["cpu_hours"],
+            "usd": tot["total_usd"],
             "synthetic_rows": max((done[s].get("rows", 0) for s in ("synthesis", "teacher_synthesis") if s in done),
                                   default=0),
             "done": all(run["manifests"].values())}
@@ -231,7 +242,7 @@ def write_report(store: RunStore | str, run_name: str) -> str:
     run = load_run(store, run_name)
     row = summary_row(run)
     base = store.run_url(run_name, "report")
-    cost = cost_table({k: m for k, m in run["manifests"].items() if m})
+    cost = cost_table({k: m for k, m in run["manifests"].items() if m}, *run_prices(run["config"]))
     png = _stage_png(store, f"{base}/stages.png", run)
     lines = [f"# Run report: {run_name}", "", f"Variant `{row['variant']}`, generator {row['generator']}, run dir "
              f"`{store.run_dir}`. {sum(1 for m in run['manifests'].values() if m)}/{len(run['manifests'])} stages "
@@ -239,8 +250,8 @@ def write_report(store: RunStore | str, run_name: str) -> str:
     if png:
         lines += ["![stages](stages.png)", ""]
     lines += _evaluation_section(run) + _paper_section(row, run["config"]) + _studies_section(store, run_name)
-    lines += ["## Cost", "", "Teacher calls and tokens per stage, CPU/GPU hours, and the paper's Table 5 "
-              "(E5-mistral's and SPEED's teacher budgets).", "", markdown(cost), ""]
+    lines += ["## Cost", "", "Teacher calls and tokens per stage, CPU/GPU hours and dollars, and the paper's Table 5 "
+              "(E5-mistral's and SPEED's teacher budgets) at the same prices.", "", markdown(cost), ""]
     url = f"{base}/report.md"
     _write_text(store, url, "\n".join(lines))
     store.write_json(f"{base}/report.json", {"summary": row, "cost": cost})
