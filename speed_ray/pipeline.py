@@ -58,7 +58,7 @@ NOT_FINGERPRINTED = (
     "teacher.local_server.engine", "teacher.local_server.host", "teacher.local_server.port",
     "teacher.local_server.replicas", "teacher.local_server.num_cpus", "teacher.local_server.num_gpus",
     "teacher.local_server.torch_threads", "teacher.local_server.max_batch_size",
-    "teacher.local_server.batch_wait_timeout_s", "pricing",
+    "teacher.local_server.batch_wait_timeout_s", "teacher.budget_usd", "pricing",
 )
 
 # Every stage SPEED has. The variant picks a subset and rewires the generator roles (paper Table 1 and 2).
@@ -296,6 +296,8 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: list[st
     dump_config(cfg, store.run_url(run_name, "config.yaml"))
     summary: dict[str, Any] = {"run": run_name, "run_dir": cfg.run.run_dir, "stages": {}}
     services = Services()
+    # the teacher stages of this plan: a dollar budget counts what all of them already paid
+    services.setdefault("teacher_outputs", [(s.name, fps[s.name]) for s in plan if s.uses_teacher])
     todo = []
     # A forced stage writes new data, so every stage downstream of it (in plan order) is forced too; one that is not
     # selected this time is only warned about (its output was made from the data being replaced).

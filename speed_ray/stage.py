@@ -25,7 +25,7 @@ class Services:
     first stage that asks, stopped by the orchestrator when the run ends, whatever its outcome."""
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()   # a starter may read other services
         self._values: dict[str, Any] = {}
         self._stops: list[tuple[str, Callable[[], None]]] = []
 

@@ -300,3 +300,42 @@ def test_sample_requests_follow_json_mode(tmp_path, mode, want):
         assert rf["type"] == "json_schema" and rf["json_schema"]["schema"]["type"] == "object"
     else:
         assert rf == want
+
+
+def test_dollar_budget_stops_counts_earlier_runs_and_a_higher_one_completes(ray_local, tmp_path, server):
+    """teacher.budget_usd caps the dollars of the run directory's teacher calls at the pricing section's prices:
+    the stage stops cleanly with what it wrote kept, a rerun at the same cap counts what earlier runs paid (it
+    does not spend the cap again), and a rerun with a higher cap sends only the missing requests."""
+    from speed_ray.teacher.runner import written_ledger
+
+    price = {"pricing": {"teacher_usd_per_mtok": {"fake-gpt": [1000.0, 1000.0]}}}   # about $0.5 a call
+    base = dict(seed_data={"n_samples": 24}, **price)
+    cfg = make_cfg(tmp_path, server.base_url, teacher={"cache": False, "sampling": {"max_tokens": 200}}, **base)
+    run_pipeline(cfg, stages=["topics", "brainstorm"])
+    out = stage_out(cfg, "seed_data")
+
+    def spent() -> float:
+        c = written_ledger(out)
+        return (c["prompt_tokens"] + c["completion_tokens"]) * 1000.0 / 1e6
+
+    bs = stage_out(cfg, "brainstorm").manifest["cost"]
+    already = (bs["prompt_tokens"] + bs["completion_tokens"]) * 1000.0 / 1e6    # brainstorm's calls count too
+    cap = round(already + 4.0, 2)
+    capped = make_cfg(tmp_path, server.base_url, teacher={"cache": False, "sampling": {"max_tokens": 200},
+                                                          "budget_usd": cap}, **base)
+    server.reset_counts()
+    with pytest.raises(StageError, match=rf"budget exhausted.*budget_usd={cap}"):
+        run_pipeline(capped, stages=["seed_data"])
+    first = server.total
+    assert 0 < first < 24 and not out.done and len(all_request_ids(out)) == first
+    assert 0 < spent() <= 4.0
+    with pytest.raises(StageError, match="budget exhausted"):
+        run_pipeline(capped, stages=["seed_data"])                  # the same cap: what was paid counts
+    assert already + spent() <= cap and server.total < 24
+    higher = make_cfg(tmp_path, server.base_url, teacher={"cache": False, "sampling": {"max_tokens": 200},
+                                                          "budget_usd": 1000.0}, **base)
+    before = server.total
+    run_pipeline(higher, stages=["seed_data"])
+    ids = all_request_ids(out)
+    assert out.done and len(ids) == len(set(ids)) == 24 and server.total - before == 24 - before
+    assert out.manifest["cost"]["calls"] == 24            # the stage's cost: every call it wrote, over all runs

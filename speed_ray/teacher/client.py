@@ -133,7 +133,7 @@ class TeacherClient:
                  rpm: int | None = None, tpm: int | None = None, timeout_s: float = 120.0, max_retries: int = 6,
                  backoff_base_s: float = 1.0, backoff_max_s: float = 60.0, cache: ResponseCache | None = None,
                  budget: Any = None, api_key: Secret | str | None = None, rng: random.Random | None = None,
-                 max_tokens_param: str = "max_tokens"):
+                 max_tokens_param: str = "max_tokens", usd_per_mtok: tuple[float, float] | None = None):
         if not base_url:
             raise ValueError("TeacherClient needs a base_url (e.g. https://api.openai.com/v1)")
         if concurrency <= 0:
@@ -151,6 +151,7 @@ class TeacherClient:
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
         self.cache = cache
         self.budget = budget                 # Budget, or anything with (maybe async) try_acquire/settle
+        self.usd_per_mtok = usd_per_mtok     # (input, output) USD per 1M tokens: the budget's dollars (None: none)
         self.limiter = RateLimiter(rpm, tpm) if (rpm or tpm) else None
         self._rng = rng or random.Random()
         if isinstance(api_key, str):
@@ -171,7 +172,8 @@ class TeacherClient:
 
     @classmethod
     def from_config(cls, cfg: "TeacherConfig", base_url: str | None, cache_url: str | None, budget: Any = None,
-                    api_key: Secret | str | None = None) -> "TeacherClient":
+                    api_key: Secret | str | None = None,
+                    usd_per_mtok: tuple[float, float] | None = None) -> "TeacherClient":
         """`base_url` overrides cfg.base_url (e.g. the URL of a local server the stage started)."""
         url = base_url or cfg.base_url
         if not url:
@@ -181,7 +183,7 @@ class TeacherClient:
         return cls(url, cfg.model, cfg.api_key_env, concurrency=cfg.concurrency, rpm=cfg.rpm, tpm=cfg.tpm,
                    timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_base_s=cfg.backoff_base_s,
                    backoff_max_s=cfg.backoff_max_s, cache=ResponseCache(cache_url) if (cfg.cache and cache_url) else None,
-                   budget=budget, api_key=api_key, max_tokens_param=cfg.max_tokens_param)
+                   budget=budget, api_key=api_key, max_tokens_param=cfg.max_tokens_param, usd_per_mtok=usd_per_mtok)
 
     # ---- plumbing ----------------------------------------------------------------------------------
     def _state(self) -> _LoopState:
@@ -268,14 +270,16 @@ class TeacherClient:
                                   int(hit.get("completion_tokens", 0)), cached=True,
                                   finish_reason=hit.get("finish_reason"))
         st = self._state()
-        est = estimate_prompt_tokens(req.messages) + req.max_tokens
-        admitted, attempts, spent = False, 0, 0
+        est_prompt = estimate_prompt_tokens(req.messages)
+        est = est_prompt + req.max_tokens
+        est_usd = self._usd(est_prompt, req.max_tokens)     # the worst case: every allowed token written
+        admitted, attempts = False, 0
         out = _Outcome("timeout")
         try:
             for attempt in range(self.max_retries + 1):
                 async with st.sem:  # the slot is held for one attempt only, never across a backoff sleep
                     if not admitted:
-                        if self.budget is not None and not await _maybe_await(self.budget.try_acquire(est)):
+                        if self.budget is not None and not await _maybe_await(self.budget.try_acquire(est, est_usd)):
                             return ChatResult(req.request_id, None, error="budget_exhausted")
                         admitted = True
                     if self.limiter is not None:
@@ -307,8 +311,13 @@ class TeacherClient:
         finally:
             if admitted and self.budget is not None:
                 usage = out.data.get("usage") or {}
-                spent = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
-                await _maybe_await(self.budget.settle(est, spent))
+                pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+                await _maybe_await(self.budget.settle(est, pt + ct, est_usd, self._usd(pt, ct)))
+
+    def _usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        if self.usd_per_mtok is None:
+            return 0.0
+        return (prompt_tokens * self.usd_per_mtok[0] + completion_tokens * self.usd_per_mtok[1]) / 1e6
 
     def _result(self, req: ChatRequest, out: _Outcome, attempts: int, retryable: bool) -> ChatResult:
         usage = out.data.get("usage") or {}

@@ -49,6 +49,10 @@ class TeacherConfig:
     backoff_max_s: float = 60.0
     max_calls: int | None = None             # budget cap per run (calls)
     max_tokens_budget: int | None = None     # budget cap per run (prompt + completion tokens)
+    budget_usd: float | None = None          # dollar cap on the teacher over the whole run directory's plan (earlier
+    #                                          runs' calls count, at the `pricing` section's prices): when the next
+    #                                          call could pass it, no more are sent; what is written is kept and a
+    #                                          rerun with a higher cap continues (on_budget_exhausted says how to end)
     json_mode: Literal["none", "json_object", "json_schema"] = "none"   # response_format sent to the endpoint
     max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"   # newer OpenAI models
     #                                          (o-series, gpt-5) reject max_tokens and want max_completion_tokens
@@ -78,6 +82,7 @@ class TeacherConfig:
         check(self.max_retries >= 0, "max_retries", "must be >= 0")
         check(self.rpm is None or self.rpm > 0, "rpm", "must be > 0")
         check(self.tpm is None or self.tpm > 0, "tpm", "must be > 0")
+        check(self.budget_usd is None or self.budget_usd > 0, "budget_usd", "must be > 0 (or null: no cap)")
 
 
 TASK_TYPES = ("retrieval", "classification", "matching_short", "matching_long", "sts", "bitext")

@@ -111,28 +111,38 @@ class Budget:
     what in-flight requests reserved, so the token cap is never exceeded; `settle` replaces the reservation with
     the real usage. Calls are counted at admission (retries of one request are one call)."""
 
-    def __init__(self, max_calls: int | None = None, max_tokens: int | None = None):
-        self.max_calls, self.max_tokens = max_calls, max_tokens
+    def __init__(self, max_calls: int | None = None, max_tokens: int | None = None, max_usd: float | None = None,
+                 spent_usd: float = 0.0):
+        self.max_calls, self.max_tokens, self.max_usd = max_calls, max_tokens, max_usd
         self.calls = 0
         self.tokens_spent = 0
         self.tokens_reserved = 0
+        self.usd_spent = float(spent_usd)    # dollars: what earlier runs of this run directory already paid, too
+        self.usd_reserved = 0.0
         self.rejected = 0
 
-    def try_acquire(self, est_tokens: int) -> bool:
+    def try_acquire(self, est_tokens: int, est_usd: float = 0.0) -> bool:
         if self.max_calls is not None and self.calls >= self.max_calls:
             self.rejected += 1
             return False
         if self.max_tokens is not None and self.tokens_spent + self.tokens_reserved + est_tokens > self.max_tokens:
             self.rejected += 1
             return False
+        if self.max_usd is not None and self.usd_spent + self.usd_reserved + est_usd > self.max_usd:
+            self.rejected += 1
+            return False
         self.calls += 1
         self.tokens_reserved += est_tokens
+        self.usd_reserved += est_usd
         return True
 
-    def settle(self, est_tokens: int, actual_tokens: int) -> None:
+    def settle(self, est_tokens: int, actual_tokens: int, est_usd: float = 0.0, actual_usd: float = 0.0) -> None:
         self.tokens_reserved -= est_tokens
         self.tokens_spent += actual_tokens
+        self.usd_reserved -= est_usd
+        self.usd_spent += actual_usd
 
     def snapshot(self) -> dict:
         return {"calls": self.calls, "tokens_spent": self.tokens_spent, "tokens_reserved": self.tokens_reserved,
-                "rejected": self.rejected, "max_calls": self.max_calls, "max_tokens": self.max_tokens}
+                "usd_spent": self.usd_spent, "usd_reserved": self.usd_reserved, "rejected": self.rejected,
+                "max_calls": self.max_calls, "max_tokens": self.max_tokens, "max_usd": self.max_usd}

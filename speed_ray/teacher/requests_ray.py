@@ -30,7 +30,8 @@ class _BudgetActor(Budget):
     """The run's Budget as a Ray actor: one sequential owner, so admission is exact across all UDF actors."""
 
 
-def make_budget(name: str, max_calls: int | None, max_tokens: int | None, detached: bool = False):
+def make_budget(name: str, max_calls: int | None, max_tokens: int | None, detached: bool = False,
+                max_usd: float | None = None, spent_usd: float = 0.0):
     """The named budget actor (created, or the existing one when `name` is taken: get_if_exists).
 
     Job-scoped by default: it dies with the driver, so a resumed run starts a fresh budget for its new calls
@@ -39,7 +40,7 @@ def make_budget(name: str, max_calls: int | None, max_tokens: int | None, detach
 
     cls = ray.remote(num_cpus=0, max_restarts=0)(_BudgetActor)
     return cls.options(name=name, namespace=BUDGET_NAMESPACE, get_if_exists=True,
-                       lifetime="detached" if detached else None).remote(max_calls, max_tokens)
+                       lifetime="detached" if detached else None).remote(max_calls, max_tokens, max_usd, spent_usd)
 
 
 class _ActorBudget:
@@ -48,11 +49,11 @@ class _ActorBudget:
     def __init__(self, handle):
         self.handle = handle
 
-    def try_acquire(self, est_tokens: int):
-        return self.handle.try_acquire.remote(est_tokens)
+    def try_acquire(self, est_tokens: int, est_usd: float = 0.0):
+        return self.handle.try_acquire.remote(est_tokens, est_usd)
 
-    def settle(self, est_tokens: int, actual_tokens: int):
-        return self.handle.settle.remote(est_tokens, actual_tokens)
+    def settle(self, est_tokens: int, actual_tokens: int, est_usd: float = 0.0, actual_usd: float = 0.0):
+        return self.handle.settle.remote(est_tokens, actual_tokens, est_usd, actual_usd)
 
 
 REQUIRED_COLUMNS = ("request_id", "messages")
@@ -111,11 +112,12 @@ class TeacherUDF:
     actor's event loop and the client's semaphore bounds the requests in flight across them."""
 
     def __init__(self, cfg: "TeacherConfig", base_url: str, cache_url: str | None, budget: Any,
-                 api_key: Secret | None):
+                 api_key: Secret | None, usd_per_mtok: tuple[float, float] | None = None):
         budget = _ActorBudget(budget) if budget is not None else None
         # caps live in the shared actor; the client must not build a private per-actor Budget from cfg
         cfg = config_view.replace(cfg, max_calls=None, max_tokens_budget=None)
-        self.client = TeacherClient.from_config(cfg, base_url, cache_url, budget=budget, api_key=api_key)
+        self.client = TeacherClient.from_config(cfg, base_url, cache_url, budget=budget, api_key=api_key,
+                                                usd_per_mtok=usd_per_mtok)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         reqs, bad = rows_to_requests(batch)
@@ -131,20 +133,27 @@ class TeacherUDF:
 
 
 def teacher_map(ds, cfg: "TeacherConfig", base_url: str, cache_url: str | None, budget_name: str | None = None,
-                batch_size: int = 64, num_actors: int = 1, num_cpus: float = 0.25):
+                batch_size: int = 64, num_actors: int = 1, num_cpus: float = 0.25,
+                usd_per_mtok: tuple[float, float] | None = None, budget_usd: float | None = None,
+                spent_usd: float = 0.0):
     """Ray Data: rows with request_id, messages (JSON string), temperature, top_p, max_tokens, response_format
     (JSON string or ""), optionally seed; returns ds plus response_text ("" if failed), prompt_tokens,
     completion_tokens, cached, error ("" if ok), attempts, finish_reason. Lazy and streaming: nothing is
     collected in the driver.
 
     cfg.concurrency, rpm and tpm are totals, split evenly across `num_actors`. With a budget cap in cfg
-    (max_calls / max_tokens_budget) all actors share one budget actor, `budget_name` or a fresh one."""
+    (max_calls / max_tokens_budget, or budget_usd: dollars at usd_per_mtok, of which spent_usd are already paid)
+    all actors share one budget actor, `budget_name` or a fresh one."""
     import ray
 
-    if budget_name is None and (cfg.max_calls is not None or cfg.max_tokens_budget is not None):
+    capped = cfg.max_calls is not None or cfg.max_tokens_budget is not None or budget_usd is not None
+    if budget_name is None and capped:
         budget_name = f"teacher-budget-{uuid.uuid4().hex[:12]}"
+    if budget_usd is not None and usd_per_mtok is None:
+        raise ValueError("a dollar budget needs the teacher's price (usd_per_mtok)")
     # The handle rides in the UDF's constructor args, so the (non-detached) actor lives as long as the dataset.
-    budget = make_budget(budget_name, cfg.max_calls, cfg.max_tokens_budget) if budget_name else None
+    budget = make_budget(budget_name, cfg.max_calls, cfg.max_tokens_budget, max_usd=budget_usd,
+                         spent_usd=spent_usd) if budget_name else None
     # config_view.replace: a stage's recorded reads stay the fields the client reads, not every field copied here
     per = config_view.replace(
         cfg, concurrency=max(1, math.ceil(cfg.concurrency / num_actors)),
@@ -159,7 +168,7 @@ def teacher_map(ds, cfg: "TeacherConfig", base_url: str, cache_url: str | None, 
     return ds.map_batches(
         TeacherUDF, fn_constructor_kwargs={"cfg": config_view.for_workers(per), "base_url": base_url,
                                            "cache_url": cache_url, "budget": budget,
-                                           "api_key": Secret(key) if key else None},
+                                           "api_key": Secret(key) if key else None, "usd_per_mtok": usd_per_mtok},
         batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=num_actors, max_size=num_actors))
 

@@ -106,9 +106,36 @@ def _error_kind(err: str) -> str:
 def budget_name(ctx) -> str | None:
     """One budget actor per run_pipeline call (shared by its teacher stages), when a cap is configured."""
     t = ctx.cfg.teacher
-    if t.max_calls is None and t.max_tokens_budget is None:
+    if t.max_calls is None and t.max_tokens_budget is None and t.budget_usd is None:
         return None
     return ctx.services.setdefault("teacher_budget", f"teacher-budget-{ctx.run_name}-{uuid.uuid4().hex[:8]}")
+
+
+def _dollars(ctx) -> tuple[tuple[float, float] | None, float]:
+    """(the teacher's USD per 1M input/output tokens, what the run's teacher stages already paid) for a dollar
+    budget; (price or None, 0.0) without one. Computed once per pipeline run, when its first teacher stage starts:
+    after that the budget actor keeps count."""
+    from speed_ray.config import ConfigError
+    from speed_ray.pricing import teacher_price
+
+    t = ctx.cfg.teacher
+    price = teacher_price(t.model, ctx.cfg.pricing)
+    if t.budget_usd is None:
+        return price, 0.0
+    if price is None:
+        raise ConfigError(f"teacher.budget_usd needs the price of teacher model {t.model!r}: set "
+                          f"pricing.teacher_usd_per_mtok.{t.model}=[input, output] (USD per 1M tokens)")
+
+    def spent() -> float:
+        total = 0.0
+        for name, fp in ctx.services.setdefault("teacher_outputs", [(ctx.name, ctx.out.fingerprint)]):
+            out = ctx.store.stage(name, fp)
+            c = out.manifest.get("cost", {}) if out.done else written_ledger(out)
+            total += (c.get("prompt_tokens", 0) * price[0] + c.get("completion_tokens", 0) * price[1]) / 1e6
+        log.info("teacher budget: $%.2f of $%.2f already spent by this run's teacher stages", total, t.budget_usd)
+        return total
+
+    return price, ctx.services.get("teacher_spent_usd", spent)
 
 
 def written_ids(out: StageOutput) -> set[str]:
@@ -124,8 +151,10 @@ def run_teacher(ctx, requests, finish: Finish, total_requests: int) -> dict:
 
     t = ctx.cfg.teacher
     cache_url = f"{ctx.cfg.run.run_dir.rstrip('/')}/cache/teacher" if t.cache else None
+    price, spent = _dollars(ctx)
     ds = teacher_map(requests, t, teacher_base_url(ctx), cache_url, budget_name(ctx),
-                     batch_size=t.request_batch_size, num_actors=t.num_actors)
+                     batch_size=t.request_batch_size, num_actors=t.num_actors, usd_per_mtok=price,
+                     budget_usd=t.budget_usd, spent_usd=spent)
     summary = ds.map_batches(_SplitWriter(ctx.out, finish), batch_size=t.shard_rows, batch_format="pyarrow",
                              num_cpus=0.1)
     run = Counter()
@@ -139,15 +168,15 @@ def run_teacher(ctx, requests, finish: Finish, total_requests: int) -> dict:
     return finalize(ctx, dict(run), errors, dict(failed_ledger), total_requests)
 
 
-def finalize(ctx, run: dict, errors: Counter, failed_ledger: dict, total_requests: int) -> dict:
-    """Manifest metrics over everything written (this run and the runs it resumed), and the cost ledger."""
+def _written(out: StageOutput) -> tuple[pa.Table | None, pa.Table | None, Counter]:
+    """A teacher stage's written rows (valid, rejected) and the cost of the calls that made them: one ledger entry
+    per request (a request with several valid rows, as in brainstorm, paid once)."""
     from speed_ray.teacher.requests_ray import ledger_from_table
 
-    out, rej = ctx.out, rejects_output(ctx.out)
+    rej = rejects_output(out)
     cols = ["request_id", *TEACHER_COLS]
     data = out.read_table(columns=cols) if out.shard_names() else None
     rejects = rej.read_table(columns=cols + ["reject_reason"]) if rej.shard_names() else None
-    # one ledger entry per request: a request with several valid rows (brainstorm) paid once
     parts = []
     if data is not None and data.num_rows:
         parts.append(_first_per_request(data))
@@ -156,6 +185,18 @@ def finalize(ctx, run: dict, errors: Counter, failed_ledger: dict, total_request
     ledger = Counter()
     for p in parts:
         ledger.update(ledger_from_table(p))
+    return data, rejects, ledger
+
+
+def written_ledger(out: StageOutput) -> dict:
+    """The cost of what a (maybe unfinished) teacher stage has written so far."""
+    return dict(_written(out)[2])
+
+
+def finalize(ctx, run: dict, errors: Counter, failed_ledger: dict, total_requests: int) -> dict:
+    """Manifest metrics over everything written (this run and the runs it resumed), and the cost ledger."""
+    out, rej = ctx.out, rejects_output(ctx.out)
+    data, rejects, ledger = _written(out)
     ledger.update(failed_ledger)
     ctx.ledger.add(dict(ledger))
     ctx.ledger.extra.update({k: ledger[k] for k in ("budget_exhausted", "http_attempts") if k in ledger})
@@ -178,7 +219,8 @@ def finalize(ctx, run: dict, errors: Counter, failed_ledger: dict, total_request
     if metrics["budget_exhausted"] and ctx.cfg.teacher.on_budget_exhausted == "fail":
         raise BudgetExhausted(
             f"teacher budget exhausted (teacher.max_calls={ctx.cfg.teacher.max_calls}, "
-            f"teacher.max_tokens_budget={ctx.cfg.teacher.max_tokens_budget}): {answered} of {total_requests} "
+            f"teacher.max_tokens_budget={ctx.cfg.teacher.max_tokens_budget}, "
+            f"teacher.budget_usd={ctx.cfg.teacher.budget_usd}): {answered} of {total_requests} "
             f"requests are written, {pending} pending. Raise the cap and rerun to complete them, or set "
             f"teacher.on_budget_exhausted=finish to accept a partial stage.")
     failed = run.get("failed", 0) - errors.get("budget_exhausted", 0)   # never sent: not a failure
