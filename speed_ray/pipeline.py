@@ -100,7 +100,8 @@ _ALL = {
                           {"samples": "synthesis", "revisor": "revisor_sft"}, ("revision", "run.seed"),
                           doc="revisor refines each sample once (D_syn^re)"),
     "dedup": StageSpec("dedup", "speed_ray.dedup.stage:dedup_stage", {"samples": "revision"},
-                       ("dedup", "filters"), doc="exact + MinHash-LSH dedup, then quality filters"),
+                       ("dedup", "filters"), doc="exact + MinHash-LSH dedup, then quality filters",
+                       version="2"),   # 2: degenerate task descriptions are filtered (filters.drop_degenerate_task)
     "train_embedder": StageSpec("train_embedder", "speed_ray.embedder.stage:train_embedder_stage",
                                 {"data": "dedup"}, ("embedder", "run.seed"), doc="contrastive training of the embedder",
                                 # 2: the streamed feed (n_samples counts usable triples; no text twice in a batch)

@@ -214,3 +214,19 @@ def test_buckets_match_datasketch_lsh():
     lab = {i: c for i, c in zip(*(clusters(edges).column(k).to_pylist() for k in ("id", "dedup_cluster")))}
     assert all(lab.get(a, a) == lab.get(b, b) for a, b in theirs)  # and every candidate pair is connected
     assert len(theirs) >= 50
+
+
+@pytest.mark.parametrize("task,degenerate", [
+    (",]{", True), ("john.doe@example.com", True), ("https://example.com/tasks/42", True), ("Task 7:", True),
+    ("Retrieve", True), ("TASK1", True), ("Sentence 1", True), ("retrieve passages", False), ("Retrieve cat facts", False), ("Given a question, retrieve answers", False),
+    ("Classifiez les avis", False), ("查找 相关", False), ("查找相关", False), ("查", True), ("", False), (None, False),
+])
+def test_degenerate_task_descriptions_are_filtered(task, degenerate):
+    """A task description with no words (seen in the demo: `,]{` and an e-mail address) becomes the instruction
+    of every query of its samples; it is dropped with its own reason, and a row with no task (public pairs) is
+    not judged by it."""
+    row = ("what is a cat", "A cat is a small mammal.", "A dog is a canine.", True)
+    assert quality_reason(*row, task=task, **RULES) == ("degenerate_task" if degenerate else None)
+    assert quality_reason(*row, task=task, **dict(RULES, drop_degenerate_task=False)) is None
+    cols = {"query": [row[0]], "positive": [row[1]], "negative": [row[2]], "task": [task]}
+    assert filter_reasons(cols, RULES) == ["degenerate_task" if degenerate else None]

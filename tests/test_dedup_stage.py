@@ -49,6 +49,7 @@ def _samples(n: int = 400, seed: int = 0):
         "b2": _row(9002, "some query here", "the same text twice", "The same text, twice!"),
         "b3": _row(9003, "what is the capital of france", "Q: what is the capital of France? Paris.", ""),
         "b4": _row(9004, "a rejected one", "some positive text here", "", valid=False),
+        "b5": dict(_row(9005, "what is a b-tree", "A balanced search tree for disks.", ""), task=",]{"),
     }
     for k, r in bad.items():
         rows.append(dict(r, id=k))
@@ -81,10 +82,10 @@ def _check(ctx, extra, rows, exact, near):
     assert len(hits) >= 0.9 * len(near)
     assert why["b0"] == "empty_positive" and why["b1"].startswith("boilerplate")
     assert why["b2"] == "positive_equals_negative" and why["b3"] == "query_in_positive"
-    assert why["b4"] == "invalid"
+    assert why["b4"] == "invalid" and why["b5"] == "degenerate_task"
     assert d["exact_duplicates"] == len(exact) and d["near_duplicates"] == len(hits)
     assert d["filtered"] == {"boilerplate_positive": 1, "empty_positive": 1, "invalid": 1,
-                             "positive_equals_negative": 1, "query_in_positive": 1}
+                             "positive_equals_negative": 1, "query_in_positive": 1, "degenerate_task": 1}
     assert d["clusters"] == len(exact) + len(hits)
     assert d["band_layout"]["bands"] * d["band_layout"]["rows"] <= 128
     # Lineage and dedup_cluster: a kept representative's cluster is itself; a removed copy points at it.
@@ -129,3 +130,16 @@ def test_dedup_stage_rejects_unknown_field(tmp_path):
     ctx = _ctx(tmp_path, rows, fields=("query", "answer"))
     with pytest.raises(ValueError, match="answer"):
         dedup_stage(ctx)
+
+
+def test_dedup_that_keeps_nothing_fails_naming_the_reasons(ray_local, tmp_path):
+    """A stage never reports success while writing only rejects: every row filtered (here, each task description
+    is an e-mail address) is an error naming the counts and where the removed rows are, and they stay there."""
+    from speed_ray.errors import DataError
+
+    rows = [dict(_row(i, f"query number {i} here", f"a positive passage number {i} about things"),
+                 task="someone@example.com") for i in range(30)]
+    ctx = _ctx(tmp_path, rows)
+    with pytest.raises(DataError, match=r"kept none of the 30 rows.*degenerate_task: 30"):
+        dedup_stage(ctx)
+    assert shards_at(ctx.out, "removed").num_rows() == 30 and not ctx.out.done

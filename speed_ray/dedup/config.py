@@ -44,9 +44,12 @@ class FiltersConfig:
     drop_invalid: bool = True                 # drop rows the generator's validation rejected (valid == False)
     drop_boilerplate: bool = True             # "as an AI", placeholders, lorem ipsum
     language: str | None = None               # e.g. "en": keep only positives in this language (needs `langid`)
+    drop_degenerate_task: bool = True         # task descriptions with fewer than min_task_words words (`,]{`,
+    min_task_words: int = 2                   # an e-mail address): the instruction of every one of their queries
 
     def __post_init__(self):
         for name in ("min_chars", "max_chars"):
             bad = sorted(set(getattr(self, name)) - {"query", "positive", "negative"})
             check(not bad, name, f"unknown field(s) {bad}; use query, positive, negative")
         check(self.query_in_positive_min_words >= 1, "query_in_positive_min_words", "must be >= 1")
+        check(self.min_task_words >= 1, "min_task_words", "must be >= 1")

@@ -21,6 +21,17 @@ BOILERPLATE = re.compile("|".join([
 ]), re.IGNORECASE)
 
 FIELDS = ("query", "positive", "negative")
+_WORD = re.compile(r"[^\W\d_]{2,}")        # a word: two or more letters (any script)
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")   # scripts written without spaces
+_ADDRESS = re.compile(r"\S+@\S+\.\w+|(?:https?://|www\.)\S+", re.IGNORECASE)
+
+
+def degenerate_task(task: str, min_words: int) -> bool:
+    """A task description no instruction can be made of: fewer than min_words words once e-mail addresses and URLs
+    are taken out (`,]{`, `x@y.com`, a bare URL). The embedder puts it before every query of its samples."""
+    words = _WORD.findall(_ADDRESS.sub(" ", task))
+    # without spaces between words, a run of CJK characters holds about one word per two characters
+    return sum(max(1, len(w) // 2) if _CJK.search(w) else 1 for w in words) < min_words
 
 
 def quality_reason(query: str | None, positive: str | None, negative: str | None, valid: bool | None = True, *,
@@ -28,10 +39,14 @@ def quality_reason(query: str | None, positive: str | None, negative: str | None
                    drop_invalid: bool = True, drop_positive_equals_negative: bool = True,
                    drop_query_in_positive: bool = True, query_in_positive_min_words: int = 4,
                    drop_boilerplate: bool = True, language: str | None = None,
-                   language_of: Callable[[str], str] | None = None) -> str | None:
-    """Why this sample should not be trained on (the first rule that fires), or None to keep it."""
+                   language_of: Callable[[str], str] | None = None, task: str | None = None,
+                   drop_degenerate_task: bool = True, min_task_words: int = 3) -> str | None:
+    """Why this sample should not be trained on (the first rule that fires), or None to keep it. A row with no
+    task description (public pairs) is not judged by it."""
     if drop_invalid and valid is False:
         return "invalid"
+    if drop_degenerate_task and task and task.strip() and degenerate_task(task, min_task_words):
+        return "degenerate_task"
     values = {"query": (query or "").strip(), "positive": (positive or "").strip(),
               "negative": (negative or "").strip()}
     for f in ("query", "positive"):
@@ -84,7 +99,8 @@ def filter_reasons(columns: Mapping[str, Sequence], rules: Mapping, language_of:
         raise KeyError(f"quality filters need column(s) {missing}; the samples have {sorted(columns)}")
     neg = columns["negative"] if "negative" in columns else [None] * n
     valid = columns["valid"] if "valid" in columns else [True] * n
+    tasks = columns["task"] if "task" in columns else [None] * n
     if rules.get("language") and language_of is None:
         language_of = langid_classifier()
-    return [quality_reason(q, p, ng, v, language_of=language_of, **rules)
-            for q, p, ng, v in zip(columns["query"], columns["positive"], neg, valid)]
+    return [quality_reason(q, p, ng, v, language_of=language_of, task=t, **rules)
+            for q, p, ng, v, t in zip(columns["query"], columns["positive"], neg, valid, tasks)]

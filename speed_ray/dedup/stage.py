@@ -53,7 +53,7 @@ class _Signatures:
     def __call__(self, batch: pa.Table) -> pa.Table:
         if batch.num_rows == 0:
             return pa.table({"rows": pa.array([], pa.int64())})
-        cols = {c: batch.column(c).to_pylist() for c in {"query", "positive", "negative", "valid", *self.fields}
+        cols = {c: batch.column(c).to_pylist() for c in {"query", "positive", "negative", "valid", "task", *self.fields}
                 if c in batch.column_names}
         if self.rules.get("language") and self._lang is None:
             self._lang = langid_classifier()
@@ -256,6 +256,13 @@ def dedup_stage(ctx) -> dict:
 
     reasons = _reason_counts(removed_out, "removed_reason")
     n_out = ctx.out.num_rows()
+    if n_out == 0 and n_in > 0:   # only rejects written: never a success (what was written stays for a look)
+        from speed_ray.errors import DataError
+
+        top = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:5])
+        raise DataError(f"dedup kept none of the {n_in} rows of {src.stage} (removed: {top}); the removed rows "
+                        f"and their reasons are at {removed_out.data_url}. Loosen the filters (section "
+                        f"`filters`) or fix the input.")
     return {
         "dedup": {"rows_in": n_in, "rows_out": n_out, "removed": sum(reasons.values()),
                   "exact_duplicates": reasons.pop("exact_duplicate", 0),
