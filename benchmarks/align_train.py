@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="threads of each Ray Train worker (trainer torch_threads; default: its CPU share, 1)")
     a = ap.parse_args()
 
     import pyarrow as pa
@@ -53,7 +55,8 @@ def main() -> None:
     data = os.path.join(tmp, "sft.parquet")
     pq.write_table(pa.table(to_columns(examples(a.rows))), data)
     cfg = TrainerConfig(base_model=base, lora_dropout=0.0, learning_rate=1e-3, batch_size=8, per_device_batch_size=4,
-                        num_workers=a.workers, max_steps=a.steps, save_steps=max(1, a.steps // 2), max_length=256)
+                        num_workers=a.workers, max_steps=a.steps, save_steps=max(1, a.steps // 2), max_length=256,
+                        torch_threads=a.torch_threads)
 
     import peft  # noqa: F401  (import before timing: the Ray worker's imports are part of its cost, ours not)
     import trl  # noqa: F401
@@ -75,7 +78,11 @@ def main() -> None:
                   storage_url=f"{tmp}/ray/storage", metrics_url=f"{tmp}/ray/m.json")
     ray_s = time.time() - t0
     ray.shutdown()
+    import torch
+
     print(json.dumps({"benchmark": "align_train", "model": a.model, "steps": a.steps, "workers": a.workers,
+                      "ray_torch_threads": m.get("torch_threads"), "plain_torch_threads": torch.get_num_threads(),
+                      "load_avg": [round(x, 2) for x in os.getloadavg()],
                       "ray_s": round(ray_s, 2), "plain_s": round(plain_s, 2), "ratio": round(ray_s / plain_s, 3),
                       "ray_last_loss": m["last_loss"], "plain_last_loss": plain_loss}))
 
