@@ -328,11 +328,7 @@ def server_main(args) -> int:
     _STATE.update(base_url=base_url)
     print(f"serving {cfg.model} at {base_url} (POST /chat/completions, GET /models"
           f"{'; bearer token from $SPEED_RAY_API_TOKEN' if token else ''}); Ctrl-C to stop", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping", flush=True)
-    finally:
-        stop_local_server()
+    from speed_ray.serve.lifecycle import serve_until_interrupted
+
+    serve_until_interrupted(stop_local_server)
     return 0

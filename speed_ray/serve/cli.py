@@ -6,7 +6,6 @@ They read a run config (speed_ray.run_config), so they sit in the command layer 
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from speed_ray.serve.app import APP_NAME, build_embeddings_app, resolve_served_model, start
@@ -29,18 +28,12 @@ def _serve_cfg(args) -> tuple[Any, Any]:
 
 def serve_main(args) -> int:
     """`speed-ray serve MODEL_OR_RUN_DIR [--config c.yaml] [--host H] [--port P]`: serve until Ctrl-C."""
-    from speed_ray.serve.lifecycle import stop_app
+    from speed_ray.serve.lifecycle import serve_until_interrupted, stop_app
 
     run, cfg = _serve_cfg(args)
     base_url, started = start(args.model, cfg, run.ray_address)
     print(f"serving {args.model} at {base_url} (POST /embeddings, GET /models); Ctrl-C to stop", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping", flush=True)
-    finally:
-        stop_app(APP_NAME, started)
+    serve_until_interrupted(lambda: stop_app(APP_NAME, started))
     return 0
 
 

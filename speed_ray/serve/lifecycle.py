@@ -73,3 +73,16 @@ def stop_app(app_name: str, shutdown_serve: bool) -> None:
     finally:
         if shutdown_serve and not serve.status().applications:
             serve.shutdown()
+
+
+def serve_until_interrupted(stop) -> None:
+    """Block until Ctrl-C, then call stop() (the `speed-ray serve` and `serve-llm` commands' foreground loop)."""
+    import time
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        stop()
