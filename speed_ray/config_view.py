@@ -1,7 +1,7 @@
 """A read-recording view of a typed config: what a stage's fingerprint must cover is what the stage reads.
 
     rec = Recorder()
-    view = ConfigView(cfg, rec)          # what a running stage gets as ctx.cfg (speed_ray.pipeline._run_stage)
+    view = ConfigView(cfg, rec)          # what a running stage gets as ctx.cfg (speed_ray.pipeline.run_stage)
     view.teacher.judge_temperature       # -> 0.0, and rec.paths == {"teacher.judge_temperature"}
 
 Transparent to the stage code: a dataclass section comes back as a view of its own (recording under its dotted

@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Any
 
-from speed_ray.pipeline import build_plan, fingerprints, plan_status, run_pipeline
+from speed_ray.pipeline import StageSpec, build_plan, fingerprints, plan_status, run_pipeline
 from speed_ray.pricing import teacher_price, usd
 from speed_ray.run_config import RunConfig, build_config, load_config
 from speed_ray.store import RunStore
@@ -50,24 +50,21 @@ def print_summary(cfg: RunConfig, summary: dict[str, Any]) -> None:
                      f"{cost.get('calls', 0):>7} {cost.get('total_tokens', 0):>9}  "
                      f"{store.stage(name, fps[name]).url}")
     print("\n".join(lines), flush=True)
-    for line in _where(cfg, store, fps):
+    for line in _where(build_plan(cfg.pipeline.variant), store, fps):
         print(line, flush=True)
 
 
-def _where(cfg: RunConfig, store: RunStore, fps: dict[str, str]) -> list[str]:
-    """Where the data, the models, the evaluation table and the report of this run are."""
+def _where(plan: list[StageSpec], store: RunStore, fps: dict[str, str]) -> list[str]:
+    """Where the data, the models, the evaluation table and the report of this run are (the stages' shows_as)."""
     out = []
-    for stage, what in (("dedup", "training data"), ("synthesis", "synthetic data"),
-                        ("teacher_synthesis", "synthetic data"), ("junior_sft", "junior generator"),
-                        ("senior_dpo", "senior generator"), ("revisor_sft", "revisor"),
-                        ("train_embedder", "embedder")):
-        if stage not in fps:
+    for spec in plan:
+        if not spec.shows_as:
             continue
-        st = store.stage(stage, fps[stage])
+        st = store.stage(spec.name, fps[spec.name])
         if st.done:
             m = st.manifest
-            out.append(f"{what:>18}: {m.get('model_path') or st.data_url}")
-    ev = store.stage("evaluate", fps["evaluate"]) if "evaluate" in fps else None
+            out.append(f"{spec.shows_as:>18}: {m.get('model_path') or st.data_url}")
+    ev = next((store.stage(s.name, fps[s.name]) for s in plan if s.produces == "evaluation"), None)
     if ev is not None and ev.done:
         m = ev.manifest
         md = m.get("results_md")

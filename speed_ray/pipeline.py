@@ -11,7 +11,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from speed_ray.config import to_dict
 from speed_ray.config_view import ConfigView, Recorder
@@ -28,8 +28,15 @@ log = logging.getLogger("speed_ray")
 STAGE_VERSION = "1"
 
 
+StageFn = Callable[[StageContext], "dict | None"]
+Loader = Callable[[str], StageFn]     # StageSpec.fn ("module:function") -> the stage function
+
+
 @dataclass(frozen=True)
 class StageSpec:
+    """One stage of the graph and every fact about it that the driver, the report and the studies need: they read
+    these from the plan, never from lists of their own."""
+
     name: str
     fn: str                                  # "module:function", imported only when the stage runs
     inputs: dict[str, str] = field(default_factory=dict)   # role -> upstream stage name
@@ -37,6 +44,14 @@ class StageSpec:
     uses_teacher: bool = False
     doc: str = ""
     version: str = "1"                       # bump when the stage's code changes what it writes
+    produces: Literal["data", "model", "evaluation"] = "data"
+    shows_as: str = ""                       # what the run's summary calls its output ("senior generator"); "": not shown
+    # In the cost model of the scaling sweep (SPEED Sec. 4.4): "fixed" is paid once whatever the data size (aligning
+    # the generators), "unit" per synthesized sample (synthesis, revision), "" neither.
+    cost_role: Literal["fixed", "unit", ""] = ""
+    # "synthesizer": writes the synthetic data (its "generator" input, when it has one, is the model that does);
+    # "junior" / "senior" / "revisor": trains that generator; "": neither.
+    generator_role: Literal["synthesizer", "junior", "senior", "revisor", ""] = ""
 
 
 # What identifies the teacher's answers: the model name, the model actually served when the teacher is the local
@@ -70,51 +85,64 @@ _ALL = {
                             "teacher brainstorms task descriptions"),
     "seed_data": StageSpec("seed_data", "speed_ray.teacher.stages:seed_data_stage", {"tasks": "brainstorm"},
                            ("seed_data", "mixture", *_TEACHER, "teacher.sampling", "run.seed"), True,
-                           "teacher writes D_seed"),
+                           "teacher writes D_seed", cost_role="fixed"),
     "junior_sft": StageSpec("junior_sft", "speed_ray.align.stages:junior_sft_stage", {"data": "seed_data"},
-                            ("junior_sft", "run.seed"), doc="SFT the junior generator on D_seed"),
+                            ("junior_sft", "run.seed"), doc="SFT the junior generator on D_seed",
+                            produces="model", shows_as="junior generator", cost_role="fixed", generator_role="junior"),
     "root_data": StageSpec("root_data", "speed_ray.generate.stages:root_data_stage",
                            {"generator": "junior_sft", "tasks": "brainstorm"}, ("root_data", "mixture", "run.seed"),
-                           doc="junior generator writes k samples per prompt (D_root)"),
+                           doc="junior generator writes k samples per prompt (D_root)", cost_role="fixed"),
     "judge": StageSpec("judge", "speed_ray.teacher.stages:judge_stage", {"root": "root_data"},
                        # the judge decodes at teacher.judge_temperature: sampling.temperature is not used
                        ("judge", *_TEACHER, "teacher.judge_temperature", "teacher.sampling.top_p",
                         "teacher.sampling.max_tokens"), True, "teacher picks best/worst: D_DPO",
-                       version="3"),
+                       version="3", cost_role="fixed"),
     "revise_signals": StageSpec("revise_signals", "speed_ray.teacher.stages:revise_signals_stage",
                                 {"root": "root_data"}, ("revise_signals", *_TEACHER, "teacher.sampling", "run.seed"),
-                                True, "teacher revises root samples: D_revise"),
+                                True, "teacher revises root samples: D_revise", cost_role="fixed"),
     "senior_dpo": StageSpec("senior_dpo", "speed_ray.align.stages:senior_dpo_stage",
                             {"pairs": "judge", "reference": "junior_sft"}, ("senior_dpo", "run.seed"),
-                            doc="DPO the junior into the senior generator"),
+                            doc="DPO the junior into the senior generator", produces="model",
+                            shows_as="senior generator", cost_role="fixed", generator_role="senior"),
     "revisor_sft": StageSpec("revisor_sft", "speed_ray.align.stages:revisor_sft_stage",
-                             {"data": "revise_signals"}, ("revisor_sft", "run.seed"), doc="SFT the data revisor"),
+                             {"data": "revise_signals"}, ("revisor_sft", "run.seed"), doc="SFT the data revisor",
+                             produces="model", shows_as="revisor", cost_role="fixed", generator_role="revisor"),
     "synthesis": StageSpec("synthesis", "speed_ray.generate.stages:synthesis_stage",
                            {"generator": "senior_dpo", "tasks": "brainstorm"}, ("synthesis", "mixture", "run.seed"),
-                           doc="generator synthesizes at scale (D_syn)"),
+                           doc="generator synthesizes at scale (D_syn)", shows_as="synthetic data",
+                           cost_role="unit", generator_role="synthesizer"),
     "teacher_synthesis": StageSpec("teacher_synthesis", "speed_ray.teacher.stages:teacher_synthesis_stage",
                                    {"tasks": "brainstorm"}, ("synthesis.n_samples", "mixture", *_TEACHER,
                                                              "teacher.sampling", "run.seed"), True,
-                                   "the teacher itself synthesizes (direct baseline)"),
+                                   "the teacher itself synthesizes (direct baseline)", shows_as="synthetic data",
+                                   cost_role="unit", generator_role="synthesizer"),
     "revision": StageSpec("revision", "speed_ray.generate.stages:revision_stage",
                           {"samples": "synthesis", "revisor": "revisor_sft"}, ("revision", "run.seed"),
-                          doc="revisor refines each sample once (D_syn^re)"),
+                          doc="revisor refines each sample once (D_syn^re)", cost_role="unit"),
     "dedup": StageSpec("dedup", "speed_ray.dedup.stage:dedup_stage", {"samples": "revision"},
                        ("dedup", "filters"), doc="exact + MinHash-LSH dedup, then quality filters",
-                       version="2"),   # 2: degenerate task descriptions are filtered (filters.drop_degenerate_task)
+                       version="2", shows_as="training data"),   # 2: degenerate task descriptions are filtered (filters.drop_degenerate_task)
     "train_embedder": StageSpec("train_embedder", "speed_ray.embedder.stage:train_embedder_stage",
                                 {"data": "dedup"}, ("embedder", "run.seed"), doc="contrastive training of the embedder",
+                                produces="model", shows_as="embedder",
                                 # 2: the streamed feed (n_samples counts usable triples; no text twice in a batch)
                                 version="2"),
     "evaluate": StageSpec("evaluate", "speed_ray.evaluate.stage:evaluate_stage", {"model": "train_embedder"},
-                          ("evaluate",), doc="MTEB evaluation of the trained embedder"),
+                          ("evaluate",), doc="MTEB evaluation of the trained embedder", produces="evaluation"),
 }
 
 
 
 def _rewire(spec: StageSpec, **inputs: str | None) -> StageSpec:
     new = {k: v for k, v in {**spec.inputs, **inputs}.items() if v is not None}
-    return StageSpec(spec.name, spec.fn, new, spec.config_keys, spec.uses_teacher, spec.doc, spec.version)
+    return dataclasses.replace(spec, inputs=new)
+
+
+def stage_spec(name: str, **inputs: str | None) -> StageSpec:
+    """One stage's spec, with some of its inputs rewired (e.g. train_embedder reading a user's imported data)."""
+    if name not in _ALL:
+        raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(_ALL)}")
+    return _rewire(_ALL[name], **inputs)
 
 
 def build_plan(variant: str) -> list[StageSpec]:
@@ -218,11 +246,12 @@ def _hashed_settings(hashed: dict, spec: StageSpec) -> dict[str, Any]:
     return {k: v for k, v in picked.items() if v is not _ABSENT}
 
 
-def fingerprints(cfg: RunConfig, plan: list[StageSpec]) -> dict[str, str]:
+def fingerprints(cfg: RunConfig, plan: list[StageSpec], known: dict[str, str] | None = None) -> dict[str, str]:
     """Each stage's fingerprint: its settings (those that differ from their defaults), its version and its
-    inputs' fingerprints."""
+    inputs' fingerprints. `known` gives the fingerprints of inputs that are not stages of the plan (a user's own
+    data imported by `speed-ray train-embedder`)."""
     hashed = _hashed_dict(cfg)
-    out: dict[str, str] = {}
+    out: dict[str, str] = dict(known or {})
     for spec in plan:
         settings = _hashed_settings(hashed, spec)
         inputs = {role: out[up] for role, up in sorted(spec.inputs.items())}
@@ -257,7 +286,9 @@ def uncovered_reads(cfg: RunConfig, spec: StageSpec, paths: set[str] | list[str]
 READS_DIR: str | None = None
 
 
-def _load(fn: str) -> Callable[[StageContext], dict | None]:
+def load_stage(fn: str) -> StageFn:
+    """The stage function named by a StageSpec.fn ("module:function"): the loader every run uses unless its caller
+    passes another (tests pass light fakes, e.g. tests/studies_fakes.py)."""
     mod, _, attr = fn.partition(":")
     return getattr(importlib.import_module(mod), attr)
 
@@ -279,7 +310,8 @@ def plan_status(cfg: RunConfig, store: RunStore | None = None) -> list[dict]:
     return rows
 
 
-def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: list[str] | None = None) -> dict[str, Any]:
+def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: list[str] | None = None,
+                 loader: Loader = load_stage) -> dict[str, Any]:
     """Run the config's stages in order, skipping those whose manifest matches. Returns the run summary."""
     store = RunStore(cfg.run.run_dir)
     plan = build_plan(cfg.pipeline.variant)
@@ -318,10 +350,6 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: list[st
             log.info("[%s] skipped: done at %s (%s)", spec.name, fps[spec.name], out.url)
             summary["stages"][spec.name] = {"state": "skipped", **_brief(out.manifest)}
         else:
-            if spec.name in forced:
-                moved = out.set_aside()
-                if moved:
-                    log.info("[%s] forced: its previous output is set aside at %s", spec.name, moved)
             todo.append(spec)
     try:
         for group in stage_groups(todo, cfg.pipeline.concurrent_teacher_stages):
@@ -329,7 +357,8 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: list[st
                 # A local teacher holds CPUs (or a GPU) and memory that training and synthesis need; on a small
                 # cluster Ray Data's other operators would wait on them forever. It restarts when needed again.
                 services.stop_all()
-            run = lambda spec: _run_stage(cfg, spec, store, fps, run_name, services)  # noqa: E731
+            run = lambda spec: run_stage(cfg, spec, fps, store=store, services=services, loader=loader,  # noqa: E731
+                                         force=spec.name in forced)
             if len(group) == 1:
                 summary["stages"][group[0].name] = run(group[0])
                 continue
@@ -368,10 +397,25 @@ def stage_groups(todo: list[StageSpec], concurrent_teacher: bool = True) -> list
     return groups
 
 
-def _run_stage(cfg: RunConfig, spec: StageSpec, store: RunStore, fps: dict[str, str], run_name: str,
-               services: Services) -> dict:
-    """Run one stage into its output dir and write its manifest; returns its summary entry."""
+def run_stage(cfg: RunConfig, spec: StageSpec, fps: dict[str, str], *, store: RunStore | None = None,
+              services: Services | None = None, loader: Loader = load_stage, force: bool = False) -> dict:
+    """The one owner of a stage's bookkeeping, for the pipeline, the studies and the commands alike: skip it when
+    its output is done (unless forced: then the old output is set aside, never deleted), check that its inputs are
+    done, run it into its output dir (resuming from the shards it already wrote), check what it read against its
+    fingerprint, and write its manifest with its cost ledger. Returns its summary entry
+    ({"state": "skipped" | "ran", "fingerprint", "rows", "duration_s", "cost", "url"}).
+
+    fps holds the fingerprints of the stage and its inputs (fingerprints(cfg, plan)). A failure raises StageError
+    and keeps everything written so far."""
+    store = store or RunStore(cfg.run.run_dir)
     out = store.stage(spec.name, fps[spec.name])
+    if out.done and not force:
+        log.info("[%s] skipped: done at %s (%s)", spec.name, fps[spec.name], out.url)
+        return {"state": "skipped", **_brief(out.manifest)}
+    if force:
+        moved = out.set_aside()
+        if moved:
+            log.info("[%s] forced: its previous output is set aside at %s", spec.name, moved)
     inputs = {}
     for role, up in spec.inputs.items():
         up_out = store.stage(up, fps[up])
@@ -383,18 +427,22 @@ def _run_stage(cfg: RunConfig, spec: StageSpec, store: RunStore, fps: dict[str, 
     # ctx.cfg records every setting the stage reads: reading one its fingerprint does not cover is a bug (a change
     # to it would reuse this output), warned about below and caught by tests/test_stage_reads.py.
     recorder = Recorder(os.path.join(READS_DIR, "workers", spec.name) if READS_DIR else None)
+    run_name = cfg.run.name
     ctx = StageContext(cfg=ConfigView(cfg, recorder), name=spec.name, out=out, inputs=inputs, store=store,
-                       run_name=run_name, services=services)
+                       run_name=run_name, services=services if services is not None else Services())
     resumed = len(out.shard_names())
     log.info("[%s] running -> %s%s", spec.name, out.url,
              f" (resuming: {resumed} shard(s) already written)" if resumed else "")
     t0 = time.time()
     try:
-        extra = _load(spec.fn)(ctx) or {}
+        extra = loader(spec.fn)(ctx) or {}
     except Exception as e:  # keep everything written so far; the next run resumes from it
         raise StageError(f"stage {spec.name!r} failed: {type(e).__name__}: {e}\n"
                          f"(its partial output stays at {out.url}; rerun to resume)\n"
                          + traceback.format_exc(limit=6)) from e
+    finally:
+        if services is None:
+            ctx.services.stop_all()
     t1 = time.time()
     _check_reads(cfg, spec, recorder)
     ledger = ctx.ledger.as_dict()

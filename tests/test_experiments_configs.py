@@ -17,11 +17,6 @@ EXP = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 TABLE2 = {"full": 63.2, "sft_only": 62.6, "no_dpo": 62.8, "no_revisor": 62.9}
 
 
-@pytest.fixture
-def fakes(monkeypatch):
-    monkeypatch.setattr(pipeline, "_load", studies_fakes.fake_load)
-
-
 @pytest.mark.parametrize("variant", list(TABLE2))
 def test_paper_ablations_are_table_2(variant):
     d = read_yaml(EXP / f"ablation_{variant}.yaml")
@@ -33,13 +28,13 @@ def test_paper_ablations_are_table_2(variant):
     assert tiny.run.run_dir == load_config(EXP.parent / "tiny.yaml").run.run_dir
 
 
-def test_tiny_ablations_run_the_papers_dags_and_reuse_done_stages(tmp_path, fakes):
+def test_tiny_ablations_run_the_papers_dags_and_reuse_done_stages(tmp_path):
     over = [f"run.run_dir={tmp_path / 'run'}"]
-    run_pipeline(load_config(EXP.parent / "tiny.yaml", over))
+    run_pipeline(load_config(EXP.parent / "tiny.yaml", over), loader=studies_fakes.fake_load)
     ran: dict[str, list[str]] = {}
     for variant in ("full", "no_revisor", "no_dpo", "sft_only"):
         before = len(studies_fakes.calls(str(tmp_path / "run")))
-        summary = run_pipeline(load_config(EXP / f"tiny_ablation_{variant}.yaml", over))
+        summary = run_pipeline(load_config(EXP / f"tiny_ablation_{variant}.yaml", over), loader=studies_fakes.fake_load)
         ran[variant] = studies_fakes.calls(str(tmp_path / "run"))[before:]
         assert set(summary["stages"]) == {s.name for s in build_plan(variant)}
     assert ran["full"] == []                                   # same settings as tiny.yaml: all reused

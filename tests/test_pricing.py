@@ -77,10 +77,10 @@ def test_status_shows_dollars_per_stage_and_for_the_run(tmp_path, monkeypatch, c
             ctx.ledger.calls, ctx.ledger.prompt_tokens, ctx.ledger.completion_tokens = 10, 1_000_000, 1_000_000
         ctx.out.write_shard("part-0", [{"id": f"{ctx.name}-0"}])
 
-    monkeypatch.setattr(pipeline, "_load", lambda fn: stage)
+    loader = lambda fn: stage
     cfg = build_config({"run": {"name": "t", "run_dir": str(tmp_path / "run")}, "teacher": {"model": "gpt-4o-mini"},
                         "pipeline": {"stages": ["topics", "brainstorm"]}})
-    pipeline.run_pipeline(cfg, stages=["topics", "brainstorm"])
+    pipeline.run_pipeline(cfg, stages=["topics", "brainstorm"], loader=loader)
     capsys.readouterr()
     args = argparse.Namespace(run_dir=str(tmp_path / "run"), run=None, config=None, overrides=[], json=False)
     assert status_main(args) == 0

@@ -127,11 +127,11 @@ def test_changed_judge_temperature_reruns_judge_in_a_real_run(tmp_path, monkeypa
         calls.append(ctx.name)
         ctx.out.write_shard("part-0", [{"id": f"{ctx.name}-0"}])
 
-    monkeypatch.setattr(pipeline, "_load", lambda fn: stage)
+    loader = lambda fn: stage
     run = {"run": {"name": "t", "run_dir": str(tmp_path / "run")}}
-    run_pipeline(build_config(run))
+    run_pipeline(build_config(run), loader=loader)
     calls.clear()
-    run_pipeline(build_config({**run, "teacher": {"judge_temperature": 0.5}}))
+    run_pipeline(build_config({**run, "teacher": {"judge_temperature": 0.5}}), loader=loader)
     assert calls == ["judge", "senior_dpo", "synthesis", "revision", "dedup", "train_embedder", "evaluate"]
 
 
@@ -242,21 +242,18 @@ def _fake_training_config(tmp_path, base_url: str) -> RunConfig:
     })
 
 
-@pytest.fixture
-def fake_training(monkeypatch):
-    """The training and evaluation stages replaced by stand-ins (they run for real in the slow rehearsal test)."""
-    real_load = pipeline._load
-    monkeypatch.setattr(pipeline, "_load", lambda fn: FAKED.get(fn.rsplit(":", 1)[1].removesuffix("_stage"))
-                        or real_load(fn))
+def fake_training(fn: str):
+    """The stage loader with the training and evaluation stages replaced by stand-ins (they run for real in the slow
+    rehearsal test)."""
+    return FAKED.get(fn.rsplit(":", 1)[1].removesuffix("_stage")) or pipeline.load_stage(fn)
 
 
-def test_teacher_stages_read_only_fingerprinted_settings(ray_local, tmp_path, teacher_server, reads_dir,
-                                                         fake_training):
+def test_teacher_stages_read_only_fingerprinted_settings(ray_local, tmp_path, teacher_server, reads_dir):
     """The teacher stages up to the judge, for real on small inputs at the fake server (the judge builds its
     requests in Ray workers), root_data on the stub engine."""
     cfg = _fake_training_config(tmp_path, teacher_server.base_url)
     stages = ["topics", "brainstorm", "seed_data", "junior_sft", "root_data", "judge"]
-    summary = run_pipeline(cfg, stages=stages)
+    summary = run_pipeline(cfg, stages=stages, loader=fake_training)
     assert [n for n, s in summary["stages"].items() if s["state"] == "ran"] == stages
     reads = _reads(reads_dir)
     _assert_reads_covered(cfg, reads, set(stages) - set(FAKED))
@@ -272,15 +269,14 @@ def test_teacher_stages_read_only_fingerprinted_settings(ray_local, tmp_path, te
 
 
 @pytest.mark.slow
-def test_every_stage_but_training_reads_only_fingerprinted_settings(ray_local, tmp_path, teacher_server, reads_dir,
-                                                                    fake_training):
+def test_every_stage_but_training_reads_only_fingerprinted_settings(ray_local, tmp_path, teacher_server, reads_dir):
     """Every stage of every variant but training and evaluation, for real: generation on the stub engine, dedup."""
     cfg = _fake_training_config(tmp_path, teacher_server.base_url)
-    summary = run_pipeline(cfg)
+    summary = run_pipeline(cfg, loader=fake_training)
     assert all(s["state"] == "ran" for s in summary["stages"].values())
     for variant, stages in (("direct_teacher", ["teacher_synthesis"]), ("direct_instruct", ["synthesis"])):
         run_pipeline(dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, variant=variant)),
-                     stages=stages)
+                     stages=stages, loader=fake_training)
     every = {s.name for v in pipeline.VARIANTS for s in build_plan(v)}
     _assert_reads_covered(cfg, _reads(reads_dir), every - set(FAKED))
 
@@ -290,10 +286,10 @@ def test_an_uncovered_read_is_warned_about(tmp_path, monkeypatch, caplog):
         _ = ctx.cfg.teacher.judge_temperature, ctx.cfg.topics.n_topics, ctx.cfg.run.run_dir
         ctx.out.write_shard("part-0", [{"id": "x"}])
 
-    monkeypatch.setattr(pipeline, "_load", lambda fn: stage)
+    loader = lambda fn: stage
     cfg = build_config({"run": {"name": "t", "run_dir": str(tmp_path / "run")}})
     with caplog.at_level(logging.WARNING, logger="speed_ray"):
-        run_pipeline(cfg, stages=["topics"])
+        run_pipeline(cfg, stages=["topics"], loader=loader)
     warned = [r.getMessage() for r in caplog.records if "does not cover" in r.getMessage()]
     assert len(warned) == 1 and "teacher.judge_temperature" in warned[0] and "n_topics" not in warned[0]
 

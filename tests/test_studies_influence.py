@@ -14,11 +14,6 @@ from speed_ray.run_config import build_config
 from speed_ray.studies.influence_job import run_influence, subset_config
 
 
-@pytest.fixture
-def fakes(monkeypatch):
-    monkeypatch.setattr(pipeline, "_load", studies_fakes.fake_load)
-
-
 def _cfg(tmp_path):
     return build_config({"run": {"name": "inf", "run_dir": str(tmp_path / "run")}, "synthesis": {"n_samples": 100},
                          "influence": {"categories": ["retrieval", "classification"], "n_bootstrap": 200,
@@ -31,9 +26,9 @@ def test_subset_config_trains_on_exactly_that_subset(tmp_path):
     assert c.run.name == "inf-infl-retrieval+classification"
 
 
-def test_two_category_study_finds_the_planted_effect_and_resumes(tmp_path, fakes):
+def test_two_category_study_finds_the_planted_effect_and_resumes(tmp_path):
     cfg = _cfg(tmp_path)
-    out = run_influence(cfg)
+    out = run_influence(cfg, loader=studies_fakes.fake_load)
     ran = studies_fakes.calls(cfg.run.run_dir)
     assert ran.count("train_embedder") == 3 and ran.count("evaluate") == 3 and ran.count("evaluate_base") == 1
     assert ran.count("synthesis") == 1 and ran.count("senior_dpo") == 1     # one shared pool
@@ -52,6 +47,6 @@ def test_two_category_study_finds_the_planted_effect_and_resumes(tmp_path, fakes
         assert os.path.getsize(os.path.join(base, f)) > 0, f
     table = json.load(open(os.path.join(base, "influence.json")))
     assert len(table["per_task"]) == 2 * 4 and {"significant", "lo", "hi"} <= set(table["per_task"][0])
-    out2 = run_influence(cfg)
+    out2 = run_influence(cfg, loader=studies_fakes.fake_load)
     assert studies_fakes.calls(cfg.run.run_dir) == ran                   # nothing re-runs
     assert out2["states"][""] == "skipped"

@@ -14,19 +14,14 @@ from speed_ray.run_config import build_config
 from speed_ray.studies.report import report_main, runs_table, write_report
 
 
-@pytest.fixture
-def fakes(monkeypatch):
-    monkeypatch.setattr(pipeline, "_load", studies_fakes.fake_load)
-
-
 def _cfg(tmp_path, name, variant, paper):
     return build_config({"run": {"name": name, "run_dir": str(tmp_path / "run")}, "synthesis": {"n_samples": 50},
                          "pipeline": {"variant": variant, "paper_result": paper}})
 
 
-def test_report_has_stages_costs_scores_and_the_paper(tmp_path, fakes):
+def test_report_has_stages_costs_scores_and_the_paper(tmp_path):
     cfg = _cfg(tmp_path, "full", "full", 63.2)
-    pipeline.run_pipeline(cfg)
+    pipeline.run_pipeline(cfg, loader=studies_fakes.fake_load)
     url = write_report(cfg.run.run_dir, "full")
     md = open(url).read()
     assert "| synthesis | done | 50 |" in md and "parse_rate=0.950" in md
@@ -37,9 +32,9 @@ def test_report_has_stages_costs_scores_and_the_paper(tmp_path, fakes):
     assert os.path.getsize(os.path.join(os.path.dirname(url), "stages.png")) > 0
 
 
-def test_cross_run_table_shows_ablations_and_generators(tmp_path, fakes, capsys):
+def test_cross_run_table_shows_ablations_and_generators(tmp_path, capsys):
     for name, variant, paper in (("full", "full", 63.2), ("no-dpo", "no_dpo", 62.8), ("sft", "sft_only", 62.6)):
-        pipeline.run_pipeline(_cfg(tmp_path, name, variant, paper))
+        pipeline.run_pipeline(_cfg(tmp_path, name, variant, paper), loader=studies_fakes.fake_load)
     rows = {r["run"]: r for r in runs_table(__import__("speed_ray.store", fromlist=["RunStore"]).RunStore(
         str(tmp_path / "run")))}
     assert set(rows) == {"full", "no-dpo", "sft"}

@@ -17,11 +17,6 @@ from speed_ray.studies import sweep
 from speed_ray.studies.sweep import grid_points, point_slots, run_sweep
 
 
-@pytest.fixture
-def fakes(monkeypatch):
-    monkeypatch.setattr(pipeline, "_load", studies_fakes.fake_load)
-
-
 def _cfg(tmp_path, **sweep_cfg):
     return build_config({"run": {"name": "sw", "run_dir": str(tmp_path / "run"), "num_cpus": 2},
                          "synthesis": {"n_samples": 400},
@@ -47,9 +42,9 @@ def test_point_slots_never_oversubscribe_a_small_cluster():
     assert point_slots(3, 1.0, 0.0, 0.0) == (3, 1.0)   # autoscaling cluster with no CPUs yet: trust the config
 
 
-def test_three_point_sweep_shares_upstream_fits_and_resumes(tmp_path, fakes):
+def test_three_point_sweep_shares_upstream_fits_and_resumes(tmp_path):
     cfg = _cfg(tmp_path)
-    res = run_sweep(cfg)
+    res = run_sweep(cfg, loader=studies_fakes.fake_load)
     run_dir = cfg.run.run_dir
     ran = studies_fakes.calls(run_dir)
     upstream = sweep.upstream_stages(cfg)
@@ -71,12 +66,12 @@ def test_three_point_sweep_shares_upstream_fits_and_resumes(tmp_path, fakes):
     md = open(os.path.join(base, "sweep.md")).read()
     assert "loglinear" in md and "Cost per point" in md
     # Second invocation: nothing runs, every point is skipped.
-    res2 = run_sweep(cfg)
+    res2 = run_sweep(cfg, loader=studies_fakes.fake_load)
     assert studies_fakes.calls(run_dir) == ran
     assert all(set(p["stages"].values()) == {"skipped"} for p in res2["points"])
 
 
-def test_interrupted_sweep_resumes_point_by_point(tmp_path, fakes, monkeypatch):
+def test_interrupted_sweep_resumes_point_by_point(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
     real = studies_fakes.fake_stage
 
@@ -85,40 +80,40 @@ def test_interrupted_sweep_resumes_point_by_point(tmp_path, fakes, monkeypatch):
             raise RuntimeError("node lost")
         return real(ctx)
 
-    monkeypatch.setattr(pipeline, "_load", lambda fn: dies_on_last_point)
+    loader = lambda fn: dies_on_last_point
     with pytest.raises(pipeline.StageError, match="node lost"):
-        run_sweep(cfg)
+        run_sweep(cfg, loader=loader)
     before = studies_fakes.calls(cfg.run.run_dir)
-    monkeypatch.setattr(pipeline, "_load", studies_fakes.fake_load)
-    res = run_sweep(cfg)
+    loader = studies_fakes.fake_load
+    res = run_sweep(cfg, loader=loader)
     new = studies_fakes.calls(cfg.run.run_dir)[len(before):]
     assert new == ["train_embedder", "evaluate"]                # only the unfinished point ran
     states = {p["n"]: p["stages"]["train_embedder"] for p in res["points"]}
     assert states == {25: "skipped", 100: "skipped", 400: "ran"}
 
 
-def test_points_fan_out_as_ray_tasks(tmp_path, fakes, ray_local, monkeypatch):
+def test_points_fan_out_as_ray_tasks(tmp_path, ray_local, monkeypatch):
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(studies_fakes)   # the fake stages travel to the Ray workers by value
     monkeypatch.setattr(sweep, "_slots", lambda m, c, cfg: (2, 0.25))
     cfg = _cfg(tmp_path, max_concurrent=2, num_cpus_per_point=0.25)
-    res = run_sweep(cfg)
+    res = run_sweep(cfg, loader=studies_fakes.fake_load)
     assert [p["state"] for p in res["points"]] == ["done"] * 3
     assert studies_fakes.calls(cfg.run.run_dir).count("train_embedder") == 3
 
 
-def test_points_larger_than_the_pool_are_skipped_with_a_reason(tmp_path, fakes):
+def test_points_larger_than_the_pool_are_skipped_with_a_reason(tmp_path):
     cfg = _cfg(tmp_path, sizes=[50, 100, 1000])
-    res = run_sweep(cfg)
+    res = run_sweep(cfg, loader=studies_fakes.fake_load)
     assert [p["n"] for p in res["points"]] == [50, 100]
     assert "1000 > 400" in res["skipped_points"][0]
     assert "skipped" in res["fits"]["all"]["fits"]["power"]     # two sizes cannot fit three parameters
 
 
-def test_one_setting_grid_draws_score_per_value(tmp_path, fakes):
+def test_one_setting_grid_draws_score_per_value(tmp_path):
     cfg = _cfg(tmp_path, sizes=[100], axes={"senior_dpo.beta": [0.05, 0.1, 0.3]})
-    res = run_sweep(cfg)
+    res = run_sweep(cfg, loader=studies_fakes.fake_load)
     assert len(res["points"]) == 3
     ran = studies_fakes.calls(cfg.run.run_dir)
     assert ran.count("senior_dpo") == 3 and ran.count("junior_sft") == 1   # each beta re-runs DPO and downstream only

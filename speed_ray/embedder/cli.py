@@ -40,10 +40,9 @@ def _config(args: argparse.Namespace):
 
 def train_embedder_main(args: argparse.Namespace) -> int:
     from speed_ray.embedder.own_data import Columns, import_data
-    from speed_ray.embedder.stage import train_embedder_stage
-    from speed_ray.stage import StageContext
+    from speed_ray.pipeline import fingerprints, run_stage, stage_spec
     from speed_ray.raylocal import ensure_ray
-    from speed_ray.store import RunStore, library_versions, stable_hash
+    from speed_ray.store import RunStore, stable_hash
 
     if not os.path.exists(args.data):
         raise FileNotFoundError(f"training data {args.data} does not exist")
@@ -67,24 +66,14 @@ def train_embedder_main(args: argparse.Namespace) -> int:
         data_out.write_manifest({"stage": "own_data", "source": os.path.abspath(args.data), **info,
                                  "started_at": t0, "ended_at": time.time(), "fingerprint": data_fp})
         print(f"imported {info['rows']} rows ({info['pairs']} pairs) from {len(info['files'])} file(s)")
-    settings = dataclasses.asdict(cfg.embedder)
-    fp = stable_hash({"embedder": settings, "seed": cfg.run.seed, "data": data_fp})
-    out = store.stage("train_embedder", fp)
-    if out.done and not args.force:
-        print(f"already trained: {out.manifest['model_path']} (--force to train again)")
+    # The pipeline's own train_embedder stage and bookkeeping, reading the imported rows instead of dedup's.
+    spec = stage_spec("train_embedder", data="own_data")
+    fps = fingerprints(cfg, [spec], known={"own_data": data_fp})
+    entry = run_stage(cfg, spec, fps, store=store, force=args.force)
+    result = store.stage(spec.name, fps[spec.name]).manifest
+    if entry["state"] == "skipped":
+        print(f"already trained: {result['model_path']} (--force to train again)")
         return 0
-    if out.done:
-        out.set_aside()
-    ctx = StageContext(cfg=cfg, name="train_embedder", out=out, inputs={"data": data_out}, store=store,
-                       run_name=cfg.run.name)
-    t0 = time.time()
-    result = train_embedder_stage(ctx)
-    t1 = time.time()
-    out.write_manifest({"stage": "train_embedder", "fingerprint": fp, "inputs": {"data": data_fp},
-                        "settings": {"embedder": settings, "run.seed": cfg.run.seed}, "started_at": t0,
-                        "ended_at": t1, "duration_s": t1 - t0, "cost": ctx.ledger.as_dict(),
-                        "versions": library_versions(), "run": cfg.run.name, "source": os.path.abspath(args.data),
-                        **result})
     m = result.get("metrics", {})
     print(json.dumps({"model_path": result["model_path"], "steps": m.get("steps"),
                       "loss": (m.get("loss") or {}).get("last"), "triples": (m.get("data") or {}).get("triples"),

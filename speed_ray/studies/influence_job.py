@@ -12,12 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from speed_ray import pipeline
-from speed_ray.config import to_dict
-from speed_ray.pipeline import StageSpec, fingerprints
-from speed_ray.stage import StageContext
+from speed_ray.pipeline import Loader, StageSpec, fingerprints, load_stage, plan_status, run_stage
 from speed_ray.run_config import RunConfig, load_config, replace
-from speed_ray.store import RunStore, library_versions
+from speed_ray.stage import StageContext
+from speed_ray.store import RunStore
 from speed_ray.studies.influence import all_subsets, by_task_category, compute_influence
 
 log = logging.getLogger("speed_ray")
@@ -45,26 +43,12 @@ def evaluate_base_stage(ctx: StageContext) -> dict:
             "results_path": ctx.out.artifact("results.json"), "model_path": ctx.cfg.embedder.base_model}
 
 
-def _run_base(cfg_dict: dict, load=None) -> dict:
-    """Run (or skip, when done) the base-model evaluation; returns its manifest. Mirrors run_pipeline's bookkeeping."""
-    from speed_ray.run_config import build_config
-
-    cfg = build_config(cfg_dict, "influence base")
+def _run_base(cfg: RunConfig, loader: Loader | None = None) -> dict:
+    """Run (or skip, when done) the base-model evaluation; returns its manifest with its state."""
     store = RunStore(cfg.run.run_dir)
-    fp = fingerprints(cfg, [BASE_SPEC])[BASE_SPEC.name]
-    out = store.stage(BASE_SPEC.name, fp)
-    if out.done:
-        return {**out.manifest, "state": "skipped"}
-    ctx = StageContext(cfg=cfg, name=BASE_SPEC.name, out=out, inputs={}, store=store, run_name=cfg.run.name)
-    t0 = time.time()
-    extra = (load or pipeline._load)(BASE_SPEC.fn)(ctx) or {}
-    t1 = time.time()
-    manifest = {"stage": BASE_SPEC.name, "fingerprint": fp, "inputs": {},
-                "settings": {k: pipeline._select(to_dict(cfg), k) for k in BASE_SPEC.config_keys},
-                "rows": 0, "shards": 0, "started_at": t0, "ended_at": t1, "duration_s": t1 - t0,
-                "cost": ctx.ledger.as_dict(), "versions": library_versions(), "run": cfg.run.name, **extra}
-    out.write_manifest(manifest)
-    return {**manifest, "state": "ran"}
+    fps = fingerprints(cfg, [BASE_SPEC])
+    entry = run_stage(cfg, BASE_SPEC, fps, store=store, loader=loader or load_stage)
+    return {**store.stage(BASE_SPEC.name, fps[BASE_SPEC.name]).manifest, "state": entry["state"]}
 
 
 def subset_name(run_name: str, subset: tuple[str, ...]) -> str:
@@ -116,8 +100,9 @@ def task_categories(cfg: RunConfig, manifests: list[dict]) -> dict[str, str]:
     return types
 
 
-def run_influence(cfg: RunConfig) -> dict[str, Any]:
-    """Train and evaluate 2^k - 1 embedders (+ the base one), compute influence, write tables and heatmaps."""
+def run_influence(cfg: RunConfig, loader: Loader | None = None) -> dict[str, Any]:
+    """Train and evaluate 2^k - 1 embedders (+ the base one), compute influence, write tables and heatmaps.
+    `loader`: the stage functions (default: the real ones)."""
     from speed_ray.studies.sweep import run_points
 
     inf = cfg.influence
@@ -125,13 +110,13 @@ def run_influence(cfg: RunConfig) -> dict[str, Any]:
     trained = [s for s in subsets if s]
     cfgs = [subset_config(cfg, s) for s in trained]
     log.info("influence %s: %d categories -> %d models (+ base)", cfg.run.name, len(inf.categories), len(trained))
-    summaries = run_points(cfgs, inf.max_concurrent, inf.num_cpus_per_point, inf.num_gpus_per_point)
-    load = pipeline._load if pipeline._load is not _REAL_LOAD else None
-    base = _run_base(to_dict(cfg), load)
+    summaries = run_points(cfgs, inf.max_concurrent, inf.num_cpus_per_point, inf.num_gpus_per_point,
+                           loader=loader)
+    base = _run_base(cfg, loader)
     manifests = [base]
     states = {"": base["state"]}
     for s, c, summ in zip(trained, cfgs, summaries):
-        rows = {r["stage"]: r for r in pipeline.plan_status(c)}
+        rows = {r["stage"]: r for r in plan_status(c)}
         manifests.append(rows["evaluate"]["manifest"] or {})
         states["+".join(s)] = {k: v["state"] for k, v in summ["stages"].items() if k in ("train_embedder", "evaluate")}
     order = [()] + trained
@@ -145,9 +130,6 @@ def run_influence(cfg: RunConfig) -> dict[str, Any]:
     paths = write_outputs(RunStore(cfg.run.run_dir), cfg.run.name, order, manifests, res, by_cat, types)
     return {"models": [{"subset": list(s), "scores": m.get("scores", {})} for s, m in zip(order, manifests)],
             "result": res, "by_category": by_cat, "states": states, "paths": paths}
-
-
-_REAL_LOAD = pipeline._load
 
 
 def _md_table(result, title: str) -> list[str]:

@@ -87,15 +87,30 @@ def stage_table(run: dict) -> str:
 
 
 def generator_of(cfg: dict) -> str:
-    """The model that wrote the run's synthetic data (what the generator comparison varies)."""
-    variant = (cfg.get("pipeline") or {}).get("variant", "full")
-    if variant == "direct_teacher":
+    """The model that wrote the run's synthetic data (what the generator comparison varies), from the plan's stage
+    facts: the synthesizer stage's teacher, its engine's model, or the generator stage feeding it."""
+    from speed_ray.pipeline import build_plan
+
+    plan = {s.name: s for s in build_plan((cfg.get("pipeline") or {}).get("variant", "full"))}
+    synth = next((s for s in plan.values() if s.generator_role == "synthesizer"), None)
+    if synth is None:
+        return "–"
+    if synth.uses_teacher:
         return str((cfg.get("teacher") or {}).get("model"))
-    engine_model = ((cfg.get("synthesis") or {}).get("engine") or {}).get("model")
+    engine_model = ((cfg.get(synth.name) or {}).get("engine") or {}).get("model")
     if engine_model:
         return str(engine_model)
-    key = "junior_sft" if variant in ("sft_only", "no_dpo") else "senior_dpo"
-    return f"{(cfg.get(key) or {}).get('base_model')} ({'junior' if key == 'junior_sft' else 'senior'})"
+    gen = plan.get(synth.inputs.get("generator", ""))
+    if gen is None:
+        return "–"
+    return f"{(cfg.get(gen.name) or {}).get('base_model')} ({gen.generator_role})"
+
+
+def _synthetic_rows(run: dict, done: dict) -> int:
+    from speed_ray.pipeline import build_plan
+
+    synth = [s.name for s in build_plan(run["plan"].get("variant") or "full") if s.generator_role == "synthesizer"]
+    return max((done[s].get("rows", 0) for s in synth if s in done), default=0)
 
 
 def run_prices(cfg: dict) -> tuple[str, Any]:
@@ -124,8 +139,7 @@ def summary_row(run: dict) -> dict[str, Any]:
             "n_tasks": (ev.get("averages") or {}).get("n_tasks"), "calls": tot["calls"],
             "tokens": tot["total_tokens"], "gpu_hours": tot["gpu_hours"], "cpu_hours": tot["cpu_hours"],
             "usd": tot["total_usd"],
-            "synthetic_rows": max((done[s].get("rows", 0) for s in ("synthesis", "teacher_synthesis") if s in done),
-                                  default=0),
+            "synthetic_rows": _synthetic_rows(run, done),
             "done": all(run["manifests"].values())}
 
 

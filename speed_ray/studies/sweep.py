@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from speed_ray import pipeline as pipeline_module
 from speed_ray.config import to_dict
+from speed_ray.pipeline import Loader, build_plan, fingerprints, load_stage, plan_status, run_pipeline
 from speed_ray.run_config import RunConfig, load_config, replace
 from speed_ray.store import RunStore, stable_hash
 
@@ -78,43 +78,30 @@ def point_config(cfg: RunConfig, point: Point) -> RunConfig:
 # ---- running points -------------------------------------------------------------------------------------------------
 
 def upstream_stages(cfg: RunConfig) -> list[str]:
-    from speed_ray.pipeline import build_plan
-
     return [s.name for s in build_plan(cfg.pipeline.variant) if s.name not in PER_POINT]
 
 
 def upstream_key(cfg: RunConfig) -> str:
     """Points with equal keys share every upstream stage output."""
-    from speed_ray.pipeline import build_plan, fingerprints
-
     fps = fingerprints(cfg, build_plan(cfg.pipeline.variant))
     return stable_hash([fps[s] for s in upstream_stages(cfg)])
 
 
 def pool_rows(cfg: RunConfig) -> int | None:
     """Rows of the finished stage that feeds train_embedder (the synthesized pool the points subsample)."""
-    from speed_ray.pipeline import build_plan, fingerprints
-
     plan = {s.name: s for s in build_plan(cfg.pipeline.variant)}
     up = plan["train_embedder"].inputs["data"]
     out = RunStore(cfg.run.run_dir).stage(up, fingerprints(cfg, list(plan.values()))[up])
     return int(out.manifest.get("rows", 0)) if out.done else None
 
 
-def _run_point(cfg_dict: dict, stages: list[str], load=None) -> dict:
-    """Run one point's per-point stages (in a Ray task or in the driver). `load` carries a stage loader across
-    processes (tests pass fake stages through it)."""
-    from speed_ray import pipeline
+def _run_point(cfg_dict: dict, stages: list[str], loader: Loader | None = None) -> dict:
+    """Run one point's per-point stages (in a Ray task or in the driver) with the caller's stage loader (None: the
+    real stages, imported where the point runs)."""
     from speed_ray.run_config import build_config
 
     cfg = build_config(cfg_dict, "sweep point")
-    original = pipeline._load
-    if load is not None:
-        pipeline._load = load
-    try:
-        return pipeline.run_pipeline(cfg, stages=stages)
-    finally:
-        pipeline._load = original
+    return run_pipeline(cfg, stages=stages, loader=loader or load_stage)
 
 
 def point_slots(max_concurrent: int, num_cpus: float, trainer_cpus: float, total_cpus: float) -> tuple[int, float]:
@@ -145,12 +132,11 @@ def _slots(max_concurrent: int, num_cpus: float, cfg: RunConfig) -> tuple[int, f
 
 
 def run_points(cfgs: list[RunConfig], max_concurrent: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
-               run_upstream: bool = True) -> list[dict]:
+               run_upstream: bool = True, loader: Loader | None = None) -> list[dict]:
     """Run each config: its upstream stages once per distinct upstream config (in the driver, in order), then its
     per-point stages, as Ray tasks with at most max_concurrent in flight. Returns each config's run summary
-    (stage states: ran / skipped). Points already finished run nothing."""
-    from speed_ray import pipeline
-
+    (stage states: ran / skipped). Points already finished run nothing. `loader` (default: the real stages) goes
+    with each point to where it runs."""
     if not cfgs:
         return []
     first = cfgs[0]
@@ -159,20 +145,19 @@ def run_points(cfgs: list[RunConfig], max_concurrent: int = 1, num_cpus: float =
         key = upstream_key(cfg)
         if key not in seen:
             log.info("sweep: upstream stages for %s (%s)", cfg.run.name, key)
-            pipeline.run_pipeline(cfg, stages=upstream_stages(cfg))
+            run_pipeline(cfg, stages=upstream_stages(cfg), loader=loader or load_stage)
             seen.add(key)
     results: list[dict | None] = [None] * len(cfgs)
     todo = []
     for i, cfg in enumerate(cfgs):
-        status = [r for r in pipeline.plan_status(cfg) if r["stage"] in PER_POINT]
+        status = [r for r in plan_status(cfg) if r["stage"] in PER_POINT]
         stages = [r["stage"] for r in status]
         if all(r["state"] == "done" for r in status):
-            results[i] = pipeline.run_pipeline(cfg, stages=stages)   # all skipped; writes the point's plan/summary
+            results[i] = run_pipeline(cfg, stages=stages)   # all skipped; writes the point's plan/summary
         else:
             todo.append((i, cfg, stages))
     if not todo:
         return results  # type: ignore[return-value]
-    load = pipeline._load if pipeline._load is not _ORIGINAL_LOAD else None
     if max_concurrent == 1 and not num_gpus:
         slots, cpus = 1, num_cpus     # sequential on the driver: the stages start Ray themselves when they need it
     else:
@@ -183,7 +168,7 @@ def run_points(cfgs: list[RunConfig], max_concurrent: int = 1, num_cpus: float =
     if slots == 1 and not num_gpus:
         for i, cfg, stages in todo:   # one at a time on the driver's CPU: no task needed (a GPU point needs one)
             log.info("sweep: point %s", cfg.run.name)
-            results[i] = _run_point(to_dict(cfg), stages, load)
+            results[i] = _run_point(to_dict(cfg), stages, loader)
         return results  # type: ignore[return-value]
     import ray
 
@@ -195,7 +180,7 @@ def run_points(cfgs: list[RunConfig], max_concurrent: int = 1, num_cpus: float =
         while queue and len(pending) < slots:
             i, cfg, stages = queue.pop(0)
             log.info("sweep: point %s -> Ray task", cfg.run.name)
-            pending[remote.remote(to_dict(cfg), stages, load)] = i
+            pending[remote.remote(to_dict(cfg), stages, loader)] = i
         ready, _ = ray.wait(list(pending), num_returns=1)
         i = pending.pop(ready[0])
         try:
@@ -210,15 +195,10 @@ def run_points(cfgs: list[RunConfig], max_concurrent: int = 1, num_cpus: float =
     return results  # type: ignore[return-value]
 
 
-_ORIGINAL_LOAD = pipeline_module._load
-
-
 # ---- analysis --------------------------------------------------------------------------------------------------------
 
 def collect(cfgs: list[RunConfig], points: list[Point]) -> list[dict]:
     """Each point's coordinates and evaluation scores from its evaluate manifest."""
-    from speed_ray.pipeline import plan_status
-
     out = []
     for cfg, p in zip(cfgs, points):
         rows = {r["stage"]: r for r in plan_status(cfg)}
@@ -269,18 +249,16 @@ def _fit_objects(entry: dict):
 
 
 def unit_costs(cfg: RunConfig) -> dict[str, float] | None:
-    """Unit cost (synthesis + revision hours per synthesized sample) and fixed cost (alignment stages), in
-    GPU-or-CPU hours, from a point's upstream manifests."""
-    from speed_ray.pipeline import plan_status
-
+    """Unit cost (hours of the stages with cost_role "unit", per synthesized sample) and fixed cost (the "fixed"
+    stages: aligning the generators), in GPU-or-CPU hours, from a point's upstream manifests."""
+    roles = {s.name: s for s in build_plan(cfg.pipeline.variant)}
     rows = {r["stage"]: r["manifest"] for r in plan_status(cfg) if r["manifest"]}
     hours = lambda m: float(m.get("cost", {}).get("gpu_hours", 0.0)) + float(m.get("cost", {}).get("cpu_hours", 0.0))  # noqa: E731
-    synth = [s for s in ("synthesis", "teacher_synthesis", "revision") if s in rows]
-    produced = max((rows[s].get("rows", 0) for s in synth if s != "revision"), default=0)
+    synth = [s for s in rows if roles[s].cost_role == "unit"]
+    produced = max((rows[s].get("rows", 0) for s in synth if roles[s].generator_role == "synthesizer"), default=0)
     if not produced:
         return None
-    fixed_stages = [s for s in ("seed_data", "junior_sft", "root_data", "judge", "revise_signals", "senior_dpo",
-                                "revisor_sft") if s in rows]
+    fixed_stages = [s for s in rows if roles[s].cost_role == "fixed"]
     return {"unit": sum(hours(rows[s]) for s in synth) / produced, "fixed": sum(hours(rows[s]) for s in fixed_stages),
             "fixed_stages": fixed_stages, "unit_stages": synth, "produced": produced}
 
@@ -362,20 +340,19 @@ def _local_png(store: RunStore, url: str, draw) -> str:
     return url
 
 
-def run_sweep(cfg: RunConfig) -> dict[str, Any]:
-    """Run (or resume) the grid, fit, plot, and write the outputs. Returns points, fits, paths and point states."""
+def run_sweep(cfg: RunConfig, loader: Loader | None = None) -> dict[str, Any]:
+    """Run (or resume) the grid, fit, plot, and write the outputs. Returns points, fits, paths and point states.
+    `loader`: the stage functions (default: the real ones)."""
     points = grid_points(cfg)
     cfgs = [point_config(cfg, p) for p in points]
     log.info("sweep %s: %d point(s)", cfg.run.name, len(points))
     # Upstream first, so the pool size is known before any point trains on a subset it does not have.
-    from speed_ray import pipeline
-
     done_keys: set[str] = set()
     keep_cfgs, keep_points, too_big = [], [], []
     for c, p in zip(cfgs, points):
         key = upstream_key(c)
         if key not in done_keys:
-            pipeline.run_pipeline(c, stages=upstream_stages(c))
+            run_pipeline(c, stages=upstream_stages(c), loader=loader or load_stage)
             done_keys.add(key)
         pool = pool_rows(c)
         if pool is not None and p.n is not None and p.n > pool:
@@ -387,7 +364,7 @@ def run_sweep(cfg: RunConfig) -> dict[str, Any]:
         log.warning("sweep: skipping %d point(s) larger than the synthesized pool; raise synthesis.n_samples: %s",
                     len(too_big), "; ".join(too_big))
     summaries = run_points(keep_cfgs, cfg.sweep.max_concurrent, cfg.sweep.num_cpus_per_point,
-                           cfg.sweep.num_gpus_per_point, run_upstream=False)
+                           cfg.sweep.num_gpus_per_point, run_upstream=False, loader=loader)
     collected = collect(keep_cfgs, keep_points)
     for row, s in zip(collected, summaries):
         row["stages"] = {k: v["state"] for k, v in s["stages"].items() if k in PER_POINT}
