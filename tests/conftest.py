@@ -50,13 +50,16 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
-    """One local Ray for the whole session (2 CPUs), shut down at the end. Its workers see the test S3 server."""
+    """One local Ray for the whole session (2 CPUs), shut down at the end. Its workers see the test S3 server and
+    import the tests' own helpers (tests/faulty_engine.py, a custom engine) from this directory."""
     import ray
 
     if not ray.is_initialized():
+        path = os.pathsep.join(p for p in (os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH"))
+                               if p)
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=os.environ["RAY_TMPDIR"],
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                                           **s3_server["env"]}})
+                                           "PYTHONPATH": path, **s3_server["env"]}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray

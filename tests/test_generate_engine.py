@@ -35,16 +35,18 @@ def test_request_columns_roundtrip():
 
 
 def test_generate_batch_keeps_passthrough_and_isolates_bad_rows():
-    reqs = [GenRequest(_msgs("a"), seed=1), GenRequest(_msgs("STUB_FAIL"), seed=2), GenRequest(_msgs("c"))]
+    from faulty_engine import FaultyEngine
+
+    reqs = [GenRequest(_msgs("a"), seed=1), GenRequest(_msgs("FAIL_ME"), seed=2), GenRequest(_msgs("c"))]
     batch = _columns(reqs, id=["x", "y", "z"])
     batch["messages"][2] = "{not json"
-    out = generate_batch(StubEngine(), batch, "stub")
+    out = generate_batch(FaultyEngine("stub"), batch, "custom")
     assert out["id"] == ["x", "y", "z"]
     assert out["finish_reason"] == ["stop", "error", "error"]
     assert json.loads(out["text"][0])
     assert out["text"][1] == "" and out["text"][2] == ""
     assert "bad request row" in out["gen_error"][2]
-    assert out["engine"] == ["stub"] * 3
+    assert out["engine"] == ["custom"] * 3
 
 
 def test_stub_engine_follows_schema_and_is_deterministic():
@@ -129,3 +131,30 @@ def test_hf_actor_pool_args_from_config():
     assert kw["num_cpus"] == 1.0 and kw["fn_constructor_kwargs"]["num_threads"] == 2
     with pytest.raises(ConfigError, match="torch_threads"):
         EngineConfig(torch_threads=0)
+
+
+def test_an_engine_error_marks_its_batch_but_a_fatal_one_fails_the_stage():
+    from speed_ray.generate.engine import EngineFatalError
+
+    class Broken:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def generate(self, requests):
+            raise self.exc
+
+    batch = _columns([GenRequest(_msgs("a")), GenRequest(_msgs("b"))], id=["x", "y"])
+    out = generate_batch(Broken(RuntimeError("CUDA error: out of memory")), batch, "custom")
+    assert out["finish_reason"] == ["error", "error"] and "out of memory" in out["gen_error"][0]
+    with pytest.raises(EngineFatalError, match="device lost"):
+        generate_batch(Broken(EngineFatalError("device lost")), batch, "custom")
+
+
+def test_production_engines_carry_no_test_hooks():
+    """Fault injection lives in tests/faulty_engine.py (a custom engine), never in the engines users run."""
+    import pathlib
+
+    src = pathlib.Path(__file__).resolve().parents[1] / "speed_ray"
+    hooks = ("crash_once", "fail_once", "STUB_FAIL", "FAIL_ME", "_load is not", "fake_load")
+    found = [f"{p.relative_to(src)}: {h}" for p in src.rglob("*.py") for h in hooks if h in p.read_text()]
+    assert found == []

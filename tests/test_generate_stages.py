@@ -28,10 +28,10 @@ def _cfg(run_dir, **sections):
 
 
 def _tasks_stage(store: RunStore, fingerprint: str = "fp-tasks", fail_types: tuple[str, ...] = ()):
-    """A finished brainstorm stage; the tasks of `fail_types` carry STUB_FAIL (the stub engine fails them)."""
+    """A finished brainstorm stage; the tasks of `fail_types` carry FAIL_ME (the faulty engine fails them)."""
     out = store.stage("brainstorm", fingerprint)
     rows = [{"id": f"t{t}{i}", "topic": f"Topic {i}", "task_type": t,
-             "task": f"Find {t} documents about {i}." + (" STUB_FAIL" if t in fail_types else ""),
+             "task": f"Find {t} documents about {i}." + (" FAIL_ME" if t in fail_types else ""),
              "lineage": json.dumps({"topic": f"Topic {i}"})} for t in TYPES for i in range(3)]
     out.write_shard("part-0", rows)
     out.write_manifest({"rows": len(rows)})
@@ -52,6 +52,11 @@ def _ctx(cfg, name: str, inputs: dict) -> StageContext:
 
 def _engine(**kw):
     return {"kind": "stub", "batch_size": 4, "max_new_tokens": 200, "num_cpus_per_replica": 0.5, **kw}
+
+
+def _faulty(**kw):
+    """The stub engine with injected faults (tests/faulty_engine.py), as a custom engine."""
+    return _engine(kind="custom", factory="faulty_engine:FaultyEngine", **kw)
 
 
 def _all_ids(ctx) -> list[str]:
@@ -161,12 +166,12 @@ def test_mostly_rejects_fails_loudly_keeps_shards_and_lower_floor_reuses_them(ra
     from speed_ray.generate.sink import rejects_output
 
     def cfg_with(**synthesis):
-        # retrieval's 12-word stub JSON is cut at 10 tokens (truncated), classification tasks carry STUB_FAIL
+        # retrieval's 12-word stub JSON is cut at 10 tokens (truncated), classification tasks carry FAIL_ME
         # (generation_error), matching's 8-word JSON fits: 6 of 24 valid
         return _cfg(tmp_path / "run", pipeline={"variant": "direct_instruct"},
                     mixture={"weights": {"retrieval": 2, "classification": 1, "matching": 1}},
                     synthesis={"n_samples": 24, "shard_size": 4, **synthesis,
-                               "engine": _engine(model="stub", max_new_tokens=10)})
+                               "engine": _faulty(model="stub", max_new_tokens=10)})
 
     cfg = cfg_with()
     fps = fingerprints(cfg, build_plan("direct_instruct"))
@@ -175,7 +180,7 @@ def test_mostly_rejects_fails_loudly_keeps_shards_and_lower_floor_reuses_them(ra
     with pytest.raises(StageError) as err:
         run_pipeline(cfg, stages=["synthesis"])
     assert ("synthesis: 6 of 24 rows valid (25.0%, floor 50%); top reject reasons: truncated 12, "
-            "generation_error 6 (e.g. 'stub engine asked to fail')") in str(err.value)
+            "generation_error 6 (e.g. 'asked to fail (FAIL_ME)')") in str(err.value)
     out = store.stage("synthesis", fps["synthesis"])
     assert not out.done and out.num_rows() == 6 and rejects_output(out).num_rows() == 18
     before = _settled(SimpleNamespace(out=out))
@@ -214,8 +219,9 @@ def test_root_data_stage_k_outputs_per_prompt(ray_local, tmp_path):
 def test_root_data_floor_counts_outputs_not_lists(ray_local, tmp_path):
     from speed_ray.generate.stages import root_data_stage
 
-    # 3 of 4 prompts are classification tasks the stub fails: 2 of 8 outputs parse, although every list is written
-    cfg = _cfg(tmp_path, root_data={"n_prompts": 4, "samples_per_prompt": 2, "engine": _engine()},
+    # 3 of 4 prompts are classification tasks the faulty engine fails: 2 of 8 outputs parse, although every list is
+    # written
+    cfg = _cfg(tmp_path, root_data={"n_prompts": 4, "samples_per_prompt": 2, "engine": _faulty()},
                mixture={"weights": {"classification": 3, "retrieval": 1}})
     store = RunStore(cfg.run.run_dir)
     ctx = _ctx(cfg, "root_data", {"tasks": _tasks_stage(store, fail_types=("classification",)),
@@ -224,7 +230,7 @@ def test_root_data_floor_counts_outputs_not_lists(ray_local, tmp_path):
         root_data_stage(ctx)
     assert str(err.value).startswith(
         "root_data: 2 of 8 outputs parsed (25.0%, floor 50%); top reject reasons: generation_error 6 "
-        "(e.g. 'stub engine asked to fail'). Its shards are kept")
+        "(e.g. 'asked to fail (FAIL_ME)'). Its shards are kept")
     rows = ctx.out.read_rows()
     assert len(rows) == 4 and sum(r["n_valid"] for r in rows) == 2
     assert sorted(x for r in rows for x in r["output_reject_reasons"]) == [""] * 2 + ["generation_error"] * 6
@@ -273,7 +279,7 @@ def test_worker_killed_mid_stage_is_retried(ray_local, tmp_path):
     marker = tmp_path / "crash-once"
     marker.write_text("x")
     cfg = _cfg(tmp_path / "run", synthesis={"n_samples": 24, "shard_size": 4,
-                                            "engine": _engine(model=f"stub:crash_once={marker}")})
+                                            "engine": _faulty(model=f"stub:crash_once={marker}")})
     store = RunStore(cfg.run.run_dir)
     ctx = _ctx(cfg, "synthesis", {"tasks": _tasks_stage(store)})
     synthesis_stage(ctx)
@@ -326,11 +332,11 @@ def test_stage_failed_mid_way_resumes_exactly_once(ray_local, tmp_path):
     marker.write_text("x")
     out = RunStore(str(tmp_path / "run")).stage("synthesis", "fp-synthesis")
     data_dir = out._path(out.data_url)
-    cfg = _cfg(tmp_path / "run", synthesis={"n_samples": n, "shard_size": 4, "engine": _engine(
+    cfg = _cfg(tmp_path / "run", synthesis={"n_samples": n, "shard_size": 4, "engine": _faulty(
         model=f"stub:fail_once={marker},fail_when={data_dir}")})
     store = RunStore(cfg.run.run_dir)
     ctx = _ctx(cfg, "synthesis", {"tasks": _tasks_stage(store)})
-    with pytest.raises(Exception, match="injected stub failure"):
+    with pytest.raises(Exception, match="injected failure"):
         synthesis_stage(ctx)                             # a worker-side error fails the run with shards written
     assert not marker.exists()
     before = _settled(ctx)

@@ -27,8 +27,12 @@ def torch_threads_for(torch_threads: int | None, num_cpus: float) -> int:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    kind: Literal["hf", "vllm", "stub"] = "hf"   # hf: transformers generate (CPU); vllm: ray.data.llm; stub: tests
+    # hf: transformers generate (CPU); vllm: ray.data.llm; stub: the model-free test engine (tests, benchmarks);
+    # custom: your own engine, built by `factory` in each replica
+    kind: Literal["hf", "vllm", "stub", "custom"] = "hf"
     model: str | None = None                  # None: the upstream generator's merged checkpoint
+    factory: str | None = None                # custom: "module:callable", called with the model string; returns an
+    #                                           object with generate(list[GenRequest]) -> list[GenResult]
     batch_size: int = 8                       # prompts per generate call / vLLM batch
     max_new_tokens: int = 800                 # the SPEED tryout scripts use 800
     max_model_len: int = 4096
@@ -51,6 +55,9 @@ class EngineConfig:
 
     def __post_init__(self):
         check(self.batch_size > 0, "batch_size", "must be > 0")
+        check((self.kind == "custom") == bool(self.factory), "factory",
+              "is needed by kind: custom (a 'module:callable' building the engine), and only by it")
+        check(not self.factory or ":" in self.factory, "factory", "must be 'module:callable'")
         check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
         check(1 <= self.replicas_min <= self.replicas_max, "replicas_min",
               "need 1 <= replicas_min <= replicas_max")

@@ -95,14 +95,22 @@ def _col(batch: dict, name: str, i: int, default: Any) -> Any:
     return default if v is None else v
 
 
+class EngineFatalError(RuntimeError):
+    """An engine that cannot go on (its device is lost, its weights are gone) raises this: the stage fails and keeps
+    its shards for a rerun to resume, instead of marking batch after batch of rows as errors."""
+
+
 def generate_batch(engine: Engine, batch: dict[str, Any], engine_name: str) -> dict[str, Any]:
-    """Run one column batch through an engine and append the result columns. Never raises for bad rows."""
+    """Run one column batch through an engine and append the result columns. Never raises for bad rows; an
+    engine's EngineFatalError fails the stage."""
     parsed = requests_from_batch(batch)
     good = [(i, r) for i, r in enumerate(parsed) if isinstance(r, GenRequest)]
     results: list[GenResult] = [error_result(r) if isinstance(r, str) else None for r in parsed]  # type: ignore
     if good:
         try:
             outs = engine.generate([r for _, r in good])
+        except EngineFatalError:
+            raise
         except Exception as e:  # the engine itself failed on this batch: mark rows, keep going
             log.exception("engine %s failed on a batch of %d", engine_name, len(good))
             outs = [error_result(f"{type(e).__name__}: {e}")] * len(good)
@@ -129,8 +137,7 @@ def batch_seed(requests: list[GenRequest]) -> int | None:
 class StubEngine:
     """A deterministic, model-free engine for tests and benchmarks: echoes a valid JSON object per schema.
 
-    Texts depend only on the request (messages + seed), so reruns reproduce them. A user message containing
-    `STUB_FAIL` fails that request, to test that one bad prompt never fails a stage. The model string may carry
+    Texts depend only on the request (messages + seed), so reruns reproduce them. The model string may carry
     options: "stub:delay=0.2" sleeps per batch (to kill a stage mid-way). "stub:corpus=1" writes corpus-like texts
     instead of short echoes: a 6-12 word first field, a 51-99 word second one, 24-48 words for the others, runs of
     4096 phrases of pseudo-words, so distinct requests give unrelated texts that MinHash keeps apart.
@@ -162,9 +169,6 @@ class StubEngine:
         todo, hashes, contents = [], [], []
         for i, r in enumerate(requests):
             content = " ".join([str(m.get("content", "")) for m in r.messages])
-            if "STUB_FAIL" in content:
-                out[i] = error_result("stub engine asked to fail")
-                continue
             todo.append(i)
             hashes.append(hashlib.sha256(f"{content}|{r.seed}".encode()).hexdigest())
             contents.append(content)
@@ -301,7 +305,7 @@ def _dup_pool(dup: float, rows: int) -> int:
 
 
 def stub_options(model: str) -> dict[str, str]:
-    """'stub:delay=0.2,crash_once=/tmp/x' -> {'delay': '0.2', 'crash_once': '/tmp/x'}."""
+    """'stub:delay=0.2,corpus=1' -> {'delay': '0.2', 'corpus': '1'}."""
     _, _, opts = model.partition(":")
     return dict(kv.split("=", 1) for kv in opts.split(",") if "=" in kv)
 

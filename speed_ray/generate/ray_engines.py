@@ -6,17 +6,19 @@ import os
 from typing import Any
 
 from speed_ray.generate.config import EngineConfig, torch_threads_for
-from speed_ray.generate.engine import StubEngine, generate_batch, stub_options
+from speed_ray.generate.engine import StubEngine, generate_batch
 
 
 class EngineUDF:
     """map_batches UDF: loads the engine once per actor (in __init__), then generates batch after batch."""
 
     def __init__(self, kind: str, model: str, dtype: str = "auto", batch_size: int = 8, max_model_len: int = 4096,
-                 num_threads: int | None = None, adapter: str | None = None):
+                 num_threads: int | None = None, adapter: str | None = None, factory: str | None = None):
         self.kind = kind
         if kind == "stub":
             self.engine = StubEngine(model)
+        elif kind == "custom":
+            self.engine = load_factory(factory)(model)
         elif kind == "hf":
             import torch
 
@@ -27,51 +29,26 @@ class EngineUDF:
             self.engine = HFEngine(model, dtype=dtype, batch_size=batch_size, max_model_len=max_model_len,
                                    adapter=adapter)
         else:
-            raise ValueError(f"EngineUDF runs the hf and stub engines, not {kind!r}")
-        # fault injection for the stage tests (stub only): "stub:crash_once=<marker>" kills the actor process;
-        # "stub:fail_once=<marker>,fail_when=<dir>" raises in the UDF once <dir> holds 2 shards
-        opts = stub_options(model) if kind == "stub" else {}
-        self._crash_marker = opts.get("crash_once")
-        self._fail_marker, self._fail_when = opts.get("fail_once"), opts.get("fail_when")
-        self._calls = 0
+            raise ValueError(f"EngineUDF runs the hf, stub and custom engines, not {kind!r}")
 
     def __call__(self, batch):
         import pyarrow as pa
 
         cols = batch.to_pydict() if isinstance(batch, pa.Table) else {k: list(v) for k, v in batch.items()}
-        self._maybe_crash()
-        self._maybe_fail()
-        self._calls += 1
         return pa.Table.from_pydict(generate_batch(self.engine, cols, self.kind))
 
-    def _maybe_fail(self) -> None:
-        # A user-code error fails the whole Dataset (Ray retries only system failures), so the stage dies with
-        # some shards written: the resume test's deterministic stand-in for a crash. After 3 batches it waits
-        # for the downstream writer to land 2 shards, then raises once.
-        m = self._fail_marker
-        if not m or self._calls < 3 or not os.path.exists(m):
-            return
-        import glob
-        import time
 
-        deadline = time.time() + 120
-        while len(glob.glob(os.path.join(self._fail_when or ".", "*.parquet"))) < 2 and time.time() < deadline:
-            time.sleep(0.1)
-        try:
-            os.remove(m)
-        except FileNotFoundError:
-            return
-        raise RuntimeError("injected stub failure (fail_once)")
+def load_factory(factory: str | None):
+    """engine.factory ("module:callable") -> the callable; the error names what could not be found."""
+    import importlib
 
-    def _maybe_crash(self) -> None:
-        # Tests kill one worker mid-stage: the first actor to see the marker file deletes it and dies hard.
-        m = self._crash_marker
-        if m and os.path.exists(m):
-            try:
-                os.remove(m)
-            except FileNotFoundError:
-                return
-            os._exit(1)
+    mod, _, attr = (factory or "").partition(":")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"engine.factory {factory!r} cannot be loaded in this worker ({type(e).__name__}: {e}); "
+                         "it must be importable where the replicas run (e.g. shipped with the job's runtime_env)"
+                         ) from e
 
 
 def replicas_resources(cfg: EngineConfig) -> dict[str, float]:
@@ -94,7 +71,7 @@ def map_kwargs(cfg: EngineConfig, model: str, adapter: str | None = None) -> dic
         fn_constructor_kwargs={"kind": cfg.kind, "model": model, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
                                "max_model_len": cfg.max_model_len,
                                "num_threads": torch_threads_for(cfg.torch_threads, cfg.num_cpus_per_replica),
-                               "adapter": adapter if cfg.kind == "hf" else None},
+                               "adapter": adapter if cfg.kind == "hf" else None, "factory": cfg.factory},
         compute=ActorPoolStrategy(min_size=cfg.replicas_min, max_size=cfg.replicas_max),
         batch_size=cfg.batch_size * 4 if cfg.kind == "hf" else cfg.batch_size,
         batch_format="pyarrow",

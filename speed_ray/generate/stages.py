@@ -47,7 +47,7 @@ def _model_for(ctx, role: str, eng: EngineConfig) -> tuple[str, str | None, str]
     if not eng.model:
         raise ValueError(f"stage {ctx.name!r} has no upstream generator; set {ctx.name}.engine.model "
                          f"(e.g. an instruct model for the direct_instruct variant)")
-    if eng.kind == "stub":
+    if eng.kind in ("stub", "custom"):   # the model string is the engine's own business
         return eng.model, None, eng.model
     from speed_ray.models.offline import resolve_model
 
