@@ -222,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.verbose:     # Ray's own operator progress bars, execution plans and INFO logs (speed_ray/raylocal.py)
+        import os
+
+        os.environ["SPEED_RAY_VERBOSE"] = "1"
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:
