@@ -150,6 +150,9 @@ def build_parser() -> Parser:
     s.add_argument("--run", help="run name inside run_dir (default: every run)")
     s.add_argument("overrides", nargs="*", help="a.b=value overrides for --config")
     s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--watch", action="store_true", help="show each stage's progress (done of total, valid share, "
+                   "rejects, tokens, cost, rate, ETA), refreshed until the run finishes or Ctrl-C")
+    s.add_argument("--interval", type=float, default=5.0, help="seconds between --watch refreshes (default 5)")
     s.set_defaults(fn=cmd_status)
 
     m = p.add_command(sub, "models", help="prepare the offline demo models")

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import pyarrow.parquet as pq
 
+from speed_ray.errors import DataError
 from speed_ray.progress import (DEDUP_STEPS, STAT_COLUMNS, STEPS_LOG, UNITS, Expectation, Progress, ShardStats,
                                 expectation, format_line, progress_record, read_steps, shard_stats)
 from speed_ray.store import RunStore, StageOutput
@@ -107,6 +108,10 @@ def append_line(store: RunStore, url: str, line: str) -> None:
         f.write(old + line + "\n")
 
 
+def started_url(out: StageOutput) -> str:
+    return f"{out.artifacts_url}/progress/started.json"
+
+
 def progress_log_url(store: RunStore, run_name: str) -> str:
     return store.run_url(run_name, "progress.log")
 
@@ -181,8 +186,12 @@ class StageMonitor:
     def start(self) -> "StageMonitor":
         try:
             self.done_at_start = self.snap.record(self.exp, 0.0).done
-        except Exception:  # noqa: BLE001
-            self.done_at_start = 0
+            # for `speed-ray status --watch` in another process: when this run of the stage began, from where
+            self.store.write_json(started_url(self.snap.out), {"started_at": self.t0, "done_at_start":
+                                                              self.done_at_start, "unit": self.exp.unit,
+                                                              "total": self.exp.total})
+        except Exception as e:  # noqa: BLE001
+            log.debug("progress start for %s: %s", self.snap.out.stage, e)
         self._thread = threading.Thread(target=self._loop, name=f"progress-{self.snap.out.stage}", daemon=True)
         self._thread.start()
         return self
@@ -225,3 +234,117 @@ def watch(cfg: Any, out: StageOutput, inputs: dict[str, StageOutput], store: Run
         state = "done"
     finally:
         mon.stop(state)
+
+
+# ---- a run seen from another process (`speed-ray status RUN_DIR --watch`) -------------------------------------
+def _mtime(store: RunStore, url: str) -> float | None:
+    try:
+        info = store.fs.info(url.split("://", 1)[-1] if "://" in url else url)
+    except (OSError, ValueError):
+        return None
+    m = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    return m.timestamp() if hasattr(m, "timestamp") else (float(m) if m is not None else None)
+
+
+class RunWatch:
+    """The progress of a run started elsewhere, from its run directory alone: plan.json and config.yaml say what
+    it runs and how many of each unit; each unfinished stage's output says how far it got."""
+
+    def __init__(self, store: RunStore, run_name: str):
+        import yaml
+
+        from speed_ray.config import from_dict
+        from speed_ray.pricing import PricingConfig, teacher_price
+
+        self.store, self.run_name = store, run_name
+        plan_url = store.run_url(run_name, "plan.json")
+        if not store.exists(plan_url):
+            raise FileNotFoundError(f"no run {run_name!r} in {store.run_dir} (no {plan_url})")
+        try:
+            self.plan = store.read_json(plan_url)
+        except ValueError as e:
+            raise DataError(f"{plan_url} is not valid JSON: {e}") from e
+        cfg_url = store.run_url(run_name, "config.yaml")
+        self.cfg: dict = {}
+        if store.exists(cfg_url):
+            with store.fs.open(cfg_url.split("://", 1)[-1] if "://" in cfg_url else cfg_url, "r") as f:
+                self.cfg = yaml.safe_load(f) or {}
+        t = self.cfg.get("teacher") or {}
+        self.price = teacher_price(t.get("model") or "", from_dict(PricingConfig, self.cfg.get("pricing") or {})) \
+            if t.get("model") else None
+        self.snaps: dict[str, Snapshot] = {}
+
+    def stages(self) -> list[dict]:
+        return self.plan.get("stages", [])
+
+    def finished(self) -> bool:
+        """Every planned stage done, or the run's summary written after its plan (a run of some --stages)."""
+        if all(self.store.stage(s["stage"], s["fingerprint"]).done for s in self.stages()):
+            return True
+        sm = _mtime(self.store, self.store.run_url(self.run_name, "summary.json"))
+        pm = _mtime(self.store, self.store.run_url(self.run_name, "plan.json"))
+        return sm is not None and pm is not None and sm >= pm
+
+    def records(self, now: float | None = None) -> list[Progress | dict]:
+        """Per planned stage: a Progress (running, or done with its manifest's numbers) or {"stage", "state":
+        "pending"}."""
+        now = now or time.time()
+        out: list[Progress | dict] = []
+        for s in self.stages():
+            so = self.store.stage(s["stage"], s["fingerprint"])
+            if so.done:
+                try:
+                    m = so.manifest
+                except ValueError as e:
+                    raise DataError(f"{so.manifest_url} is not valid JSON (a corrupt manifest): {e}") from e
+                exp = Expectation(UNITS.get(s["stage"], "rows"), None)
+                snap = self.snaps.get(s["stage"])
+                if snap is not None:     # it was running while we watched: its last counts, marked done
+                    from dataclasses import replace
+
+                    p = snap.record(exp, float(m.get("duration_s") or 0), usd_per_mtok=self._price(s["stage"]))
+                    out.append(replace(p, state="done", rate=None, eta_s=None, total=p.total or p.done))
+                else:
+                    out.append(Progress(s["stage"], "rows", int(m.get("rows") or 0), None,
+                                        float(m.get("duration_s") or 0), state="done"))
+                continue
+            started = self._started(so)
+            if started is None and not so.shard_names():
+                out.append({"stage": s["stage"], "state": "pending"})
+                continue
+            inputs = {role: self.store.stage(up, next((x["fingerprint"] for x in self.stages()
+                                                        if x["stage"] == up), ""))
+                      for role, up in (s.get("inputs") or {}).items()}
+            exp = stage_expectation(self.cfg, s["stage"], {r: o for r, o in inputs.items() if o.done})
+            snap = self.snaps.setdefault(s["stage"], Snapshot(so))
+            t0 = (started or {}).get("started_at") or now
+            out.append(snap.record(exp, max(0.0, now - t0), int((started or {}).get("done_at_start") or 0),
+                                   self._price(s["stage"])))
+        return out
+
+    def _price(self, stage: str) -> tuple[float, float] | None:
+        return self.price if UNITS.get(stage) == "requests" else None
+
+    def _started(self, so: StageOutput) -> dict | None:
+        url = started_url(so)
+        try:
+            return self.store.read_json(url) if self.store.exists(url) else None
+        except (OSError, ValueError):
+            return None
+
+    def last_activity(self) -> float | None:
+        """When the run's driver last wrote a progress line (None: no progress log)."""
+        return _mtime(self.store, progress_log_url(self.store, self.run_name))
+
+
+def watch_frame(w: RunWatch, now: float | None = None) -> list[str]:
+    """The lines `status --watch` shows for one run."""
+    now = now or time.time()
+    lines = [f"run {w.run_name} ({w.plan.get('variant')})  {time.strftime('%H:%M:%S', time.localtime(now))}"]
+    for r in w.records(now):
+        lines.append("  " + (format_line(r) if isinstance(r, Progress) else f"{r['stage']} [pending]"))
+    last = w.last_activity()
+    if last is not None and not w.finished() and now - last > max(60.0, 6 * interval_s()):
+        lines.append(f"  (no progress line for {now - last:.0f}s: the run may have stopped; "
+                     f"see {progress_log_url(w.store, w.run_name)})")
+    return lines

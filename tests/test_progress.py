@@ -157,3 +157,51 @@ def test_the_bar_on_a_terminal_is_tqdm(tmp_path):
     assert "synthesis 8/16 samples" in shown and "50%" in shown and "50%, valid 75.0%" in shown
     assert "|##########          |" in shown or "█" in shown            # a bar, not only numbers
     assert json.dumps(mon.last.as_dict())    # the record serializes (status --watch --json)
+
+
+# ---- `speed-ray status RUN_DIR --watch`: a run driven by another thread, seen from its run directory only ------
+def test_status_watch_follows_a_run_to_its_end(tmp_path, slow, monkeypatch, capsys):
+    import threading
+
+    from speed_ray.cli import main
+
+    monkeypatch.setenv("SPEED_RAY_PROGRESS_INTERVAL", "0.05")
+    cfg = _cfg(tmp_path)
+    pipeline.run_pipeline(cfg, stages=["topics"])          # the run exists (plan.json) before the watch starts
+    capsys.readouterr()
+    runner = threading.Thread(target=pipeline.run_pipeline, args=(cfg,))
+    runner.start()
+    try:
+        rc = main(["status", str(tmp_path / "run"), "--watch", "--interval", "0.1"])
+    finally:
+        runner.join()
+    out = capsys.readouterr().out
+    assert rc == 0 and out.rstrip().endswith("finished: every stage is done"), out[-2000:]
+    frames = out.split("run demo (direct_teacher)")[1:]
+    assert len(frames) >= 3
+    assert any("[pending]" in f for f in frames)                         # later stages before they start
+    running = [ln for f in frames for ln in f.splitlines() if ln.strip().startswith("teacher_synthesis  ")]
+    assert any("/20 requests" in ln and "valid 80.0%" in ln and "tokens" in ln and "ETA" in ln for ln in running), \
+        running
+    assert "teacher_synthesis [done]" in frames[-1] and "train_embedder [done]" in frames[-1]
+
+
+def test_status_watch_names_bad_input(tmp_path, capsys):
+    from speed_ray.cli import main
+
+    assert main(["status", str(tmp_path / "nope"), "--watch"]) == 2
+    err = capsys.readouterr().err
+    assert "run directory" in err and "does not exist" in err
+    runs = tmp_path / "run" / "runs" / "r"
+    runs.mkdir(parents=True)
+    (runs / "plan.json").write_text('{"variant": "full", "stages": [')
+    assert main(["status", str(tmp_path / "run"), "--watch"]) == 2
+    err = capsys.readouterr().err
+    assert "plan.json is not valid JSON" in err and str(runs) in err
+    (runs / "plan.json").write_text(json.dumps({"variant": "x", "stages": [{"stage": "topics", "fingerprint": "f"}]}))
+    man = tmp_path / "run" / "stages" / "topics" / "f" / "manifest.json"
+    man.parent.mkdir(parents=True)
+    man.write_text("{not json")
+    assert main(["status", str(tmp_path / "run"), "--watch", "--run", "r"]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt manifest" in err and str(man) in err
