@@ -178,7 +178,8 @@ def build_parser() -> Parser:
     c.add_argument("--out", help="write compare.md / compare.json here")
     c.set_defaults(fn=_lazy("speed_ray.evaluate.cli:compare_main"), overrides=[])
 
-    rp = p.add_command(sub, "report", help="write the run report (markdown + PNG) for a run directory")
+    rp = p.add_command(sub, "report", help="write the run report (markdown + PNG, and one self-contained HTML "
+                       "page) for a run directory")
     rp.add_argument("run_dir")
     rp.add_argument("--run", help="run name inside run_dir (default: all)")
     rp.set_defaults(fn=_lazy("speed_ray.studies.report:report_main"), overrides=[])
