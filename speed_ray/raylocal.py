@@ -123,3 +123,5 @@ def quiet_ray() -> None:
     ctx.enable_auto_log_stats = on
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
         logging.getLogger(name).setLevel(logging.INFO if on else logging.WARNING)
+    # its "Progress bars disabled. To enable, set ..." warning: off on purpose, and -v turns them back on
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if on else logging.ERROR)
