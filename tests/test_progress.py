@@ -205,3 +205,39 @@ def test_status_watch_names_bad_input(tmp_path, capsys):
     assert main(["status", str(tmp_path / "run"), "--watch", "--run", "r"]) == 2
     err = capsys.readouterr().err
     assert "corrupt manifest" in err and str(man) in err
+
+
+def test_ray_operator_output_is_quiet_unless_verbose(monkeypatch):
+    import logging
+
+    import ray.data
+
+    from speed_ray.raylocal import quiet_ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start)
+    names = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "ray.data._internal.progress")
+    levels = {n: logging.getLogger(n).level for n in names}
+    try:
+        monkeypatch.delenv("SPEED_RAY_VERBOSE", raising=False)
+        quiet_ray()
+        assert not (ctx.enable_progress_bars or ctx.enable_operator_progress_bars or ctx.print_on_execution_start)
+        assert logging.getLogger("ray.data").level == logging.WARNING
+        monkeypatch.setenv("SPEED_RAY_VERBOSE", "1")          # what `speed-ray -v` sets
+        quiet_ray()
+        assert ctx.enable_progress_bars and ctx.enable_operator_progress_bars and ctx.print_on_execution_start
+        assert logging.getLogger("ray.data").level == logging.INFO
+    finally:
+        ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start = saved
+        for n, lv in levels.items():
+            logging.getLogger(n).setLevel(lv)
+
+
+def test_jobs_pass_verbose_to_the_cli(monkeypatch):
+    import speed_ray.cli as cli
+    from jobs._entry import job_main
+
+    seen = []
+    monkeypatch.setattr(cli, "main", lambda argv: seen.append(argv) or 0)
+    assert job_main("x", argv=["--config", "c.yaml", "-v", "a.b=1"]) == 0
+    assert seen == [["run", "c.yaml", "a.b=1", "-v"]]
