@@ -11,9 +11,10 @@ def job_main(description: str, stages: list[str] | None = None, argv: list[str] 
     p.add_argument("--config", required=True, help="YAML run config (a path inside the job's working dir)")
     p.add_argument("--stages", help="comma-separated stages (default: every stage of the config's variant)")
     p.add_argument("--force", help="comma-separated stages to re-run even if done")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and Ray's own progress bars")
     p.add_argument("overrides", nargs="*", help="a.b=value overrides")
     args = p.parse_args(argv)
-    cli = ["run", args.config, *args.overrides]
+    cli = ["run", args.config, *args.overrides] + (["-v"] if args.verbose else [])
     chosen = stages or ([s for s in args.stages.split(",") if s] if args.stages else None)
     if chosen:
         cli += ["--stages", ",".join(chosen)]

@@ -26,3 +26,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/speed-ray models prepare >/dev/null
+# A headless browser for tests/test_html_report.py (the HTML report rendered in Chromium). Best effort: without
+# root or apt-get, or offline, setup goes on and those tests skip, saying why.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 &&
+    apt-get install -y -qq chromium >/dev/null 2>&1; }) || echo "setup: could not install chromium (the HTML report's browser tests will skip)" >&2
+fi

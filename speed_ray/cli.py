@@ -150,6 +150,9 @@ def build_parser() -> Parser:
     s.add_argument("--run", help="run name inside run_dir (default: every run)")
     s.add_argument("overrides", nargs="*", help="a.b=value overrides for --config")
     s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--watch", action="store_true", help="show each stage's progress (done of total, valid share, "
+                   "rejects, tokens, cost, rate, ETA), refreshed until the run finishes or Ctrl-C")
+    s.add_argument("--interval", type=float, default=5.0, help="seconds between --watch refreshes (default 5)")
     s.set_defaults(fn=cmd_status)
 
     m = p.add_command(sub, "models", help="prepare the offline demo models")
@@ -175,7 +178,8 @@ def build_parser() -> Parser:
     c.add_argument("--out", help="write compare.md / compare.json here")
     c.set_defaults(fn=_lazy("speed_ray.evaluate.cli:compare_main"), overrides=[])
 
-    rp = p.add_command(sub, "report", help="write the run report (markdown + PNG) for a run directory")
+    rp = p.add_command(sub, "report", help="write the run report (markdown + PNG, and one self-contained HTML "
+                       "page) for a run directory")
     rp.add_argument("run_dir")
     rp.add_argument("--run", help="run name inside run_dir (default: all)")
     rp.set_defaults(fn=_lazy("speed_ray.studies.report:report_main"), overrides=[])
@@ -222,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.verbose:     # Ray's own operator progress bars, execution plans and INFO logs (speed_ray/raylocal.py)
+        import os
+
+        os.environ["SPEED_RAY_VERBOSE"] = "1"
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:

@@ -87,10 +87,14 @@ def _where(plan: list[StageSpec], store: RunStore, fps: dict[str, str]) -> list[
 
 def status_main(args: argparse.Namespace) -> int:
     store = RunStore(args.run_dir)
+    if not store.fs.exists(store.root):
+        raise FileNotFoundError(f"run directory {args.run_dir} does not exist")
     runs = [args.run] if args.run else store.run_names()
     if not runs:
         print(f"no runs in {args.run_dir}")
         return 1
+    if getattr(args, "watch", False):
+        return watch_main(store, runs, args.interval, args.json)
     out = {}
     for name in runs:
         saved_url = store.run_url(name, "config.yaml")
@@ -129,3 +133,40 @@ def status_main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, default=str))
     return 0
+
+
+def watch_main(store: RunStore, runs: list[str], interval: float = 5.0, as_json: bool = False,
+               max_frames: int | None = None) -> int:
+    """`speed-ray status RUN_DIR --watch`: every `interval` seconds, each stage's progress (the lines the run's own
+    driver shows and writes to runs/<name>/progress.log) until every watched run finished, or Ctrl-C."""
+    import sys
+
+    from speed_ray.monitor import RunWatch, watch_frame
+
+    watches = [RunWatch(store, n) for n in runs if store.exists(store.run_url(n, "plan.json"))]
+    if not watches:
+        raise FileNotFoundError(f"no run with a plan.json in {store.run_dir} (runs: {', '.join(runs)})")
+    tty = sys.stdout.isatty() and not as_json
+    frames = 0
+    try:
+        while True:
+            now = time.time()
+            done = all(w.finished() for w in watches)
+            if as_json:
+                print(json.dumps({w.run_name: [r if isinstance(r, dict) else r.as_dict() for r in w.records(now)]
+                                  for w in watches}, default=str), flush=True)
+            else:
+                frame = "\n".join(line for w in watches for line in watch_frame(w, now))
+                print(("\x1b[2J\x1b[H" if tty else "") + frame + ("" if tty else "\n"), flush=True)
+            frames += 1
+            if done:
+                if not as_json:
+                    print("finished: every stage is done" if all(
+                        store.stage(s["stage"], s["fingerprint"]).done for w in watches for s in w.stages())
+                        else "finished: the run wrote its summary", flush=True)
+                return 0
+            if max_frames is not None and frames >= max_frames:
+                return 0
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0

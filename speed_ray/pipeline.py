@@ -15,6 +15,7 @@ from typing import Any, Callable, Literal
 
 from speed_ray.config import to_dict
 from speed_ray.config_view import ConfigView, Recorder
+from speed_ray.monitor import watch
 from speed_ray.run_config import VARIANTS, RunConfig, dump_config
 from speed_ray.stage import Services, StageContext, StageError
 from speed_ray.store import CostLedger, RunStore, StageOutput, library_versions, stable_hash
@@ -435,7 +436,8 @@ def run_stage(cfg: RunConfig, spec: StageSpec, fps: dict[str, str], *, store: Ru
              f" (resuming: {resumed} shard(s) already written)" if resumed else "")
     t0 = time.time()
     try:
-        extra = loader(spec.fn)(ctx) or {}
+        with watch(cfg, out, inputs, store, run_name, spec.uses_teacher):   # progress lines (speed_ray/monitor.py)
+            extra = loader(spec.fn)(ctx) or {}
     except Exception as e:  # keep everything written so far; the next run resumes from it
         raise StageError(f"stage {spec.name!r} failed: {type(e).__name__}: {e}\n"
                          f"(its partial output stays at {out.url}; rerun to resume)\n"

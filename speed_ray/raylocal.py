@@ -89,14 +89,39 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    quiet_ray()
+    level = logging.INFO if verbose() else logging.WARNING
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, runtime_env=cluster_runtime_env(), log_to_driver=True)
+        ray.init(address=address, runtime_env=cluster_runtime_env(), log_to_driver=True, logging_level=level)
     else:
         log.info("starting a local Ray (num_cpus=%s)", num_cpus)
         # local workers are children of this process: they inherit its environment, token included
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": forwarded_env()},
-                 log_to_driver=True)
+                 log_to_driver=True, logging_level=level)
+    quiet_ray()
+
+
+def verbose() -> bool:
+    """`speed-ray -v` (SPEED_RAY_VERBOSE=1): Ray's own progress bars, execution plans and INFO logs come back."""
+    return os.environ.get("SPEED_RAY_VERBOSE", "0") == "1"
+
+
+def quiet_ray() -> None:
+    """Ray Data's operator progress bars ("Total Progress: 0/?" every few seconds), its execution-start notes
+    and Ray's INFO logs are off unless verbose: speed-ray's own progress lines (speed_ray/monitor.py) say
+    what each stage did in its units."""
+    import ray.data
+
+    on = verbose()
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = os.environ.get("SPEED_RAY_PROGRESS", "1") == "1"
+    ctx.enable_progress_bars = on
+    ctx.enable_operator_progress_bars = on
+    ctx.print_on_execution_start = on
+    ctx.verbose_stats_logs = on
+    ctx.enable_auto_log_stats = on
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.INFO if on else logging.WARNING)
+    # its "Progress bars disabled. To enable, set ..." warning: off on purpose, and -v turns them back on
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if on else logging.ERROR)

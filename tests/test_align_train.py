@@ -95,6 +95,11 @@ def test_junior_sft_stage_on_ray_train(ray_local, tiny_llama, tmp_path):
     assert not os.path.exists(os.path.join(junior["model_path"], "adapter_config.json"))   # merged, not an adapter
     assert latest_checkpoint(out.artifacts_url)[1] == 4
     assert not out.shard_names()      # a training stage writes artifacts, no data shards
+    from speed_ray.progress import read_steps   # each logged step, for progress and the report's loss curves
+
+    logged = [s for s in read_steps(open(out.artifact("progress", "steps.jsonl")).read()) if "loss" in s]
+    assert [(s["step"], s["total_steps"]) for s in logged] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert logged[0]["loss"] == pytest.approx(m["first_loss"]) and logged[-1]["loss"] == pytest.approx(m["last_loss"])
 
     from transformers import AutoModelForCausalLM, AutoTokenizer   # what HF generation engines do
 

@@ -107,6 +107,12 @@ def test_bf16_steps_without_a_scaler(tmp_path, tiny_llama, monkeypatch):
     assert all(0.5 < x < 6 for x in m["losses"]), m["losses"]
     assert states[-1]["scaler"] is None
     assert any(v.abs().sum() > 0 for v in _lora_b(states[-1]).values())
+    # every step is in the stage's step log (artifacts/progress/steps.jsonl beside artifacts/model): progress, curves
+    from speed_ray.progress import read_steps
+
+    logged = read_steps((tmp_path / "progress" / "steps.jsonl").read_text())
+    assert [(s["step"], s["total_steps"]) for s in logged] == [(1, 2), (2, 2)]
+    assert [s["loss"] for s in logged] == pytest.approx(m["losses"])
 
 
 def test_mixed_precision_keeps_fp32_trainable_weights(tiny_llama):

@@ -426,6 +426,27 @@ def _bounded_report_callback(staging_root: str):
     return BoundedReportCallback()
 
 
+def _steplog_callback(metrics_url: str):
+    """Each logged step's metrics to the stage's artifacts/progress/steps.jsonl (the main rank's trainer)."""
+    from transformers import TrainerCallback
+
+    from speed_ray.steplog import StepLog, steps_url
+
+    class StepLogCallback(TrainerCallback):
+        def __init__(self):
+            self.log = StepLog(steps_url(metrics_url.rsplit("/", 1)[0]))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            nums = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if nums:
+                self.log.log(state.global_step, state.max_steps, **nums)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.log.close()
+
+    return StepLogCallback()
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's per-worker function: build the TRL trainer, resume if a checkpoint exists, train, save."""
     import ray.train
@@ -444,8 +465,9 @@ def train_loop_per_worker(config: dict) -> None:
     local_dir = make_scratch_dir(job, rank)
     try:
         with _builtin_print():
+            steplog = [_steplog_callback(job.metrics_url)] if rank == 0 else []   # progress and loss curves
             trainer = build_trainer(job, os.path.join(local_dir, "hf"),
-                                    [_bounded_report_callback(local_dir), *job.callbacks])
+                                    [_bounded_report_callback(local_dir), *job.callbacks, *steplog])
         trainer = prepare_trainer(trainer)
         ckpt, resumed_from = _resume_point(job)
         if ckpt is not None:

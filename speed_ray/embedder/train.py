@@ -259,6 +259,9 @@ def train_func(config: dict[str, Any]) -> None:
         extra = {"scaler": scaler.state_dict() if scaler is not None else None, "skipped_steps": skipped}
         _report_with_checkpoint(metrics, rank, embedder, engine, opt, sched, step, losses, extra, trainable)
 
+    from speed_ray.steplog import StepLog, steps_url
+
+    steplog = StepLog(steps_url(config["export_url"].rsplit("/", 1)[0])) if rank == 0 else None   # progress, curves
     t0, done_here = time.time(), 0
     for step in range(start, total):
         batch = feed.batch(step)
@@ -276,9 +279,13 @@ def train_func(config: dict[str, Any]) -> None:
         losses.append(loss)
         done_here += 1
         metrics = {"step": step + 1, "loss": loss, "lr": sched.get_last_lr()[0], "skipped_steps": skipped}
+        if steplog is not None:
+            steplog.log(step + 1, total, loss=loss, lr=metrics["lr"], skipped_steps=skipped)
         if (step + 1) % e["save_steps"] == 0 and step + 1 < total:
             report(metrics, step + 1)
     elapsed = time.time() - t0
+    if steplog is not None:
+        steplog.close()
     feed.close()
     in_sync = weights_in_sync(params) if engine is None else True
     # The export merges LoRA into the backbone in place: the final checkpoint's weights are taken before it.

@@ -248,7 +248,8 @@ def _stage_png(store: RunStore, url: str, run: dict) -> str | None:
 
 
 def write_report(store: RunStore | str, run_name: str) -> str:
-    """Write runs/<run_name>/report/{report.md, stages.png, report.json}; returns the markdown's URL."""
+    """Write runs/<run_name>/report/{report.md, report.html, stages.png, report.json}; returns the markdown's
+    URL."""
     from speed_ray.studies.cost import cost_table, markdown
     from speed_ray.studies.sweep import _write_text
 
@@ -269,6 +270,9 @@ def write_report(store: RunStore | str, run_name: str) -> str:
     url = f"{base}/report.md"
     _write_text(store, url, "\n".join(lines))
     store.write_json(f"{base}/report.json", {"summary": row, "cost": cost})
+    from speed_ray.studies.html_report import write_html_report
+
+    write_html_report(store, run, cost, row, f"{base}/report.html")   # the same run as one self-contained page
     return url
 
 
@@ -282,7 +286,7 @@ def report_main(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no runs in {args.run_dir}")
     for n in names:
         if args.run:
-            print(f"{n}: {write_report(store, n)}")
+            print(f"{n}: {write_report(store, n)} (and report.html beside it)")
         elif _is_study_point(n, names):
             continue
         elif not store.exists(store.run_url(n, "plan.json")):
@@ -292,7 +296,7 @@ def report_main(args: argparse.Namespace) -> int:
             if found:
                 print(f"{n}: {', '.join(found)}")
         else:
-            print(f"{n}: {write_report(store, n)}")
+            print(f"{n}: {write_report(store, n)} (and report.html beside it)")
     if not args.run:
         rows = runs_table(store)
         md = comparison_markdown(rows)
