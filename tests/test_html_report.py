@@ -51,7 +51,7 @@ def _run(tmp_path) -> tuple[str, Path]:
 
     cfg = build_config({"run": {"name": "full", "run_dir": str(tmp_path / "run")}, "synthesis": {"n_samples": 50},
                         "pipeline": {"variant": "full", "paper_result": 63.2}})
-    pipeline.run_pipeline(cfg)
+    pipeline.run_pipeline(cfg, loader=lambda fn: _stage)
     runs = tmp_path / "run" / "runs" / "full"
     (runs / "sweep").mkdir()
     (runs / "influence").mkdir()
@@ -61,12 +61,7 @@ def _run(tmp_path) -> tuple[str, Path]:
     return md, Path(md).with_name("report.html")
 
 
-@pytest.fixture
-def fakes(monkeypatch):
-    monkeypatch.setattr(pipeline, "_load", lambda fn: _stage)
-
-
-def test_html_report_holds_every_section_and_needs_no_network(tmp_path, fakes):
+def test_html_report_holds_every_section_and_needs_no_network(tmp_path):
     _, page = _run(tmp_path)
     text = page.read_text()
     for part in ("fig-timeline", "fig-loss-junior_sft", "fig-loss-senior_dpo", "fig-loss-train_embedder",
@@ -100,7 +95,7 @@ def _console(stderr: str) -> list[str]:
 
 
 @needs_chromium
-def test_html_report_renders_in_headless_chromium(tmp_path, fakes):
+def test_html_report_renders_in_headless_chromium(tmp_path):
     _, page = _run(tmp_path)
     dom = _chromium(page.as_uri(), "--dump-dom", tmp=tmp_path)
     assert dom.returncode == 0, dom.stderr[-2000:]

@@ -96,9 +96,12 @@ def _slow_stage(ctx) -> dict:
 
 @pytest.fixture
 def slow(monkeypatch):
-    monkeypatch.setattr(pipeline, "_load", lambda fn: _slow_stage)
     monkeypatch.setenv("SPEED_RAY_PROGRESS", "1")
     monkeypatch.setenv("SPEED_RAY_PROGRESS_INTERVAL", "0.1")
+
+
+def _slow_loader(fn: str):
+    return _slow_stage
 
 
 def _cfg(tmp_path):
@@ -109,7 +112,7 @@ def _cfg(tmp_path):
 
 def test_monitor_writes_every_stage_progress_to_the_log_and_the_terminal(tmp_path, slow, capsys):
     cfg = _cfg(tmp_path)
-    pipeline.run_pipeline(cfg)
+    pipeline.run_pipeline(cfg, loader=_slow_loader)
     lines = (tmp_path / "run" / "runs" / "demo" / "progress.log").read_text().splitlines()
     by_stage = {}
     for ln in lines:
@@ -132,7 +135,7 @@ def test_monitor_writes_every_stage_progress_to_the_log_and_the_terminal(tmp_pat
 def test_a_failed_stage_says_so(tmp_path, slow, monkeypatch):
     monkeypatch.setenv("SR_TEST_FAIL_DEDUP", "1")
     with pytest.raises(pipeline.StageError, match="planted failure"):
-        pipeline.run_pipeline(_cfg(tmp_path))
+        pipeline.run_pipeline(_cfg(tmp_path), loader=_slow_loader)
     log = (tmp_path / "run" / "runs" / "demo" / "progress.log").read_text()
     assert "dedup [failed]" in log
 
@@ -167,9 +170,9 @@ def test_status_watch_follows_a_run_to_its_end(tmp_path, slow, monkeypatch, caps
 
     monkeypatch.setenv("SPEED_RAY_PROGRESS_INTERVAL", "0.05")
     cfg = _cfg(tmp_path)
-    pipeline.run_pipeline(cfg, stages=["topics"])          # the run exists (plan.json) before the watch starts
+    pipeline.run_pipeline(cfg, stages=["topics"], loader=_slow_loader)   # the run exists (plan.json) before the watch starts
     capsys.readouterr()
-    runner = threading.Thread(target=pipeline.run_pipeline, args=(cfg,))
+    runner = threading.Thread(target=pipeline.run_pipeline, args=(cfg,), kwargs={"loader": _slow_loader})
     runner.start()
     try:
         rc = main(["status", str(tmp_path / "run"), "--watch", "--interval", "0.1"])
