@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import pyarrow.parquet as pq
 
 from speed_ray.errors import DataError
-from speed_ray.progress import (DEDUP_STEPS, STAT_COLUMNS, STEPS_LOG, UNITS, Expectation, Progress, ShardStats,
+from speed_ray.progress import (DEDUP_STEPS, STAT_COLUMNS, STEPS_LOG, Expectation, Progress, ShardStats,
                                 expectation, format_line, progress_record, read_steps, shard_stats)
 from speed_ray.store import RunStore, StageOutput
 
@@ -74,22 +74,23 @@ class Snapshot:
     def record(self, exp: Expectation, elapsed_s: float, done_at_start: int = 0,
                usd_per_mtok: tuple[float, float] | None = None) -> Progress:
         stage = self.out.stage
-        if UNITS.get(stage) == "steps":
-            if stage == "dedup":
-                return progress_record(stage, exp, elapsed_s, markers=self.markers(), done_at_start=done_at_start)
+        if exp.counted_by == "markers":
+            return progress_record(stage, exp, elapsed_s, markers=self.markers(), done_at_start=done_at_start)
+        if exp.counted_by == "step_log":
             return progress_record(stage, exp, elapsed_s, steps=self.steps(), done_at_start=done_at_start)
         return progress_record(stage, exp, elapsed_s, self._stats(self.out, False), self._stats(self.rejects, True),
                                done_at_start=done_at_start, usd_per_mtok=usd_per_mtok)
 
 
-def stage_expectation(cfg_dict: dict, stage: str, inputs: dict[str, StageOutput]) -> Expectation:
+def stage_expectation(cfg_dict: dict, stage: str, inputs: dict[str, StageOutput], unit: str = "rows",
+                      counted_by: str = "rows") -> Expectation:
     rows = {}
     for role, up in inputs.items():
         try:
             rows[role] = int(up.manifest.get("rows", 0))
         except (OSError, ValueError):
             pass
-    return expectation(stage, cfg_dict, rows)
+    return expectation(stage, cfg_dict, rows, unit, counted_by)
 
 
 def append_line(store: RunStore, url: str, line: str) -> None:
@@ -212,8 +213,9 @@ class StageMonitor:
 
 @contextlib.contextmanager
 def watch(cfg: Any, out: StageOutput, inputs: dict[str, StageOutput], store: RunStore, run_name: str,
-          uses_teacher: bool = False) -> Iterator[StageMonitor | None]:
-    """Around a stage's run: its progress every interval, and a last line with how it ended."""
+          uses_teacher: bool = False, unit: str = "rows", counted_by: str = "rows") -> Iterator[StageMonitor | None]:
+    """Around a stage's run: its progress every interval, and a last line with how it ended. uses_teacher, unit and
+    counted_by are the stage's StageSpec facts."""
     if not enabled():
         yield None
         return
@@ -221,7 +223,7 @@ def watch(cfg: Any, out: StageOutput, inputs: dict[str, StageOutput], store: Run
     from speed_ray.pricing import teacher_price
 
     try:
-        exp = stage_expectation(to_dict(cfg), out.stage, inputs)
+        exp = stage_expectation(to_dict(cfg), out.stage, inputs, unit, counted_by)
         price = teacher_price(cfg.teacher.model, cfg.pricing) if uses_teacher else None
         mon = StageMonitor(out, exp, progress_log_url(store, run_name), store, price).start()
     except Exception as e:  # noqa: BLE001 - never keep a stage from running
@@ -297,12 +299,12 @@ class RunWatch:
                     m = so.manifest
                 except ValueError as e:
                     raise DataError(f"{so.manifest_url} is not valid JSON (a corrupt manifest): {e}") from e
-                exp = Expectation(UNITS.get(s["stage"], "rows"), None)
+                exp = Expectation(s.get("unit", "rows"), None, s.get("counted_by", "rows"))
                 snap = self.snaps.get(s["stage"])
                 if snap is not None:     # it was running while we watched: its last counts, marked done
                     from dataclasses import replace
 
-                    p = snap.record(exp, float(m.get("duration_s") or 0), usd_per_mtok=self._price(s["stage"]))
+                    p = snap.record(exp, float(m.get("duration_s") or 0), usd_per_mtok=self._price(s))
                     out.append(replace(p, state="done", rate=None, eta_s=None, total=p.total or p.done))
                 else:
                     out.append(Progress(s["stage"], "rows", int(m.get("rows") or 0), None,
@@ -315,15 +317,17 @@ class RunWatch:
             inputs = {role: self.store.stage(up, next((x["fingerprint"] for x in self.stages()
                                                         if x["stage"] == up), ""))
                       for role, up in (s.get("inputs") or {}).items()}
-            exp = stage_expectation(self.cfg, s["stage"], {r: o for r, o in inputs.items() if o.done})
+            exp = stage_expectation(self.cfg, s["stage"], {r: o for r, o in inputs.items() if o.done},
+                                    s.get("unit", "rows"), s.get("counted_by", "rows"))
             snap = self.snaps.setdefault(s["stage"], Snapshot(so))
             t0 = (started or {}).get("started_at") or now
             out.append(snap.record(exp, max(0.0, now - t0), int((started or {}).get("done_at_start") or 0),
-                                   self._price(s["stage"])))
+                                   self._price(s)))
         return out
 
-    def _price(self, stage: str) -> tuple[float, float] | None:
-        return self.price if UNITS.get(stage) == "requests" else None
+    def _price(self, entry: dict) -> tuple[float, float] | None:
+        """The teacher's prices for a stage that calls it (plan.json's uses_teacher)."""
+        return self.price if entry.get("uses_teacher") else None
 
     def _started(self, so: StageOutput) -> dict | None:
         url = started_url(so)

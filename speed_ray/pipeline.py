@@ -53,6 +53,16 @@ class StageSpec:
     # "synthesizer": writes the synthetic data (its "generator" input, when it has one, is the model that does);
     # "junior" / "senior" / "revisor": trains that generator; "": neither.
     generator_role: Literal["synthesizer", "junior", "senior", "revisor", ""] = ""
+    # What its progress counts, and where progress is read from (speed_ray/progress.py): "rows" its shards,
+    # "step_log" a trainer's artifacts/progress/steps.jsonl, "markers" dedup's step markers.
+    unit: Literal["rows", "topics", "requests", "prompts", "samples", "steps", "tasks"] = "rows"
+    counted_by: Literal["rows", "step_log", "markers"] = "rows"
+
+    def facts(self) -> dict[str, Any]:
+        """What the run's plan.json records of this stage, so tools reading a run directory need no code of it."""
+        return {"produces": self.produces, "shows_as": self.shows_as, "cost_role": self.cost_role,
+                "generator_role": self.generator_role, "uses_teacher": self.uses_teacher, "unit": self.unit,
+                "counted_by": self.counted_by}
 
 
 # What identifies the teacher's answers: the model name, the model actually served when the teacher is the local
@@ -80,56 +90,62 @@ NOT_FINGERPRINTED = (
 # Every stage SPEED has. The variant picks a subset and rewires the generator roles (paper Table 1 and 2).
 _ALL = {
     "topics": StageSpec("topics", "speed_ray.teacher.stages:topics_stage", {}, ("topics", "run.seed"),
-                        doc="sample multi-grained topics from the taxonomy"),
+                        doc="sample multi-grained topics from the taxonomy", unit="topics"),
     "brainstorm": StageSpec("brainstorm", "speed_ray.teacher.stages:brainstorm_stage", {"topics": "topics"},
                             ("brainstorm", *_TEACHER, "teacher.sampling", "run.seed"), True,
-                            "teacher brainstorms task descriptions"),
+                            "teacher brainstorms task descriptions", unit="requests"),
     "seed_data": StageSpec("seed_data", "speed_ray.teacher.stages:seed_data_stage", {"tasks": "brainstorm"},
                            ("seed_data", "mixture", *_TEACHER, "teacher.sampling", "run.seed"), True,
-                           "teacher writes D_seed", cost_role="fixed"),
+                           "teacher writes D_seed", cost_role="fixed", unit="requests"),
     "junior_sft": StageSpec("junior_sft", "speed_ray.align.stages:junior_sft_stage", {"data": "seed_data"},
                             ("junior_sft", "run.seed"), doc="SFT the junior generator on D_seed",
-                            produces="model", shows_as="junior generator", cost_role="fixed", generator_role="junior"),
+                            produces="model", shows_as="junior generator", cost_role="fixed", generator_role="junior",
+                            unit="steps", counted_by="step_log"),
     "root_data": StageSpec("root_data", "speed_ray.generate.stages:root_data_stage",
                            {"generator": "junior_sft", "tasks": "brainstorm"}, ("root_data", "mixture", "run.seed"),
-                           doc="junior generator writes k samples per prompt (D_root)", cost_role="fixed"),
+                           doc="junior generator writes k samples per prompt (D_root)", cost_role="fixed", unit="prompts"),
     "judge": StageSpec("judge", "speed_ray.teacher.stages:judge_stage", {"root": "root_data"},
                        # the judge decodes at teacher.judge_temperature: sampling.temperature is not used
                        ("judge", *_TEACHER, "teacher.judge_temperature", "teacher.sampling.top_p",
                         "teacher.sampling.max_tokens"), True, "teacher picks best/worst: D_DPO",
-                       version="3", cost_role="fixed"),
+                       version="3", cost_role="fixed", unit="requests"),
     "revise_signals": StageSpec("revise_signals", "speed_ray.teacher.stages:revise_signals_stage",
                                 {"root": "root_data"}, ("revise_signals", *_TEACHER, "teacher.sampling", "run.seed"),
-                                True, "teacher revises root samples: D_revise", cost_role="fixed"),
+                                True, "teacher revises root samples: D_revise", cost_role="fixed",
+                                unit="requests"),
     "senior_dpo": StageSpec("senior_dpo", "speed_ray.align.stages:senior_dpo_stage",
                             {"pairs": "judge", "reference": "junior_sft"}, ("senior_dpo", "run.seed"),
                             doc="DPO the junior into the senior generator", produces="model",
-                            shows_as="senior generator", cost_role="fixed", generator_role="senior"),
+                            shows_as="senior generator", cost_role="fixed", generator_role="senior",
+                            unit="steps", counted_by="step_log"),
     "revisor_sft": StageSpec("revisor_sft", "speed_ray.align.stages:revisor_sft_stage",
                              {"data": "revise_signals"}, ("revisor_sft", "run.seed"), doc="SFT the data revisor",
-                             produces="model", shows_as="revisor", cost_role="fixed", generator_role="revisor"),
+                             produces="model", shows_as="revisor", cost_role="fixed", generator_role="revisor",
+                             unit="steps", counted_by="step_log"),
     "synthesis": StageSpec("synthesis", "speed_ray.generate.stages:synthesis_stage",
                            {"generator": "senior_dpo", "tasks": "brainstorm"}, ("synthesis", "mixture", "run.seed"),
                            doc="generator synthesizes at scale (D_syn)", shows_as="synthetic data",
-                           cost_role="unit", generator_role="synthesizer"),
+                           cost_role="unit", generator_role="synthesizer", unit="samples"),
     "teacher_synthesis": StageSpec("teacher_synthesis", "speed_ray.teacher.stages:teacher_synthesis_stage",
                                    {"tasks": "brainstorm"}, ("synthesis.n_samples", "mixture", *_TEACHER,
                                                              "teacher.sampling", "run.seed"), True,
                                    "the teacher itself synthesizes (direct baseline)", shows_as="synthetic data",
-                                   cost_role="unit", generator_role="synthesizer"),
+                                   cost_role="unit", generator_role="synthesizer", unit="requests"),
     "revision": StageSpec("revision", "speed_ray.generate.stages:revision_stage",
                           {"samples": "synthesis", "revisor": "revisor_sft"}, ("revision", "run.seed"),
-                          doc="revisor refines each sample once (D_syn^re)", cost_role="unit"),
+                          doc="revisor refines each sample once (D_syn^re)", cost_role="unit", unit="samples"),
     "dedup": StageSpec("dedup", "speed_ray.dedup.stage:dedup_stage", {"samples": "revision"},
                        ("dedup", "filters"), doc="exact + MinHash-LSH dedup, then quality filters",
-                       version="2", shows_as="training data"),   # 2: degenerate task descriptions are filtered (filters.drop_degenerate_task)
+                       # 2: degenerate task descriptions are filtered (filters.drop_degenerate_task)
+                       version="2", shows_as="training data", unit="steps", counted_by="markers"),
     "train_embedder": StageSpec("train_embedder", "speed_ray.embedder.stage:train_embedder_stage",
                                 {"data": "dedup"}, ("embedder", "run.seed"), doc="contrastive training of the embedder",
-                                produces="model", shows_as="embedder",
+                                produces="model", shows_as="embedder", unit="steps", counted_by="step_log",
                                 # 2: the streamed feed (n_samples counts usable triples; no text twice in a batch)
                                 version="2"),
     "evaluate": StageSpec("evaluate", "speed_ray.evaluate.stage:evaluate_stage", {"model": "train_embedder"},
-                          ("evaluate",), doc="MTEB evaluation of the trained embedder", produces="evaluation"),
+                          ("evaluate",), doc="MTEB evaluation of the trained embedder", produces="evaluation",
+                          unit="tasks"),
 }
 
 
@@ -326,7 +342,7 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, force: list[st
     run_name = cfg.run.name
     store.write_json(store.run_url(run_name, "plan.json"),
                      {"variant": cfg.pipeline.variant, "stages": [{"stage": s.name, "fingerprint": fps[s.name],
-                                                                    "inputs": s.inputs} for s in plan]})
+                                                                    "inputs": s.inputs, **s.facts()} for s in plan]})
     dump_config(cfg, store.run_url(run_name, "config.yaml"))
     summary: dict[str, Any] = {"run": run_name, "run_dir": cfg.run.run_dir, "stages": {}}
     services = Services()
@@ -436,7 +452,7 @@ def run_stage(cfg: RunConfig, spec: StageSpec, fps: dict[str, str], *, store: Ru
              f" (resuming: {resumed} shard(s) already written)" if resumed else "")
     t0 = time.time()
     try:
-        with watch(cfg, out, inputs, store, run_name, spec.uses_teacher):   # progress lines (speed_ray/monitor.py)
+        with watch(cfg, out, inputs, store, run_name, spec.uses_teacher, spec.unit, spec.counted_by):  # progress lines
             extra = loader(spec.fn)(ctx) or {}
     except Exception as e:  # keep everything written so far; the next run resumes from it
         raise StageError(f"stage {spec.name!r} failed: {type(e).__name__}: {e}\n"

@@ -16,14 +16,11 @@ from typing import Any
 
 import pyarrow as pa
 
-# What each stage counts. Teacher stages count requests (answered = written to data/ or to artifacts/rejects/),
-# generation stages the rows they write, training stages optimizer steps (artifacts/progress/steps.jsonl).
-UNITS = {"topics": "topics", "brainstorm": "requests", "seed_data": "requests", "judge": "requests",
-         "revise_signals": "requests", "teacher_synthesis": "requests", "root_data": "prompts",
-         "synthesis": "samples", "revision": "samples", "dedup": "steps", "junior_sft": "steps",
-         "senior_dpo": "steps", "revisor_sft": "steps", "train_embedder": "steps", "evaluate": "tasks"}
+# What a stage counts (its unit) and how its progress is read (counted_by) are facts of its StageSpec
+# (speed_ray/pipeline.py), recorded in the run's plan.json: "rows" = its data and rejects shards (teacher stages
+# count requests, generation stages samples or prompts), "step_log" = artifacts/progress/steps.jsonl (training),
+# "markers" = artifacts/steps/<step>.json (dedup's steps).
 VALIDATED_UNITS = ("requests", "samples", "prompts")   # what a parser accepts or rejects
-TRAINING = ("junior_sft", "senior_dpo", "revisor_sft", "train_embedder")
 DEDUP_STEPS = ("signatures", "buckets", "clusters", "removed")    # speed_ray/dedup/stage.py's step markers
 STEPS_LOG = "progress/steps.jsonl"                                   # under a training stage's artifacts/
 
@@ -32,6 +29,7 @@ STEPS_LOG = "progress/steps.jsonl"                                   # under a t
 class Expectation:
     unit: str
     total: int | None           # None: not known before the stage runs (training: its log says)
+    counted_by: str = "rows"    # rows | step_log | markers
 
 
 def _get(cfg: dict, dotted: str, default: Any = None) -> Any:
@@ -43,9 +41,10 @@ def _get(cfg: dict, dotted: str, default: Any = None) -> Any:
     return node
 
 
-def expectation(stage: str, cfg: dict, input_rows: dict[str, int]) -> Expectation:
-    """What `stage` counts and how many, from the run's config (as a dict) and its inputs' row counts by role."""
-    unit = UNITS.get(stage, "rows")
+def expectation(stage: str, cfg: dict, input_rows: dict[str, int], unit: str = "rows",
+                counted_by: str = "rows") -> Expectation:
+    """How many `unit`s `stage` will make, from the run's config (as a dict) and its inputs' row counts by role
+    (unit and counted_by: the stage's StageSpec facts)."""
     first = next(iter(input_rows.values()), None)
     total: int | None
     if stage == "topics":
@@ -67,11 +66,11 @@ def expectation(stage: str, cfg: dict, input_rows: dict[str, int]) -> Expectatio
         total = n if n is not None else first
     elif stage == "revision":
         total = first
-    elif stage == "dedup":
+    elif counted_by == "markers":
         total = len(DEDUP_STEPS)
     else:
         total = None
-    return Expectation(unit, int(total) if total is not None else None)
+    return Expectation(unit, int(total) if total is not None else None, counted_by)
 
 
 @dataclass(frozen=True)
@@ -160,13 +159,13 @@ def progress_record(stage: str, exp: Expectation, elapsed_s: float, data: list[S
     reasons: Counter = Counter()
     pt = ct = 0
     loss = None
-    if stage in TRAINING or steps:
+    if exp.counted_by == "step_log" or steps:
         done = int(steps[-1].get("step", len(steps))) if steps else 0
         total = next((int(s[k]) for s in reversed(steps) for k in ("total_steps", "max_steps")
                       if isinstance(s.get(k), (int, float)) and s[k] > 0), total)
         loss = next((float(s["loss"]) for s in reversed(steps) if isinstance(s.get("loss"), (int, float))), None)
         has_valid = False
-    elif stage == "dedup":
+    elif exp.counted_by == "markers":
         done, has_valid = markers, False
     else:
         for s in (*data, *rejects):

@@ -53,15 +53,23 @@ def test_training_progress_reads_the_step_log():
 
 
 def test_expectation_from_config_and_inputs():
+    from speed_ray.pipeline import stage_spec
+
     cfg = {"synthesis": {"n_samples": 500}, "judge": {"n_lists": 30}, "revise_signals": {"n_samples": None},
            "brainstorm": {"task_types": ["retrieval", "sts"]}, "root_data": {"n_prompts": 40}}
-    assert expectation("synthesis", cfg, {"tasks": 9}) == Expectation("samples", 500)
-    assert expectation("teacher_synthesis", cfg, {}) == Expectation("requests", 500)
-    assert expectation("judge", cfg, {"root": 12}) == Expectation("requests", 12)      # fewer lists than asked
-    assert expectation("revise_signals", cfg, {"root": 12}) == Expectation("requests", 12)
-    assert expectation("brainstorm", cfg, {"topics": 10}) == Expectation("requests", 20)
-    assert expectation("revision", cfg, {"samples": 77}) == Expectation("samples", 77)
-    assert expectation("train_embedder", cfg, {"data": 77}).total is None          # the step log says
+
+    def exp(stage, rows):   # the unit and the counting are the stage's StageSpec facts
+        spec = stage_spec(stage)
+        return expectation(stage, cfg, rows, spec.unit, spec.counted_by)
+
+    assert exp("synthesis", {"tasks": 9}) == Expectation("samples", 500)
+    assert exp("teacher_synthesis", {}) == Expectation("requests", 500)
+    assert exp("judge", {"root": 12}) == Expectation("requests", 12)      # fewer lists than asked
+    assert exp("revise_signals", {"root": 12}) == Expectation("requests", 12)
+    assert exp("brainstorm", {"topics": 10}) == Expectation("requests", 20)
+    assert exp("revision", {"samples": 77}) == Expectation("samples", 77)
+    assert exp("dedup", {"samples": 77}) == Expectation("steps", 4, "markers")
+    assert exp("train_embedder", {"data": 77}) == Expectation("steps", None, "step_log")   # the step log says
 
 
 # ---- the monitor around real runs ----------------------------------------------------------------------------

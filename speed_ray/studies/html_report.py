@@ -22,7 +22,16 @@ from speed_ray.store import RunStore
 log = logging.getLogger("speed_ray")
 
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
-TRAINED = ("junior_sft", "senior_dpo", "revisor_sft", "train_embedder")
+
+def _trained(run: dict) -> list[str]:
+    """The stages that train a model, from the run's plan (plan.json's stage facts; older plans: the variant's)."""
+    stages = run["plan"].get("stages", [])
+    if stages and all("produces" in s for s in stages):
+        return [s["stage"] for s in stages if s["produces"] == "model"]
+    from speed_ray.pipeline import build_plan
+
+    return [s.name for s in build_plan(run["plan"].get("variant") or "full") if s.produces == "model"]
+
 
 CSS = """body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
 color:#222;padding:0 1em}h1{font-size:1.6em}h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
@@ -164,7 +173,7 @@ def loss_curves(store: RunStore, run: dict) -> dict[str, list[tuple[float, float
     """Per trained model: (step, loss) from its step log, else from what its manifest or metrics file kept."""
     out = {}
     fps = _fingerprints(run)
-    for stage in TRAINED:
+    for stage in _trained(run):
         m = run["manifests"].get(stage)
         if stage not in fps or not m:
             continue
