@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -176,3 +177,39 @@ def test_latest_checkpoint_picks_the_highest_complete_step(tmp_path):
     (run / "checkpoint_manager_snapshot.json").write_text("{}")         # Ray's own file, not a checkpoint
     url, step = latest_checkpoint(str(tmp_path))
     assert step == 6 and url.endswith("checkpoint_2024-01-01_00-00-01")
+
+
+def test_prepare_streams_the_input_and_caps_like_cap_examples(tmp_path, monkeypatch):
+    """The alignment stages build their examples batch by batch (never the whole input as one list in the driver:
+    SPEED's 25K D_seed rows, or more) and a cap keeps exactly cap_examples' seeded subset, in order."""
+    import pyarrow.parquet as pq
+
+    from speed_ray.align.stages import _prepare
+    from speed_ray.run_config import build_config
+    from speed_ray.stage import StageContext
+    from speed_ray.store import RunStore, StageOutput
+
+    store = RunStore(str(tmp_path / "run"))
+    src = store.stage("seed_data", "fp-seed")
+    rows = [{"id": f"r{i}", "prompt": json.dumps([{"role": "user", "content": f"task {i}"}]),
+             "sample": "" if i % 7 == 0 else f"sample {i}", "valid": i % 11 != 0} for i in range(5000)]
+    for k in range(3):                                    # three shards, one of them larger than a batch
+        src.write_shard(f"part-{k}", rows[k * 1000: (k + 1) * 1000] if k < 2 else rows[2000:])
+    src.write_manifest({"rows": len(rows)})
+
+    def whole(*a, **kw):
+        raise AssertionError("the driver read the whole input as one list")
+
+    monkeypatch.setattr(StageOutput, "read_rows", whole)
+    for cap in (None, 1234):
+        cfg = build_config({"run": {"run_dir": str(tmp_path / "run"), "seed": 3},
+                            "junior_sft": {"n_samples": cap}})
+        ctx = StageContext(cfg=cfg, name="junior_sft", out=store.stage("junior_sft", f"fp-{cap}"),
+                           inputs={"data": src}, store=store, run_name="t")
+        url, n, skipped = _prepare(ctx, src, seed_sft_example, ["id", "prompt", "sample", "valid"], cfg.junior_sft)
+        expect, expect_skipped = build_examples(rows, seed_sft_example)
+        expect = cap_examples(expect, cap, seed=3)
+        assert n == len(expect) and skipped == expect_skipped
+        assert pq.read_table(url).to_pylist() == [dict(zip(to_columns(expect), vals))
+                                                   for vals in zip(*to_columns(expect).values())]
+        assert not os.path.exists(os.path.join(os.path.dirname(url), "train_data.uncapped.parquet"))

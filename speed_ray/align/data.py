@@ -95,12 +95,16 @@ def build_examples(rows: Iterable[dict], make: Callable[[dict], dict]) -> tuple[
     return examples, dict(skipped)
 
 
+def cap_indices(total: int, n: int, seed: int) -> list[int]:
+    """Which of `total` examples a cap of n keeps: a seeded uniform subset, in the original order."""
+    return sorted(random.Random(seed).sample(range(total), n))
+
+
 def cap_examples(examples: list[dict], n: int | None, seed: int) -> list[dict]:
     """At most n examples: a seeded uniform subset in the original order (the data-size grids of Figure 3)."""
     if n is None or len(examples) <= n:
         return examples
-    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
-    return [examples[i] for i in keep]
+    return [examples[i] for i in cap_indices(len(examples), n, seed)]
 
 
 MESSAGE_COLUMNS = ("prompt", "completion", "chosen", "rejected")

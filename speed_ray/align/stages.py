@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Callable
 
 from speed_ray.align.config import TrainerConfig
-from speed_ray.align.data import (DataError, build_examples, cap_examples, dpo_example, revise_sft_example,
+import pyarrow as pa
+
+from speed_ray.align.data import (DataError, build_examples, cap_indices, dpo_example, revise_sft_example,
                                   seed_sft_example, to_columns)
 from speed_ray.config import to_dict
 from speed_ray.stage import StageContext
@@ -15,27 +18,70 @@ from speed_ray.store import StageOutput
 
 def _prepare(ctx: StageContext, source: StageOutput, make: Callable[[dict], dict], columns: list[str],
              cfg: TrainerConfig) -> tuple[str, int, dict]:
-    """Build the examples on the driver (the datasets are small) and write them as one Parquet artifact that the
-    workers read. Returns (url, examples kept, rows skipped by reason)."""
+    """Stream the source's shards into examples, batch by batch, into one Parquet artifact that the workers read
+    (the driver holds one batch, not the stage: SPEED's 25K D_seed rows, or many more). When trainer.n_samples
+    caps the examples, a second pass keeps the same seeded uniform subset as align.data.cap_examples. Returns
+    (url, examples kept, rows skipped by reason)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
     if not source.shard_names():
         raise DataError(f"stage {ctx.name}: input {source.stage} has no data shards at {source.data_url}")
     present = set(source.read_table(shards=source.shard_names()[:1]).column_names)
-    rows = source.read_rows(columns=[c for c in columns if c in present])
-    examples, skipped = build_examples(rows, make)
-    if not examples:
-        raise DataError(f"stage {ctx.name}: none of the {len(rows)} rows of {source.stage} makes a training "
-                        f"example (skipped: {skipped})")
-    examples = cap_examples(examples, cfg.n_samples, ctx.cfg.run.seed)
+    read = [c for c in columns if c in present]
+    url = ctx.out.artifact("train_data.parquet")
+    every = ctx.out.artifact("train_data.uncapped.parquet")
+    skipped: Counter = Counter()
+    n_rows = kept = 0
+    fs, path = fsspec.core.url_to_fs(every)
+    with fs.open(path, "wb") as f:
+        writer = None
+        for batch in source.iter_batches(batch_size=2048, columns=read):
+            rows = batch.to_pylist()
+            examples, sk = build_examples(rows, make)
+            n_rows += len(rows)
+            skipped.update(sk)
+            if examples:
+                table = pa.table(to_columns(examples))
+                writer = writer or pq.ParquetWriter(f, table.schema)
+                writer.write_table(table.cast(writer.schema))
+                kept += len(examples)
+        if writer is not None:
+            writer.close()
+    if not kept:
+        fs.rm(path)
+        raise DataError(f"stage {ctx.name}: none of the {n_rows} rows of {source.stage} makes a training "
+                        f"example (skipped: {dict(skipped)})")
+    n = _cap(every, url, kept, cfg.n_samples, ctx.cfg.run.seed)
+    ctx.log("%d training examples from %d rows (skipped: %s)", n, n_rows, dict(skipped) or "none")
+    return url, n, dict(skipped)
+
+
+def _cap(src_url: str, dst_url: str, kept: int, n: int | None, seed: int) -> int:
+    """Move the examples to dst_url, keeping at most n: the seeded uniform subset of cap_examples, in order."""
     import fsspec
-    import pyarrow as pa
+    import numpy as np
     import pyarrow.parquet as pq
 
-    url = ctx.out.artifact("train_data.parquet")
-    fs, path = fsspec.core.url_to_fs(url)
-    with fs.open(path, "wb") as f:
-        pq.write_table(pa.table(to_columns(examples)), f)
-    ctx.log("%d training examples from %d rows (skipped: %s)", len(examples), len(rows), skipped or "none")
-    return url, len(examples), skipped
+    fs, src = fsspec.core.url_to_fs(src_url)
+    _, dst = fsspec.core.url_to_fs(dst_url)
+    if n is None or kept <= n:
+        fs.mv(src, dst)
+        return kept
+    mask = np.zeros(kept, dtype=bool)
+    mask[cap_indices(kept, n, seed)] = True
+    start = 0
+    with fs.open(src, "rb") as fin, fs.open(dst, "wb") as fout:
+        pf = pq.ParquetFile(fin)
+        writer = pq.ParquetWriter(fout, pf.schema_arrow)
+        for batch in pf.iter_batches(batch_size=4096):
+            take = mask[start:start + batch.num_rows]
+            start += batch.num_rows
+            if take.any():
+                writer.write_table(pa.Table.from_batches([batch]).filter(pa.array(take)))
+        writer.close()
+    fs.rm(src)
+    return n
 
 
 def _train(ctx: StageContext, kind: str, cfg: TrainerConfig, data_url: str, base_model: str, n: int,
