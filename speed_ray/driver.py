@@ -57,7 +57,7 @@ def print_summary(cfg: RunConfig, summary: dict[str, Any]) -> None:
 def _where(cfg: RunConfig, store: RunStore, fps: dict[str, str]) -> list[str]:
     """Where the data, the models, the evaluation table and the report of this run are."""
     out = []
-    for stage, what in (("dedup", "training data"), ("synthesis", "synthetic data"),
+    for stage, what in (("screen", "training data"), ("dedup", "deduplicated data"), ("synthesis", "synthetic data"),
                         ("teacher_synthesis", "synthetic data"), ("junior_sft", "junior generator"),
                         ("senior_dpo", "senior generator"), ("revisor_sft", "revisor"),
                         ("train_embedder", "embedder")):

@@ -102,8 +102,12 @@ _ALL = {
     "dedup": StageSpec("dedup", "speed_ray.dedup.stage:dedup_stage", {"samples": "revision"},
                        ("dedup", "filters"), doc="exact + MinHash-LSH dedup, then quality filters",
                        version="2"),   # 2: degenerate task descriptions are filtered (filters.drop_degenerate_task)
+    "screen": StageSpec("screen", "speed_ray.quality.stage:screen_stage", {"samples": "dedup"},
+                        ("screen", "embedder.base_model", "evaluate.local_tasks", "evaluate.data_root",
+                         "evaluate.tasks", "evaluate.benchmark"),
+                        doc="guide-model hard-negative screening, sample scores, decontamination"),
     "train_embedder": StageSpec("train_embedder", "speed_ray.embedder.stage:train_embedder_stage",
-                                {"data": "dedup"}, ("embedder", "run.seed"), doc="contrastive training of the embedder",
+                                {"data": "screen"}, ("embedder", "run.seed"), doc="contrastive training of the embedder",
                                 # 2: the streamed feed (n_samples counts usable triples; no text twice in a batch)
                                 version="2"),
     "evaluate": StageSpec("evaluate", "speed_ray.evaluate.stage:evaluate_stage", {"model": "train_embedder"},
@@ -121,7 +125,7 @@ def build_plan(variant: str) -> list[StageSpec]:
     """The ordered stages of one variant (SPEED Table 2 ablations and Table 1 direct baselines)."""
     s = dict(_ALL)
     head = ["topics", "brainstorm"]
-    tail = ["dedup", "train_embedder", "evaluate"]
+    tail = ["dedup", "screen", "train_embedder", "evaluate"]
     if variant == "full":
         names = head + ["seed_data", "junior_sft", "root_data", "judge", "revise_signals", "senior_dpo",
                         "revisor_sft", "synthesis", "revision"] + tail

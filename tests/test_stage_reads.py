@@ -104,7 +104,7 @@ def test_judge_temperature_reruns_the_judge_and_downstream():
     a = build_config({})
     b = build_config({"teacher": {"judge_temperature": 0.7}})
     assert _alone("judge", a) != _alone("judge", b)
-    assert _changed(a, b) == {"judge", "senior_dpo", "synthesis", "revision", "dedup", "train_embedder", "evaluate"}
+    assert _changed(a, b) == {"judge", "senior_dpo", "synthesis", "revision", "dedup", "screen", "train_embedder", "evaluate"}
 
 
 def test_teacher_sampling_reruns_brainstorm_and_judge():
@@ -132,7 +132,7 @@ def test_changed_judge_temperature_reruns_judge_in_a_real_run(tmp_path, monkeypa
     run_pipeline(build_config(run))
     calls.clear()
     run_pipeline(build_config({**run, "teacher": {"judge_temperature": 0.5}}))
-    assert calls == ["judge", "senior_dpo", "synthesis", "revision", "dedup", "train_embedder", "evaluate"]
+    assert calls == ["judge", "senior_dpo", "synthesis", "revision", "dedup", "screen", "train_embedder", "evaluate"]
 
 
 # ---- fingerprints: upgrade-stable ------------------------------------------------------------------------------
