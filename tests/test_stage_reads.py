@@ -239,6 +239,8 @@ def _fake_training_config(tmp_path, base_url: str) -> RunConfig:
         "synthesis": {"n_samples": 6, "shard_size": 4, "engine": engine},
         "revision": {"shard_size": 4, "engine": engine},
         "dedup": {"fields": ["query", "positive"], "num_perm": 32},
+        "embedder": {"base_model": "offline:minilm"},      # the screen stage's guide
+        "screen": {"batch_size": 8, "cpus_per_actor": 0.5},
     })
 
 
