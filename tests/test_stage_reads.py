@@ -287,6 +287,27 @@ def test_every_stage_but_training_reads_only_fingerprinted_settings(ray_local, t
     _assert_reads_covered(cfg, _reads(reads_dir), every - set(FAKED))
 
 
+def test_screen_reads_only_fingerprinted_settings(ray_local, tmp_path, reads_dir):
+    """The screen stage for real (MiniLM guide in its Ray actors, decontamination index in a Ray task) on a few
+    deduplicated rows: every setting it reads, in the driver and in its workers, is under its config_keys."""
+    cfg = build_config({"run": {"name": "r", "run_dir": str(tmp_path / "run")},
+                        "embedder": {"base_model": "offline:minilm"},
+                        "screen": {"batch_size": 4, "cpus_per_actor": 0.5, "margin": 0.1}})
+    fps = fingerprints(cfg, build_plan("full"))
+    dedup = RunStore(cfg.run.run_dir).stage("dedup", fps["dedup"])
+    dedup.write_shard("part-0", [{"id": f"d{i}", "task": "Find the answer", "task_type": "qa",
+                                  "query": f"question number {i} about rivers", "positive": f"answer {i} on rivers",
+                                  "negative": "a recipe for bread" if i % 2 else "", "lineage": "{}"}
+                                 for i in range(6)])
+    dedup.write_manifest({"stage": "dedup", "fingerprint": fps["dedup"]})
+    summary = run_pipeline(cfg, stages=["screen"])
+    assert summary["stages"]["screen"]["state"] == "ran"
+    reads = _reads(reads_dir)
+    _assert_reads_covered(cfg, reads, {"screen"})
+    assert {"screen.margin", "screen.guide_model", "embedder.base_model", "evaluate.local_tasks"} <= reads["screen"]
+    assert {"screen.max_length", "screen.instructions"} <= reads["screen"]
+
+
 def test_an_uncovered_read_is_warned_about(tmp_path, monkeypatch, caplog):
     def stage(ctx):
         _ = ctx.cfg.teacher.judge_temperature, ctx.cfg.topics.n_topics, ctx.cfg.run.run_dir
