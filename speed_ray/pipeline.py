@@ -137,9 +137,14 @@ _ALL = {
     "dedup": StageSpec("dedup", "speed_ray.dedup.stage:dedup_stage", {"samples": "revision"},
                        ("dedup", "filters"), doc="exact + MinHash-LSH dedup, then quality filters",
                        # 2: degenerate task descriptions are filtered (filters.drop_degenerate_task)
-                       version="2", shows_as="training data", unit="steps", counted_by="markers"),
+                       version="2", shows_as="deduplicated data", unit="steps", counted_by="markers"),
+    "screen": StageSpec("screen", "speed_ray.quality.stage:screen_stage", {"samples": "dedup"},
+                        ("screen", "embedder.base_model", "evaluate.local_tasks", "evaluate.data_root",
+                         "evaluate.tasks", "evaluate.benchmark"),
+                        doc="guide-model hard-negative screening, sample scores, decontamination",
+                        shows_as="training data", unit="samples"),
     "train_embedder": StageSpec("train_embedder", "speed_ray.embedder.stage:train_embedder_stage",
-                                {"data": "dedup"}, ("embedder", "run.seed"), doc="contrastive training of the embedder",
+                                {"data": "screen"}, ("embedder", "run.seed"), doc="contrastive training of the embedder",
                                 produces="model", shows_as="embedder", unit="steps", counted_by="step_log",
                                 # 2: the streamed feed (n_samples counts usable triples; no text twice in a batch)
                                 version="2"),
@@ -166,7 +171,7 @@ def build_plan(variant: str) -> list[StageSpec]:
     """The ordered stages of one variant (SPEED Table 2 ablations and Table 1 direct baselines)."""
     s = dict(_ALL)
     head = ["topics", "brainstorm"]
-    tail = ["dedup", "train_embedder", "evaluate"]
+    tail = ["dedup", "screen", "train_embedder", "evaluate"]
     if variant == "full":
         names = head + ["seed_data", "junior_sft", "root_data", "judge", "revise_signals", "senior_dpo",
                         "revisor_sft", "synthesis", "revision"] + tail

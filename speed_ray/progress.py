@@ -64,7 +64,7 @@ def expectation(stage: str, cfg: dict, input_rows: dict[str, int], unit: str = "
     elif stage == "revise_signals":
         n = _get(cfg, "revise_signals.n_samples")
         total = n if n is not None else first
-    elif stage == "revision":
+    elif stage in ("revision", "screen"):
         total = first
     elif counted_by == "markers":
         total = len(DEDUP_STEPS)

@@ -15,6 +15,7 @@ from speed_ray.embedder.config import EmbedderConfig
 from speed_ray.evaluate.config import EvalConfig
 from speed_ray.generate.config import RevisionConfig, RootDataConfig, SynthesisConfig
 from speed_ray.pricing import PricingConfig
+from speed_ray.quality.config import ScreenConfig
 from speed_ray.serve.config import ServeConfig
 from speed_ray.studies.config import InfluenceConfig, SweepConfig
 from speed_ray.teacher.config import (BrainstormConfig, JudgeConfig, MixtureConfig, ReviseSignalsConfig,
@@ -77,6 +78,7 @@ class RunConfig:
     revision: RevisionConfig = field(default_factory=RevisionConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     filters: FiltersConfig = field(default_factory=FiltersConfig)
+    screen: ScreenConfig = field(default_factory=ScreenConfig)
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

@@ -57,7 +57,7 @@ def fake_stage(ctx) -> dict:
         rows = [{"id": f"s{i}", "task_type": TYPES[i % len(TYPES)], "valid": True} for i in range(n)]
         ctx.out.write_shard("part-0", rows)
         extra["parse_rate"] = 0.95
-    elif name in ("revision", "dedup"):
+    elif name in ("revision", "dedup", "screen"):
         src = ctx.inputs["samples"].read_rows()
         if name == "revision":
             ctx.ledger.gpu_seconds += 1.8 * len(src)

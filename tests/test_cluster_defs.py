@@ -144,6 +144,8 @@ def _paper_requests() -> dict[str, list[dict]]:
         if e.kind == "vllm" and e.accelerator_type:
             bundles = [{**b, f"accelerator_type:{e.accelerator_type}": 0.001} for b in bundles]
         out[stage] = [{k: v for k, v in b.items() if v} for b in bundles] * e.replicas_max
+    if cfg.screen.enabled and cfg.screen.gpus_per_actor:     # the guide's actors (map_batches num_gpus)
+        out["screen"] = [{"CPU": cfg.screen.cpus_per_actor, "GPU": cfg.screen.gpus_per_actor}] * cfg.screen.num_actors
     if cfg.embedder.use_gpu:
         out["train_embedder"] = [{"GPU": 1}] * cfg.embedder.num_workers
     if cfg.evaluate.use_gpu and cfg.evaluate.distributed:

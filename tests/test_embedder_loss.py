@@ -277,3 +277,149 @@ def test_cpu_passes_keep_activations_under_the_byte_budget(minilm, monkeypatch):
         assert len([w for _, w in widths if w == 48]) == -(-32 // emb.rows_per_pass(48))
         for a, side, m in zip(got, sides, lengths):
             torch.testing.assert_close(a, emb.encode(side, m), atol=1e-5, rtol=1e-4)
+
+
+# ---- GISTEmbed false-negative masking ---------------------------------------------------------------------------
+def _guide_for(q, p, n, noise=0.3, seed=5):
+    """Guide embeddings correlated with the rows (so some candidates score above a query's own positive)."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(x + noise * torch.randn(x.shape, generator=g) for x in (q, p, n))
+
+
+@pytest.mark.parametrize("offset", [0, 2])
+def test_gist_mask_leaves_exactly_the_guides_false_negatives_out_of_the_softmax(offset):
+    from speed_ray.embedder.loss import false_negative_mask
+
+    torch.manual_seed(0)
+    tau, margin = 0.5, 0.05
+    q, p, n = torch.randn(3, 5), torch.randn(3 + offset, 5), torch.randn(3 + offset, 5)
+    p[offset + 1] = q[1]                       # the guide ranks these highly:
+    n[offset] = p[offset] + 0.01               # a copy of query 0's positive as its hard negative
+    gq, gp, gn = _guide_for(q, p, n, noise=0.05)
+    mask = false_negative_mask(gq, torch.cat([gp, gn]), margin, offset)
+    assert mask.shape == (3, 2 * (3 + offset)) and not any(mask[i, offset + i] for i in range(3))
+    assert mask[0, 3 + offset + offset] and mask.any(dim=1).sum() >= 1
+    cos = lambda a, b: F.cosine_similarity(a, b, dim=0).item()  # noqa: E731
+    docs = torch.cat([p, n])
+    want = 0.0
+    for i in range(3):
+        own = cos(gq[i], gp[offset + i])
+        keep = [j for j in range(docs.size(0)) if j == offset + i or cos(gq[i], torch.cat([gp, gn])[j]) <= own - margin]
+        assert sorted(keep + mask[i].nonzero().flatten().tolist()) == list(range(docs.size(0)))
+        den = sum(math.exp(cos(q[i], docs[j]) / tau) for j in keep)
+        want += -math.log(math.exp(cos(q[i], p[offset + i]) / tau) / den)
+    got = compute_loss_from_embeddings(q, p, n, tau, offset, guide=(gq, gp, gn), margin=margin)
+    assert got.item() == pytest.approx(want / 3, rel=1e-5)
+    # a margin below every score gap masks nothing: the plain loss
+    none = compute_loss_from_embeddings(q, p, n, tau, offset, guide=(gq, gp, gn), margin=-10.0)
+    assert none.item() == pytest.approx(compute_loss_from_embeddings(q, p, n, tau, offset).item(), rel=1e-6)
+
+
+def _guided_loss_fn(model_guide, sides, margin=0.02, tau=0.05):
+    with torch.no_grad():
+        g = tuple(model_guide(t) for t in sides)
+    return lambda q, p, n: compute_loss_from_embeddings(q, p, n, tau, guide=g, margin=margin)  # noqa: E731
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_gist_grad_cache_matches_plain(chunk):
+    torch.manual_seed(0)
+    model = _Tiny().train()
+    twin = copy.deepcopy(model)
+    guide = copy.deepcopy(model).eval()
+    sides = _sides()
+    sides[2][4] = sides[1][4]                  # a hard negative that is its own positive: masked, not learned
+    sides[1][7] = sides[1][2]                  # two rows with the same positive: each other's false negative
+    loss_fn = _guided_loss_fn(guide, sides)
+    with torch.no_grad():
+        g = tuple(guide(t) for t in sides)
+    from speed_ray.embedder.loss import false_negative_mask
+
+    assert false_negative_mask(g[0], torch.cat([g[1], g[2]]), 0.02).sum() >= 2
+    torch.manual_seed(123)
+    plain = plain_step(lambda i, t: model(t), sides, loss_fn)
+    torch.manual_seed(123)
+    cached = grad_cache_step(lambda i, t: twin(t), sides, loss_fn, chunk)
+    assert torch.isfinite(plain) and cached.item() == pytest.approx(plain.item(), abs=1e-5)
+    for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def _gist_worker(rank, world, port, chunk, out):
+    import torch.distributed as dist
+
+    from speed_ray.embedder.loss import contrastive_loss
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = _Tiny().eval()                 # no dropout: the workers' forward passes equal one process's
+        guide = copy.deepcopy(model)
+        sides = _gist_sides()
+        per = len(sides[0]) // world
+        mine = [s[rank * per:(rank + 1) * per] for s in sides]
+        with torch.no_grad():
+            g = tuple(guide(t) for t in mine)
+        loss_fn = lambda q, p, n: contrastive_loss(q, p, n, 0.05, True, g, 0.02)  # noqa: E731
+        if chunk:
+            loss = grad_cache_step(lambda i, t: model(t), mine, loss_fn, chunk)
+        else:
+            loss = plain_step(lambda i, t: model(t), mine, loss_fn)
+        grads = [p.grad.clone() for p in model.parameters()]
+        for t in grads:
+            dist.all_reduce(t)
+            t /= world
+        total = loss.clone()
+        dist.all_reduce(total)
+        torch.save({"loss": float(total) / world, "grads": grads}, f"{out}/r{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _gist_sides():
+    sides = _sides(8)
+    sides[2][1] = sides[1][1]                  # own positive as hard negative (rank 0's row)
+    sides[1][6] = sides[1][2]                  # a false negative across workers (rows 2 and 6)
+    return sides
+
+
+@pytest.mark.parametrize("chunk", [pytest.param(0, marks=pytest.mark.slow), 2])
+def test_gist_gathered_matches_single_process(chunk, tmp_path):
+    """Two gloo processes, each with half the batch, masking with gathered guide embeddings: the mean loss and
+    the averaged gradients equal one process's masked loss on the whole batch (plain and GradCache)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    model = _Tiny().eval()
+    guide = copy.deepcopy(model)
+    sides = _gist_sides()
+    want = plain_step(lambda i, t: model(t), sides, _guided_loss_fn(guide, sides))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gist_worker, args=(2, port, chunk, str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        got = torch.load(f"{tmp_path}/r{r}.pt")
+        assert got["loss"] == pytest.approx(want.item(), abs=1e-5)
+        for (name, p), g in zip(model.named_parameters(), got["grads"]):
+            torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_train_step_with_a_guide_masks_and_lowers_the_loss(minilm):
+    """train_step with a frozen guide (the base model without LoRA): a hard negative that copies its positive is
+    masked, so the guided loss is below the unguided one on the same weights."""
+    from speed_ray.embedder.model import load_embedder
+    from speed_ray.embedder.train import StepSettings, train_step
+
+    torch.manual_seed(0)
+    emb = load_embedder(minilm, lora=True, lora_r=4, max_length=32).eval()
+    guide = load_embedder(minilm, lora=False, max_length=32).eval()
+    q, p, n = _sides(6)
+    batch = [{"query": a, "positive": b, "negative": b if i == 2 else c} for i, (a, b, c) in enumerate(zip(q, p, n))]
+    s = StepSettings(temperature=0.05, gather=False, max_query_length=32, max_doc_length=32, gist_margin=0.01)
+    guided = train_step(emb, batch, s, guide=guide)
+    emb.zero_grad()
+    plain = train_step(emb, batch, s)
+    assert guided < plain - 1e-3

@@ -38,9 +38,9 @@ def test_tiny_ablations_run_the_papers_dags_and_reuse_done_stages(tmp_path):
         ran[variant] = studies_fakes.calls(str(tmp_path / "run"))[before:]
         assert set(summary["stages"]) == {s.name for s in build_plan(variant)}
     assert ran["full"] == []                                   # same settings as tiny.yaml: all reused
-    assert ran["no_revisor"] == ["dedup", "train_embedder", "evaluate"]   # the senior's raw synthesis is reused
-    assert ran["no_dpo"] == ["synthesis", "revision", "dedup", "train_embedder", "evaluate"]   # the junior writes
-    assert ran["sft_only"] == ["dedup", "train_embedder", "evaluate"]     # the junior's synthesis from no_dpo
+    assert ran["no_revisor"] == ["dedup", "screen", "train_embedder", "evaluate"]   # the senior's raw synthesis is reused
+    assert ran["no_dpo"] == ["synthesis", "revision", "dedup", "screen", "train_embedder", "evaluate"]   # the junior writes
+    assert ran["sft_only"] == ["dedup", "screen", "train_embedder", "evaluate"]     # the junior's synthesis from no_dpo
     # The without-DPO run never judges or trains a senior generator; the without-revisor run never revises.
     plans = {v: {s.name for s in build_plan(v)} for v in TABLE2}
     assert not {"judge", "senior_dpo"} & plans["no_dpo"]

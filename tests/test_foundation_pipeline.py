@@ -57,10 +57,10 @@ def test_changed_setting_reruns_that_stage_and_downstream_only(tmp_path, fake_st
     fake_stages.clear()
     run_pipeline(_cfg(tmp_path, senior_dpo__beta=0.2), loader=lambda fn: _fake_stage)
     # senior_dpo feeds synthesis -> revision -> dedup -> train_embedder -> evaluate; revisor_sft etc. do not change.
-    assert fake_stages == ["senior_dpo", "synthesis", "revision", "dedup", "train_embedder", "evaluate"]
+    assert fake_stages == ["senior_dpo", "synthesis", "revision", "dedup", "screen", "train_embedder", "evaluate"]
     fake_stages.clear()
     run_pipeline(_cfg(tmp_path, dedup__threshold=0.7), loader=lambda fn: _fake_stage)
-    assert fake_stages == ["dedup", "train_embedder", "evaluate"]
+    assert fake_stages == ["dedup", "screen", "train_embedder", "evaluate"]
 
 
 def test_variants_share_a_run_dir_and_reuse_done_stages(tmp_path, fake_stages):
@@ -68,10 +68,10 @@ def test_variants_share_a_run_dir_and_reuse_done_stages(tmp_path, fake_stages):
     fake_stages.clear()
     run_pipeline(_cfg(tmp_path, pipeline__variant="no_revisor"), loader=lambda fn: _fake_stage)
     # Everything up to the senior generator is reused; synthesis reads the same senior, so it is reused too.
-    assert fake_stages == ["dedup", "train_embedder", "evaluate"]
+    assert fake_stages == ["dedup", "screen", "train_embedder", "evaluate"]
     fake_stages.clear()
     run_pipeline(_cfg(tmp_path, pipeline__variant="sft_only"), loader=lambda fn: _fake_stage)
-    assert fake_stages == ["synthesis", "dedup", "train_embedder", "evaluate"]
+    assert fake_stages == ["synthesis", "dedup", "screen", "train_embedder", "evaluate"]
 
 
 def test_variant_dags_match_the_paper():
@@ -209,7 +209,7 @@ def test_force_recomputes_from_scratch_and_keeps_the_old_output(tmp_path, monkey
     run_pipeline(cfg, loader=loader)
     seen.clear()
     summary = run_pipeline(cfg, force=["dedup"], loader=loader)
-    down = ["dedup", "train_embedder", "evaluate"]           # what reads dedup's output is recomputed too
+    down = ["dedup", "screen", "train_embedder", "evaluate"]  # what reads dedup's output is recomputed too
     assert [n for n, _ in seen] == down and all(k == 0 for _, k in seen)
     assert all(summary["stages"][n]["state"] == "ran" for n in down)
     assert summary["stages"]["revision"]["state"] == "skipped"

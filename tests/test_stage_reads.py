@@ -104,7 +104,7 @@ def test_judge_temperature_reruns_the_judge_and_downstream():
     a = build_config({})
     b = build_config({"teacher": {"judge_temperature": 0.7}})
     assert _alone("judge", a) != _alone("judge", b)
-    assert _changed(a, b) == {"judge", "senior_dpo", "synthesis", "revision", "dedup", "train_embedder", "evaluate"}
+    assert _changed(a, b) == {"judge", "senior_dpo", "synthesis", "revision", "dedup", "screen", "train_embedder", "evaluate"}
 
 
 def test_teacher_sampling_reruns_brainstorm_and_judge():
@@ -132,7 +132,7 @@ def test_changed_judge_temperature_reruns_judge_in_a_real_run(tmp_path, monkeypa
     run_pipeline(build_config(run), loader=loader)
     calls.clear()
     run_pipeline(build_config({**run, "teacher": {"judge_temperature": 0.5}}), loader=loader)
-    assert calls == ["judge", "senior_dpo", "synthesis", "revision", "dedup", "train_embedder", "evaluate"]
+    assert calls == ["judge", "senior_dpo", "synthesis", "revision", "dedup", "screen", "train_embedder", "evaluate"]
 
 
 # ---- fingerprints: upgrade-stable ------------------------------------------------------------------------------
@@ -239,6 +239,8 @@ def _fake_training_config(tmp_path, base_url: str) -> RunConfig:
         "synthesis": {"n_samples": 6, "shard_size": 4, "engine": engine},
         "revision": {"shard_size": 4, "engine": engine},
         "dedup": {"fields": ["query", "positive"], "num_perm": 32},
+        "embedder": {"base_model": "offline:minilm"},      # the screen stage's guide
+        "screen": {"batch_size": 8, "cpus_per_actor": 0.5},
     })
 
 
@@ -279,6 +281,27 @@ def test_every_stage_but_training_reads_only_fingerprinted_settings(ray_local, t
                      stages=stages, loader=fake_training)
     every = {s.name for v in pipeline.VARIANTS for s in build_plan(v)}
     _assert_reads_covered(cfg, _reads(reads_dir), every - set(FAKED))
+
+
+def test_screen_reads_only_fingerprinted_settings(ray_local, tmp_path, reads_dir):
+    """The screen stage for real (MiniLM guide in its Ray actors, decontamination index in a Ray task) on a few
+    deduplicated rows: every setting it reads, in the driver and in its workers, is under its config_keys."""
+    cfg = build_config({"run": {"name": "r", "run_dir": str(tmp_path / "run")},
+                        "embedder": {"base_model": "offline:minilm"},
+                        "screen": {"batch_size": 4, "cpus_per_actor": 0.5, "margin": 0.1}})
+    fps = fingerprints(cfg, build_plan("full"))
+    dedup = RunStore(cfg.run.run_dir).stage("dedup", fps["dedup"])
+    dedup.write_shard("part-0", [{"id": f"d{i}", "task": "Find the answer", "task_type": "qa",
+                                  "query": f"question number {i} about rivers", "positive": f"answer {i} on rivers",
+                                  "negative": "a recipe for bread" if i % 2 else "", "lineage": "{}"}
+                                 for i in range(6)])
+    dedup.write_manifest({"stage": "dedup", "fingerprint": fps["dedup"]})
+    summary = run_pipeline(cfg, stages=["screen"])
+    assert summary["stages"]["screen"]["state"] == "ran"
+    reads = _reads(reads_dir)
+    _assert_reads_covered(cfg, reads, {"screen"})
+    assert {"screen.margin", "screen.guide_model", "embedder.base_model", "evaluate.local_tasks"} <= reads["screen"]
+    assert {"screen.max_length", "screen.instructions"} <= reads["screen"]
 
 
 def test_an_uncovered_read_is_warned_about(tmp_path, monkeypatch, caplog):

@@ -47,6 +47,11 @@ class EmbedderConfig:
                                               # train with in-batch negatives only; false: dropped as incomplete
     symmetric_task_types: tuple[str, ...] = ("sts", "matching_short", "matching_long", "bitext")  # instruction on both sides (E5)
     query_instruction: str = "Given a web search query, retrieve relevant passages that answer the query"  # exported "query" prompt
+    # GISTEmbed false-negative masking: in-batch candidates a guide model scores above (its score of the query with
+    # its own positive - gist_margin) leave the softmax (https://arxiv.org/abs/2402.16829)
+    gist: bool = False
+    gist_guide_model: str | None = None       # a sentence-transformers embedder; None: base_model as loaded, frozen
+    gist_margin: float = 0.0
 
     def __post_init__(self):
         check(self.temperature > 0, "temperature", "must be > 0")

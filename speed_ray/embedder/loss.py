@@ -15,17 +15,40 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+Guide = tuple  # (guide q (b, g), guide p (B, g), guide n (B, g) or None): a guide model's embeddings, no grad
+
+
+def false_negative_mask(gq: Tensor, gdocs: Tensor, margin: float, offset: int = 0) -> Tensor:
+    """GISTEmbed's mask (Solatorio 2024, https://arxiv.org/abs/2402.16829; sentence-transformers' GISTEmbedLoss,
+    "absolute" margin): (b, C) True where the guide scores candidate j for query i above the guide's score of
+    i's own positive (column offset + i) minus `margin`: a likely false negative, left out of i's softmax. The
+    target column is never masked."""
+    sims = F.normalize(gq.float(), dim=-1) @ F.normalize(gdocs.float(), dim=-1).T     # (b, C)
+    rows = torch.arange(gq.size(0), device=gq.device)
+    own = sims[rows, offset + rows].unsqueeze(1)
+    mask = sims > own - margin
+    mask[rows, offset + rows] = False
+    return mask
+
+
 def compute_loss_from_embeddings(q: Tensor, p: Tensor, n: Tensor | None, temperature: float,
-                                 offset: int = 0) -> Tensor:
+                                 offset: int = 0, guide: Guide | None = None, margin: float = 0.0) -> Tensor:
     """Mean InfoNCE of the queries q against every positive p and every hard negative n (None: pairs, whose
     negatives are the other rows' positives only).
 
     q: (b, d) this worker's queries; p, n: (B, d) positives and hard negatives of the whole (gathered) batch,
     where q[i] belongs with p[offset + i] and n[offset + i]. Candidates are [p; n]: query i's target is column
-    offset + i, so a hard negative (columns B..2B-1) is a negative for every query and a positive for none."""
+    offset + i, so a hard negative (columns B..2B-1) is a negative for every query and a positive for none.
+
+    guide: the same rows' guide embeddings (gq local, gp and gn global like p and n): candidates the guide scores
+    above the query's own positive minus `margin` are masked out (`false_negative_mask`)."""
     q = F.normalize(q, dim=-1)
     docs = F.normalize(p if n is None else torch.cat([p, n], dim=0), dim=-1)       # (2B, d), or (B, d)
     logits = q @ docs.T / temperature                          # (b, 2B)
+    if guide is not None:
+        gq, gp, gn = guide
+        gdocs = gp if n is None else torch.cat([gp, gn], dim=0)
+        logits = logits.masked_fill(false_negative_mask(gq, gdocs, margin, offset), float("-inf"))
     labels = torch.arange(offset, offset + q.size(0), device=q.device)
     return F.cross_entropy(logits.float(), labels)
 
@@ -63,14 +86,28 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return _GatherWithGrad.apply(x)
 
 
-def contrastive_loss(q: Tensor, p: Tensor, n: Tensor | None, temperature: float, gather: bool = True) -> Tensor:
+def gather_no_grad(x: Tensor) -> Tensor:
+    """All-gather along dim 0 without gradients (the guide's embeddings). Identity without a process group."""
+    if not _dist_ready():
+        return x
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def contrastive_loss(q: Tensor, p: Tensor, n: Tensor | None, temperature: float, gather: bool = True,
+                     guide: Guide | None = None, margin: float = 0.0) -> Tensor:
     """This worker's loss with negatives from every worker. Averaging the workers' gradients (DDP does) gives
-    exactly the gradient of the single-process loss over the global batch."""
+    exactly the gradient of the single-process loss over the global batch. guide: this worker's rows' guide
+    embeddings (gq, gp, gn or None): gathered like p and n, so the false-negative mask is the global batch's."""
     if not (gather and _dist_ready()):
-        return compute_loss_from_embeddings(q, p, n, temperature)
+        return compute_loss_from_embeddings(q, p, n, temperature, guide=guide, margin=margin)
     offset = torch.distributed.get_rank() * q.size(0)
+    if guide is not None:
+        gq, gp, gn = guide
+        guide = (gq, gather_no_grad(gp), None if gn is None else gather_no_grad(gn))
     return compute_loss_from_embeddings(q, gather_with_grad(p), None if n is None else gather_with_grad(n),
-                                        temperature, offset)
+                                        temperature, offset, guide, margin)
 
 
 class RandState:

@@ -28,7 +28,8 @@ def train_embedder_stage(ctx) -> dict:
 
     model_url = ctx.out.artifact("model")
     loop_config = {"embedder": to_dict(cfg), "model_path": resolve_model(cfg.base_model),
-                   "feed": dataclasses.asdict(plan), "export_url": model_url, "seed": seed, "query_instruction": cfg.query_instruction}
+                   "feed": dataclasses.asdict(plan), "export_url": model_url, "seed": seed, "query_instruction": cfg.query_instruction,
+                   "guide_path": resolve_model(cfg.gist_guide_model or cfg.base_model) if cfg.gist else None}
     # Same name + storage path on a rerun: Ray Train restores its checkpoint manager and get_checkpoint()
     # returns the latest checkpoint, so a killed stage continues from its last save_steps. Storage keeps the two
     # newest checkpoints (each a single file from rank 0, see train._report_with_checkpoint).

@@ -34,9 +34,17 @@ class StepSettings:
     max_query_length: int = 512
     max_doc_length: int = 512
     pack: bool = True                 # plain loss: length-sorted chunks over all sides (Embedder.encode_packed)
+    gist_margin: float = 0.0          # with a guide: GISTEmbed's false-negative margin
 
 
-def train_step(embedder, batch: list[dict], s: StepSettings, scaler=None, backward=None) -> float:
+def guide_embeddings(guide, sides: list[list[str]], lengths) -> tuple:
+    """The guide's embeddings of each side (no grad; None for a missing negative side)."""
+    with torch.no_grad():
+        embs = [guide.encode(texts, lengths[i]).detach() for i, texts in enumerate(sides)]
+    return (embs[0], embs[1], embs[2] if len(embs) > 2 else None)
+
+
+def train_step(embedder, batch: list[dict], s: StepSettings, scaler=None, backward=None, guide=None) -> float:
     """Embed (query, positive, negative) of this worker's slice, compute the loss, backprop into the weights.
 
     scaler: fp16's torch.amp.GradScaler. The loss is scaled before any backward pass (with GradCache the scaled
@@ -52,12 +60,15 @@ def train_step(embedder, batch: list[dict], s: StepSettings, scaler=None, backwa
     if all(has_neg):   # triples; pairs train with in-batch negatives only
         sides.append([t["negative"] for t in batch])
     unscaled: list[torch.Tensor] = []
+    # GISTEmbed: the guide (a frozen embedder) embeds the slice once; the loss masks the candidates it scores as
+    # false negatives. Under GradCache the mask is built on the whole slice, as in the plain step.
+    g = guide_embeddings(guide, sides, lengths) if guide is not None else None
 
     def encode(side: int, texts: list[str]) -> torch.Tensor:
         return embedder.encode(texts, lengths[side])
 
     def loss_fn(q, p, n=None):
-        loss = contrastive_loss(q, p, n, s.temperature, s.gather)
+        loss = contrastive_loss(q, p, n, s.temperature, s.gather, g, s.gist_margin)
         unscaled.append(loss.detach())
         return scaler.scale(loss) if scaler is not None else loss
 
@@ -238,7 +249,16 @@ def train_func(config: dict[str, Any]) -> None:
         engine, opt = _deepspeed(embedder, opt, sched, precision, e["batch_size"])
     scaler = make_scaler(precision, device) if engine is None else None
     settings = StepSettings(e["temperature"], e["mini_batch_size"], e["gather_across_workers"],
-                            e["max_query_length"], e["max_doc_length"])
+                            e["max_query_length"], e["max_doc_length"], gist_margin=e.get("gist_margin", 0.0))
+    guide = None
+    if e.get("gist"):   # a frozen embedder (no LoRA) for GISTEmbed's false-negative mask
+        from speed_ray.embedder.model import load_embedder
+
+        guide = load_embedder(config["guide_path"], "auto" if e.get("gist_guide_model") else e["pooling"],
+                              lora=False, precision=precision,
+                              max_length=max(e["max_query_length"], e["max_doc_length"])).to(device).eval()
+        for p_ in guide.parameters():
+            p_.requires_grad_(False)
 
     start, losses, skipped = 0, [], 0
     ckpt = ray.train.get_checkpoint()
@@ -265,7 +285,8 @@ def train_func(config: dict[str, Any]) -> None:
     t0, done_here = time.time(), 0
     for step in range(start, total):
         batch = feed.batch(step)
-        loss = train_step(embedder, batch, settings, scaler, engine.backward if engine is not None else None)
+        loss = train_step(embedder, batch, settings, scaler, engine.backward if engine is not None else None,
+                          guide)
         if engine is not None:
             engine.step()   # optimizer, zero_grad and the LR schedule (DeepSpeed scales fp16 losses itself)
         else:

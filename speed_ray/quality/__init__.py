@@ -1,0 +1,1 @@
+"""Data quality beyond the paper: hard-negative screening under a guide model, sample scores, decontamination."""

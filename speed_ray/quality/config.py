@@ -1,0 +1,54 @@
+"""Config of the screen stage: hard-negative screening under a guide model, sample scores, decontamination."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from speed_ray.config import check
+
+
+@dataclass(frozen=True)
+class ScreenConfig:
+    enabled: bool = True                      # false: the stage passes rows through (scores and checks off)
+    # Hard-negative screening: a guide scores (query, positive) and (query, negative).
+    guide_model: str | None = None            # None: the run's embedder.base_model; hub id, path or offline:minilm
+    guide_kind: Literal["bi_encoder", "cross_encoder"] = "bi_encoder"   # a sentence-transformers model of that kind
+    margin: float = 0.05                      # negative > positive - margin: a likely false negative
+    action: Literal["drop", "remove_negative", "remine"] = "drop"   # what happens to such a triple:
+    # drop it; keep it as a pair (in-batch negatives only); or take another row's positive of the same task type in
+    # its batch as the negative (the highest that is not itself within the margin, at rank remine_rank), else a pair
+    remine_rank: int = 0
+    instructions: bool = True                 # E5 "Instruct: {task}\nQuery: " before the query (speed_ray/e5.py)
+    max_length: int = 256                     # guide tokens per text
+    batch_size: int = 256                     # rows per map_batches call (one actor call)
+    num_actors: int = 1                       # guide actors (each loads the model once)
+    cpus_per_actor: float = 1.0               # fractional is fine on a small Ray
+    gpus_per_actor: float = 0.0               # > 0: the guide runs on a GPU (fractional: actors share one)
+    # Decontamination against the evaluation tasks the run reports (evaluate.local_tasks; hub tasks when reachable)
+    decontaminate: bool = True
+    decontam_fields: tuple[str, ...] = ("query", "positive", "negative")
+    decontam_ngram: int = 8                   # word n-grams for containment
+    decontam_ngram_threshold: float = 0.5     # share of the shorter text's n-grams found in the other
+    decontam_shingle: int = 1                 # word shingles for MinHash
+    decontam_minhash_threshold: float = 0.7   # estimated Jaccard similarity
+    decontam_num_perm: int = 128
+
+    def __post_init__(self):
+        check(self.margin >= -1.0, "margin", "must be >= -1")
+        check(self.action != "remine" or self.guide_kind == "bi_encoder", "action",
+              "remine needs a bi_encoder guide (it scores each query against the batch's positives)")
+        check(self.remine_rank >= 0, "remine_rank", "must be >= 0")
+        check(self.max_length > 0, "max_length", "must be > 0")
+        check(self.batch_size > 0, "batch_size", "must be > 0")
+        check(self.num_actors >= 1, "num_actors", "must be >= 1")
+        check(self.cpus_per_actor > 0, "cpus_per_actor", "must be > 0")
+        check(self.gpus_per_actor >= 0, "gpus_per_actor", "must be >= 0")
+        bad = sorted(set(self.decontam_fields) - {"query", "positive", "negative"})
+        check(not bad and bool(self.decontam_fields), "decontam_fields",
+              f"name fields among query, positive, negative (got {list(self.decontam_fields)})")
+        check(self.decontam_ngram >= 1, "decontam_ngram", "must be >= 1")
+        check(self.decontam_shingle >= 1, "decontam_shingle", "must be >= 1")
+        check(0 < self.decontam_ngram_threshold <= 1, "decontam_ngram_threshold", "must be in (0, 1]")
+        check(0 < self.decontam_minhash_threshold < 1, "decontam_minhash_threshold", "must be in (0, 1)")
+        check(self.decontam_num_perm >= 16, "decontam_num_perm", "must be >= 16")

@@ -1,0 +1,89 @@
+"""Guide-model scores of a sample and what they decide (pure: numpy in, numpy out).
+
+A triple (query, positive, negative) is judged by a guide model's similarities: `pos` = s(query, positive),
+`neg` = s(query, negative), `margin` = pos - neg. Its negative is a likely false negative when it scores within
+`margin` of its positive or above it (neg > pos - margin), as GISTEmbed masks in-batch candidates
+(Solatorio 2024, https://arxiv.org/abs/2402.16829; sentence-transformers' GISTEmbedLoss, "absolute" strategy).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of a with the same row of b."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    na = np.linalg.norm(a, axis=1)
+    nb = np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(na * nb, 1e-12)
+
+
+def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return a @ b.T
+
+
+def false_negative(pos: np.ndarray, neg: np.ndarray, margin: float) -> np.ndarray:
+    """True where a negative scores within `margin` of its positive or above it; NaN (no negative) is never one."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    with np.errstate(invalid="ignore"):
+        return ~np.isnan(neg) & (neg > pos - margin)
+
+
+def remine(pos: np.ndarray, cand: np.ndarray, allowed: np.ndarray, margin: float,
+           rank_range: tuple[int, int] = (0, 1 << 30)) -> np.ndarray:
+    """A replacement negative for each row: the index of the highest-scoring allowed candidate that is not a
+    likely false negative (score <= pos - margin), taken at `rank_range` (start, stop) among those, or -1.
+
+    pos: (n,) each query's score with its positive; cand: (n, m) each query's score with m candidates;
+    allowed: (n, m) bool, False where a candidate may not be used (the row's own positive, another task type)."""
+    cand = np.asarray(cand, np.float64)
+    ok = np.asarray(allowed, bool) & (cand <= np.asarray(pos, np.float64)[:, None] - margin)
+    scored = np.where(ok, cand, -np.inf)
+    order = np.argsort(-scored, axis=1, kind="stable")
+    start, stop = rank_range
+    out = np.full(cand.shape[0], -1, np.int64)
+    for i in range(cand.shape[0]):
+        if start < min(stop, int(ok[i].sum())):
+            out[i] = order[i, start]
+    return out
+
+
+def quantiles(values: Iterable[float], qs: Sequence[float] = QUANTILES) -> dict:
+    """{"n", "mean", "p05", ..., "p95"} over the finite values (None where there are none)."""
+    v = np.asarray([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))],
+                   np.float64)
+    keys = [f"p{round(q * 100):02d}" for q in qs]
+    if v.size == 0:
+        return {"n": 0, "mean": None, **{k: None for k in keys}}
+    return {"n": int(v.size), "mean": round(float(v.mean()), 6),
+            **{k: round(float(x), 6) for k, x in zip(keys, np.quantile(v, qs))}}
+
+
+SCORE_COLUMNS = ("guide_pos_score", "guide_neg_score", "guide_margin")
+
+
+def summarize(task_types: Sequence[str], columns: dict[str, Sequence[float]]) -> dict:
+    """The manifest's `quality` summary: per task type (and "all"), the quantiles of each score column.
+
+    {"all": {"rows": n, "guide_pos_score": {n, mean, p05..p95}, "guide_neg_score": {...}, "guide_margin": {...}},
+     "by_task_type": {task_type: {same shape}}}"""
+    tt = np.asarray([str(t) for t in task_types], dtype=object)
+    cols = {k: np.asarray([np.nan if x is None else x for x in v], np.float64) for k, v in columns.items()}
+
+    def block(mask: np.ndarray) -> dict:
+        return {"rows": int(mask.sum()), **{k: quantiles(v[mask]) for k, v in cols.items()}}
+
+    everything = np.ones(len(tt), bool)
+    return {"all": block(everything),
+            "by_task_type": {t: block(tt == t) for t in sorted(set(tt.tolist()))}}

@@ -1,0 +1,222 @@
+"""The screen stage: guide scores and the false-negative verdict, decontamination, and the stage on local Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from speed_ray.quality.decontam import build_index, check_texts, row_hits
+from speed_ray.quality.scores import false_negative, quantiles, remine, summarize
+
+EVAL = {"TaskA": ["A man is playing a large guitar on the stage tonight.",
+                  "The committee approved the budget for the new library building after a long debate."],
+        "TaskB": ["How do I reset the PIN of my debit card?"]}
+
+
+# ---- pure scores --------------------------------------------------------------------------------------------
+def test_false_negative_is_within_margin_or_above_and_never_without_a_negative():
+    pos = np.array([0.8, 0.8, 0.8, 0.8])
+    neg = np.array([0.5, 0.76, 0.9, np.nan])
+    assert false_negative(pos, neg, 0.05).tolist() == [False, True, True, False]
+    assert false_negative(pos, neg, 0.0).tolist() == [False, False, True, False]
+
+
+def test_remine_takes_the_hardest_allowed_candidate_below_the_margin():
+    pos = np.array([0.9, 0.5])
+    cand = np.array([[0.9, 0.95, 0.7, 0.6],
+                     [0.2, 0.5, 0.48, 0.1]])
+    allowed = np.array([[False, True, True, True], [True, False, True, True]])
+    # row 0: 0.95 is above its positive, 0.7 is the hardest below 0.9 - 0.1; row 1: 0.48 is within the margin
+    assert remine(pos, cand, allowed, 0.1).tolist() == [2, 0]
+    assert remine(pos, cand, allowed, 0.1, (1, 2)).tolist() == [3, 3]
+    assert remine(pos, cand, allowed, 0.1, (2, 3)).tolist() == [-1, -1]
+
+
+def test_summary_has_quantiles_per_task_type():
+    s = summarize(["a", "a", "b"], {"guide_pos_score": [0.1, 0.3, 0.9], "guide_margin": [None, 0.2, 0.4]})
+    assert s["all"]["rows"] == 3 and s["by_task_type"]["a"]["rows"] == 2
+    assert s["by_task_type"]["a"]["guide_pos_score"]["p50"] == pytest.approx(0.2)
+    assert s["by_task_type"]["a"]["guide_margin"] == quantiles([0.2])
+    assert s["by_task_type"]["b"]["guide_pos_score"]["p05"] == pytest.approx(0.9)
+    assert quantiles([])["n"] == 0 and quantiles([])["p50"] is None
+
+
+# ---- decontamination ----------------------------------------------------------------------------------------
+def test_decontamination_finds_copies_edits_and_containment_not_clean_text():
+    idx = build_index(EVAL, ngram=8, shingle=1, bands=16, rows=8)
+    texts = [
+        "a man is playing a large guitar on the stage tonight",                      # case / punctuation
+        "A man is playing a large guitar on stage tonight.",                          # one word dropped
+        "Minutes: the committee approved the budget for the new library building after a long debate, "
+        "then adjourned until spring, when the roof repairs come up again.",          # contained in a longer doc
+        "how do i reset the pin of my debit card",
+        "Photosynthesis converts light energy into chemical energy stored in glucose.",   # clean
+        "A woman is slicing an onion in the kitchen.",                                   # clean
+        "",
+    ]
+    hits = check_texts(idx, texts, ngram_threshold=0.5, minhash_threshold=0.7)
+    assert [h and h["task"] for h in hits] == ["TaskA", "TaskA", "TaskA", "TaskB", None, None, None]
+    assert hits[2]["method"] == "ngram" and hits[2]["text"] == EVAL["TaskA"][1]
+    assert hits[1]["method"] == "minhash" and 0.7 <= hits[1]["score"] < 1
+    rows = row_hits(idx, {"query": ["clean query here", "x"], "positive": ["clean doc", texts[3]],
+                          "negative": [texts[0], None]}, ("query", "positive", "negative"), 0.5, 0.7)
+    assert rows[0]["field"] == "negative" and rows[1]["field"] == "positive" and rows[1]["task"] == "TaskB"
+
+
+def test_empty_index_finds_nothing():
+    assert check_texts(build_index({}), ["anything at all"], 0.5, 0.7) == [None]
+
+
+# ---- the guide ------------------------------------------------------------------------------------------------
+TASK = "Given a question, retrieve a passage that answers it"
+
+
+def _cols():
+    return {"id": ["r0", "r1", "r2", "r3"], "task": [TASK] * 4, "task_type": ["qa"] * 4,
+            "query": ["how do I bake sourdough bread at home",
+                      "what causes the northern lights",
+                      "how do vaccines train the immune system",
+                      "why is the sky blue"],
+            "positive": ["Sourdough is baked by feeding a starter, mixing dough, proofing overnight and baking hot.",
+                         "Auroras happen when charged solar particles hit gases in the upper atmosphere.",
+                         "Vaccines expose the immune system to a harmless antigen so it builds memory cells.",
+                         "Air molecules scatter short blue wavelengths of sunlight more than red ones."],
+            "negative": ["To bake sourdough bread at home, feed a starter, mix the dough, proof it overnight "
+                         "and bake it in a hot oven.",                              # a paraphrase: false negative
+                         "Volcanic eruptions release ash and sulfur dioxide into the stratosphere.",
+                         "Antibiotics kill bacteria but have no effect on viruses.",
+                         None]}
+
+
+@pytest.fixture(scope="module")
+def guide(minilm):
+    from speed_ray.quality.guide import Guide
+
+    return Guide(minilm, "bi_encoder", 128, threads=1)
+
+
+@pytest.mark.parametrize("action", ["drop", "remove_negative", "remine"])
+def test_screen_batch_flags_a_paraphrased_negative(guide, action):
+    from speed_ray.quality.screen import ScreenSettings, screen_batch
+
+    v = screen_batch(_cols(), guide, None, ScreenSettings(margin=0.05, action=action))
+    assert v["pos"][0] is not None and v["pos"][3] is not None and v["neg"][3] is None
+    assert v["margin"][1] == pytest.approx(v["pos"][1] - v["neg"][1])
+    assert v["reason"][1:] == [None, None, None] and v["negative"][1:] == _cols()["negative"][1:]
+    fn = v["detail"][0]["false_negative"]
+    assert fn["neg_score"] > fn["pos_score"] - 0.05 and fn["negative"] == _cols()["negative"][0]
+    if action == "drop":
+        assert v["reason"][0] == "false_negative"
+    elif action == "remove_negative":
+        assert v["reason"][0] is None and v["negative"][0] == "" and v["neg"][0] is None
+        assert fn["action"] == "removed_negative"
+    else:   # another row's positive, scored below the positive by at least the margin
+        assert v["reason"][0] is None and fn["action"] == "remined"
+        assert v["negative"][0] in _cols()["positive"][1:] and v["neg"][0] <= v["pos"][0] - 0.05
+
+
+def test_cross_encoder_guide_scores_pairs(minilm):
+    from speed_ray.quality.guide import Guide
+    from speed_ray.quality.screen import ScreenSettings, screen_batch
+
+    ce = Guide(minilm, "cross_encoder", 64, threads=1)   # an untrained head: only the plumbing is checked
+    v = screen_batch(_cols(), ce, None, ScreenSettings(margin=1e6))   # every triple is within the margin
+    assert v["reason"] == ["false_negative"] * 3 + [None]
+    assert all(isinstance(x, float) for x in v["pos"]) and v["neg"][3] is None
+
+
+# ---- the stage on local Ray -----------------------------------------------------------------------------------
+def _stage_ctx(tmp_path, rows, **screen_kw):
+    from speed_ray.quality.config import ScreenConfig
+    from speed_ray.run_config import build_config
+    from speed_ray.stage import StageContext
+    from speed_ray.store import RunStore
+
+    (tmp_path / "eval").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "eval" / "pairs.tsv").write_text("".join(f"{a}\t{b}\t3.0\n" for a, b in
+                                                         zip(EVAL["TaskA"], EVAL["TaskB"] * 2)))
+    (tmp_path / "mini.yaml").write_text(
+        "name: MiniSTS\ntype: sts\nsplit: test\nfiles: [pairs.tsv]\n"
+        "format: {delimiter: \"\\t\", header: false, quoting: none}\n"
+        "columns: {sentence1: 0, sentence2: 1, score: 2}\nscore_range: [0, 5]\n")
+    store = RunStore(str(tmp_path / "run"))
+    src = store.stage("dedup", "fp-in")
+    for k in range(0, len(rows), 8):
+        src.write_shard(f"in-{k:04d}", rows[k:k + 8])
+    cfg = build_config({"embedder": {"base_model": "offline:minilm"},
+                        "evaluate": {"local_tasks": [str(tmp_path / "mini.yaml")],
+                                     "data_root": str(tmp_path / "eval")}})
+    cfg = dataclasses.replace(cfg, screen=ScreenConfig(batch_size=8, cpus_per_actor=0.5, **screen_kw))
+    return StageContext(cfg=cfg, name="screen", out=store.stage("screen", "fp-out"), inputs={"samples": src},
+                        store=store, run_name="t")
+
+
+def _stage_rows():
+    base = _cols()
+    rows = []
+    for k in range(4):   # 16 rows: the 4 samples of _cols with distinct ids and a topic word each
+        for i in range(4):
+            rows.append({"id": f"r{k}{i}", "task": TASK, "task_type": "qa" if k < 2 else "sts",
+                         "query": f"{base['query'][i]} ({k})", "positive": base["positive"][i],
+                         "negative": base["negative"][i], "lineage": json.dumps({"topic": f"t{k}"}),
+                         "dedup_cluster": f"r{k}{i}"})
+    rows.append(dict(rows[1], id="c0", query=EVAL["TaskB"][0].lower()))                  # contaminated query
+    rows.append(dict(rows[2], id="c1", positive="Notes. " + EVAL["TaskA"][1] + " More."))   # contaminated doc
+    return rows
+
+
+def test_screen_stage_end_to_end(ray_local, tmp_path):
+    from speed_ray.store import shards_at
+
+    rows = _stage_rows()
+    ctx = _stage_ctx(tmp_path, rows)
+    from speed_ray.quality.stage import screen_stage
+
+    extra = screen_stage(ctx)
+    kept, removed = ctx.out.read_table(), shards_at(ctx.out, "removed").read_table()
+    assert sorted(kept.column("id").to_pylist() + removed.column("id").to_pylist()) == sorted(r["id"] for r in rows)
+    why = dict(zip(removed.column("id").to_pylist(), removed.column("removed_reason").to_pylist()))
+    assert why == {"c0": "contaminated", "c1": "contaminated", **{f"r{k}0": "false_negative" for k in range(4)}}
+    detail = {i: json.loads(d) for i, d in zip(removed.column("id").to_pylist(),
+                                               removed.column("removed_detail").to_pylist())}
+    assert detail["c0"]["contaminated"]["task"] == "MiniSTS" and detail["c0"]["contaminated"]["field"] == "query"
+    assert detail["c1"]["contaminated"]["text"] == EVAL["TaskA"][1]
+    fn = detail["r00"]["false_negative"]
+    assert fn["neg_score"] > fn["pos_score"] - 0.05
+    s = extra["screen"]
+    assert s["rows_in"] == len(rows) and s["rows_out"] == kept.num_rows == 12
+    assert s["removed"] == {"contaminated": 2, "false_negative": 4}
+    assert s["decontamination"]["hits_by_task"] == {"MiniSTS": 2} and s["guide"] == "offline:minilm"
+    # scores: columns on every kept row, in the lineage, and summarized per task type
+    by_id = {r["id"]: r for r in kept.to_pylist()}
+    assert all(r["guide_pos_score"] is not None for r in by_id.values())
+    assert by_id["r03"]["guide_neg_score"] is None and by_id["r01"]["guide_margin"] == pytest.approx(
+        by_id["r01"]["guide_pos_score"] - by_id["r01"]["guide_neg_score"])
+    lin = json.loads(by_id["r01"]["lineage"])
+    assert lin["topic"] == "t0" and lin["screen"]["pos"] == pytest.approx(by_id["r01"]["guide_pos_score"])
+    q = extra["quality"]
+    assert q["all"]["rows"] == 12 and set(q["by_task_type"]) == {"qa", "sts"}
+    assert q["by_task_type"]["qa"]["guide_margin"]["n"] == 4 and q["by_task_type"]["qa"]["rows"] == 6
+    assert q["all"]["guide_pos_score"]["p05"] <= q["all"]["guide_pos_score"]["p50"] <= q["all"]["guide_pos_score"]["p95"]
+
+
+@pytest.mark.slow
+def test_screen_stage_keeping_nothing_is_an_error_and_pairs_are_kept(ray_local, tmp_path):
+    from speed_ray.errors import DataError
+    from speed_ray.quality.stage import screen_stage
+    from speed_ray.store import shards_at
+
+    rows = [r for r in _stage_rows() if r["negative"]]
+    ctx = _stage_ctx(tmp_path / "a", rows, margin=10.0, decontaminate=False)   # every negative within the margin
+    with pytest.raises(DataError, match=r"screen kept none of the 14 rows.*false_negative: 14"):
+        screen_stage(ctx)
+    assert shards_at(ctx.out, "removed").num_rows() == 14    # what was written stays
+    ctx = _stage_ctx(tmp_path / "b", rows, margin=10.0, decontaminate=False, action="remove_negative")
+    extra = screen_stage(ctx)
+    kept = ctx.out.read_table()
+    assert kept.num_rows == 14 and set(kept.column("negative").to_pylist()) == {""}
+    assert extra["screen"]["actions"] == {"removed_negative": 14} and extra["screen"]["decontamination"] == {
+        "enabled": False}
