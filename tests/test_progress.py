@@ -125,7 +125,8 @@ def test_monitor_writes_every_stage_progress_to_the_log_and_the_terminal(tmp_pat
     by_stage = {}
     for ln in lines:
         by_stage.setdefault(ln.split()[2], []).append(ln)
-    assert set(by_stage) == {"topics", "brainstorm", "teacher_synthesis", "dedup", "train_embedder", "evaluate"}
+    assert set(by_stage) == {"topics", "brainstorm", "teacher_synthesis", "dedup", "screen", "train_embedder",
+                             "evaluate"}
     syn = by_stage["teacher_synthesis"]
     assert len(syn) >= 3, syn                                  # lines while it ran, not only the last one
     assert any("/20 requests" in ln and "valid 80.0%" in ln for ln in syn[:-1]), syn
