@@ -9,8 +9,9 @@ positive), each with a negative from elsewhere (another random train sentence / 
 - contaminated rows: an evaluation TEST text (STS-B test, Banking77 test, SICK-R, SciFact) with light edits as
   the query or the positive, or quoted inside a longer positive;
 - degenerate rows: a task description no instruction can be made of (`,]{`, an e-mail address, one word).
-Ours: the screen stage's core (speed_ray.quality: MiniLM guide, margin; decontamination index) and the dedup
-filters' degenerate-task rule. Baselines: exact rules (negative == positive after normalization, as the dedup
+Ours: the dedup filters' degenerate-task rule, then the screen stage's core on what it keeps (speed_ray.quality:
+decontamination index, then the MiniLM guide's false-negative rules: the query-side margin and the negative
+restating the positive; each rule is also reported alone), one removal reason per row, as the stages decide. Baselines: exact rules (negative == positive after normalization, as the dedup
 filter; an evaluation text equal to a row's text after normalization; an empty task). One process, no Ray.
 Prints one JSON line last: precision / recall per filter and baseline, CPU seconds per 1K and per 100K rows.
 """
@@ -137,6 +138,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--margin", type=float, default=0.05)
+    ap.add_argument("--restates", type=float, default=0.8)
     ap.add_argument("--guide", default="offline:minilm")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -151,13 +153,13 @@ def main() -> None:
     from speed_ray.quality.screen import ScreenSettings, screen_batch
 
     c = ScreenConfig(margin=args.margin)
-    out: dict = {"guide": args.guide, "margin": args.margin}
+    out: dict = {"guide": args.guide, "margin": args.margin, "restates": args.restates}
 
     t0 = time.process_time()
     texts, skipped = evaluation_texts(TASKS, EVALDATA, (), None)
     layout = band_layout(c.decontam_minhash_threshold, c.decontam_num_perm)
     index = build_index(texts, c.decontam_ngram, c.decontam_shingle, c.decontam_num_perm, 1, layout["bands"],
-                        layout["rows"])
+                        layout["rows"], c.decontam_min_ngram)
     eval_norm = {normalize(t) for v in texts.values() for t in v}
     rows = make_rows(args.rows, args.seed, eval_norm)
     cols = {k: [r[k] for r in rows] for k in ("id", "task", "task_type", "query", "positive", "negative")}
@@ -167,20 +169,33 @@ def main() -> None:
     hits = row_hits(index, cols, c.decontam_fields, c.decontam_ngram_threshold, c.decontam_minhash_threshold)
     t_dc = time.process_time() - t0
 
-    guide = Guide(resolve_model(args.guide), "bi_encoder", c.max_length, threads=args.threads)
-    s = ScreenSettings(margin=args.margin, action="drop")
-    t0 = time.process_time()
-    verdict: dict = {"reason": []}
-    for k in range(0, len(rows), c.batch_size):
-        part = {key: v[k:k + c.batch_size] for key, v in cols.items()}
-        v = screen_batch(part, guide, None, s)
-        verdict["reason"] += v["reason"]
-    t_sc = time.process_time() - t0
     t0 = time.process_time()
     rules = {f: getattr(c_, f) for c_ in [__import__("speed_ray.dedup.config", fromlist=["x"]).FiltersConfig()]
              for f in c_.__dataclass_fields__}
     reasons = filter_reasons(cols, rules)
     t_dg = time.process_time() - t0
+
+    # The screen sees what dedup's filters kept, and removes each row for one reason: contaminated first, then a
+    # false negative. Each rule of the false-negative test is also measured alone (the others off).
+    guide = Guide(resolve_model(args.guide), "bi_encoder", c.max_length, threads=args.threads)
+    seen = [i for i, r in enumerate(reasons) if r != "degenerate_task"]
+    screened = {k: [v[i] for i in seen] for k, v in cols.items()}
+    variants = {"stage": ScreenSettings(margin=args.margin, restates=args.restates, action="drop"),
+                "margin_rule": ScreenSettings(margin=args.margin, restates=None, action="drop"),
+                "restates_rule": ScreenSettings(margin=-2.0, restates=args.restates, action="drop")}
+    verdicts: dict[str, list] = {}
+    t_sc = 0.0
+    for name, s in variants.items():
+        t0 = time.process_time()
+        got: list = []
+        for k in range(0, len(seen), c.batch_size):
+            part = {key: v[k:k + c.batch_size] for key, v in screened.items()}
+            got += screen_batch(part, guide, index, s)["reason"]
+        t_sc = t_sc or time.process_time() - t0          # the stage's own settings: the first pass
+        verdicts[name] = [None] * len(rows)
+        for i, r in zip(seen, got):
+            verdicts[name][i] = r
+    verdict = {"reason": verdicts["stage"]}
 
     out["rows"] = len(rows)
     base_ct = [any(normalize(cols[f][i]) in eval_norm for f in ("query", "positive", "negative") if cols[f][i])
@@ -191,9 +206,14 @@ def main() -> None:
     out["filters"] = {
         "false_negative": {**_pr([r == "false_negative" for r in verdict["reason"]], truth["false_negative"]),
                            "cpu_s_per_1k": per_k(t_sc), "cpu_s_per_100k": round(per_k(t_sc) * 100, 1),
+                           "margin_rule_alone": _pr([r == "false_negative" for r in verdicts["margin_rule"]],
+                                                    truth["false_negative"]),
+                           "restates_rule_alone": _pr([r == "false_negative" for r in verdicts["restates_rule"]],
+                                                      truth["false_negative"]),
                            "baseline": _pr(base_fn, truth["false_negative"])},
-        "contaminated": {**_pr([h is not None for h in hits], truth["contaminated"]),
+        "contaminated": {**_pr([r == "contaminated" for r in verdict["reason"]], truth["contaminated"]),
                          "cpu_s_per_1k": per_k(t_dc), "cpu_s_per_100k": round(per_k(t_dc) * 100, 1),
+                         "index_alone": _pr([h is not None for h in hits], truth["contaminated"]),
                          "baseline": _pr(base_ct, truth["contaminated"])},
         "degenerate": {**_pr([r == "degenerate_task" for r in reasons], truth["degenerate"]),
                        "cpu_s_per_1k": per_k(t_dg), "baseline": _pr(base_dg, truth["degenerate"])},

@@ -220,3 +220,42 @@ def test_screen_stage_keeping_nothing_is_an_error_and_pairs_are_kept(ray_local, 
     assert kept.num_rows == 14 and set(kept.column("negative").to_pylist()) == {""}
     assert extra["screen"]["actions"] == {"removed_negative": 14} and extra["screen"]["decontamination"] == {
         "enabled": False}
+
+
+def test_restates_marks_negatives_close_to_their_positive():
+    from speed_ray.quality.scores import restates
+
+    assert restates(np.array([0.95, 0.5, np.nan]), 0.8).tolist() == [True, False, False]
+    assert restates(np.array([0.95]), None).tolist() == [False]
+
+
+def test_a_negative_restating_its_positive_is_a_false_negative(guide):
+    """The query-side margin misses a near-copy of the positive when the guide scores both low; the positive-side
+    rule catches it, and the lineage says which rule did."""
+    from speed_ray.quality.screen import ScreenSettings, screen_batch
+
+    cols = {"id": ["a", "b"], "task": ["", ""], "task_type": ["retrieval"] * 2,
+            "query": ["quarterly tax filing deadlines", "quarterly tax filing deadlines"],
+            "positive": ["Barn owls hunt small rodents at night by sound alone.",
+                         "Barn owls hunt small rodents at night by sound alone."],
+            "negative": ["barn owls hunt small rodents at night by sound alone",
+                         "The stock market closed higher on Friday."]}
+    off = screen_batch(cols, guide, None, ScreenSettings(margin=-1.0, restates=None))     # neither rule can fire
+    assert off["reason"] == [None, None]
+    v = screen_batch(cols, guide, None, ScreenSettings(margin=-1.0, restates=0.8))
+    assert v["reason"] == ["false_negative", None]
+    fn = v["detail"][0]["false_negative"]
+    assert fn["rule"] == "restates_positive" and fn["pos_neg_score"] >= 0.8
+
+
+def test_a_short_evaluation_text_quoted_whole_is_contamination():
+    """An STS or intent sentence is shorter than the 8-word n-grams: it is indexed whole (down to min_ngram words),
+    so quoting it inside a longer synthetic document is caught; a shorter one is left to MinHash."""
+    from speed_ray.quality.decontam import build_index, check_texts
+
+    ev = {"STSBenchmark": ["A person is slicing some garlic.", "Dogs bark."]}
+    quoted = 'Cooking tips for beginners. As one chef put it: "A person is slicing some garlic." Then saute it.'
+    assert check_texts(build_index(ev, ngram=8, shingle=1), [quoted], 0.5, 0.8) == [None]     # whole-text off
+    hit = check_texts(build_index(ev, ngram=8, shingle=1, min_ngram=5), [quoted, "Dogs bark at night, loudly."],
+                      0.5, 0.8)
+    assert hit[0]["method"] == "ngram" and hit[0]["text"] == "A person is slicing some garlic." and hit[1] is None

@@ -15,6 +15,8 @@ class ScreenConfig:
     guide_model: str | None = None            # None: the run's embedder.base_model; hub id, path or offline:minilm
     guide_kind: Literal["bi_encoder", "cross_encoder"] = "bi_encoder"   # a sentence-transformers model of that kind
     margin: float = 0.05                      # negative > positive - margin: a likely false negative
+    restates_threshold: float | None = 0.8    # bi-encoder guide: s(positive, negative) >= this, the negative restates
+    #                                           the positive (a near-copy or paraphrase): a false negative too; null: off
     action: Literal["drop", "remove_negative", "remine"] = "drop"   # what happens to such a triple:
     # drop it; keep it as a pair (in-batch negatives only); or take another row's positive of the same task type in
     # its batch as the negative (the highest that is not itself within the margin, at rank remine_rank), else a pair
@@ -29,13 +31,18 @@ class ScreenConfig:
     decontaminate: bool = True
     decontam_fields: tuple[str, ...] = ("query", "positive", "negative")
     decontam_ngram: int = 8                   # word n-grams for containment
+    decontam_min_ngram: int = 5               # evaluation texts shorter than decontam_ngram are indexed whole, down
+    #                                           to this many words (an STS sentence quoted inside a document)
     decontam_ngram_threshold: float = 0.5     # share of the shorter text's n-grams found in the other
     decontam_shingle: int = 1                 # word shingles for MinHash
-    decontam_minhash_threshold: float = 0.7   # estimated Jaccard similarity
+    decontam_minhash_threshold: float = 0.8   # estimated Jaccard similarity (0.7 also caught "use my card" for
+    #                                           "verify my card" in the intent sets)
     decontam_num_perm: int = 128
 
     def __post_init__(self):
         check(self.margin >= -1.0, "margin", "must be >= -1")
+        check(self.restates_threshold is None or -1.0 < self.restates_threshold <= 1.0, "restates_threshold",
+              "must be in (-1, 1], or null to turn the rule off")
         check(self.action != "remine" or self.guide_kind == "bi_encoder", "action",
               "remine needs a bi_encoder guide (it scores each query against the batch's positives)")
         check(self.remine_rank >= 0, "remine_rank", "must be >= 0")
@@ -48,6 +55,8 @@ class ScreenConfig:
         check(not bad and bool(self.decontam_fields), "decontam_fields",
               f"name fields among query, positive, negative (got {list(self.decontam_fields)})")
         check(self.decontam_ngram >= 1, "decontam_ngram", "must be >= 1")
+        check(1 <= self.decontam_min_ngram <= self.decontam_ngram, "decontam_min_ngram",
+              "must be in [1, decontam_ngram]")
         check(self.decontam_shingle >= 1, "decontam_shingle", "must be >= 1")
         check(0 < self.decontam_ngram_threshold <= 1, "decontam_ngram_threshold", "must be in (0, 1]")
         check(0 < self.decontam_minhash_threshold < 1, "decontam_minhash_threshold", "must be in (0, 1)")

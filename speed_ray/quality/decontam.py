@@ -3,7 +3,9 @@
 Two tests, as in the decontamination of GPT-3 (Brown et al. 2020, Appendix C: 13-gram overlap) and of The Stack /
 datatrove (MinHash near-duplicates):
 - word n-gram containment: the share of the shorter text's n-grams (normalized words, `dedup.minhash.normalize`)
-  that the other text holds; catches an evaluation text copied into a longer document and the reverse;
+  that the other text holds; catches an evaluation text copied into a longer document and the reverse. An
+  evaluation text shorter than `ngram` words (most STS and intent texts) is indexed as one n-gram of its own length,
+  down to `min_ngram` words, so quoting it whole inside a longer text is caught too;
 - MinHash similarity of word shingles (`dedup.minhash`, banded as in `dedup.lsh`): catches light edits of short
   texts whose n-grams the edit broke.
 
@@ -52,6 +54,7 @@ class DecontamIndex:
     gram_keys: np.ndarray            # sorted uint64 n-gram hashes
     gram_docs: np.ndarray            # the evaluation text of each
     gram_counts: np.ndarray          # n-grams per evaluation text
+    gram_sizes: tuple[int, ...]      # the n-gram lengths the evaluation texts are indexed at
     sigs: np.ndarray                 # (texts, num_perm) uint32 MinHash signatures
     band_keys: np.ndarray            # sorted uint64 band keys
     band_docs: np.ndarray
@@ -66,8 +69,10 @@ class DecontamIndex:
 
 
 def build_index(texts_by_task: dict[str, Sequence[str]], ngram: int = 8, shingle: int = 2, num_perm: int = 128,
-                seed: int = 1, bands: int = 32, rows: int = 4) -> DecontamIndex:
-    """The index of every evaluation text (empty and duplicate texts of a task left out)."""
+                seed: int = 1, bands: int = 32, rows: int = 4, min_ngram: int | None = None) -> DecontamIndex:
+    """The index of every evaluation text (empty and duplicate texts of a task left out). min_ngram (None: ngram)
+    indexes texts shorter than ngram words whole, down to that many words."""
+    min_ngram = ngram if min_ngram is None else min(min_ngram, ngram)
     tasks, texts = [], []
     for task, items in texts_by_task.items():
         seen = set()
@@ -77,14 +82,22 @@ def build_index(texts_by_task: dict[str, Sequence[str]], ngram: int = 8, shingle
                 seen.add(key)
                 tasks.append(task)
                 texts.append(str(t))
-    grams = [ngram_hashes(t, ngram) for t in texts]
+    sizes = [_gram_size(t, ngram, min_ngram) for t in texts]
+    grams = [ngram_hashes(t, n) if n else np.empty(0, np.uint64) for t, n in zip(texts, sizes)]
     gram_keys, gram_docs = _sorted_pairs(grams)
     sigs = signatures_from_tokens([shingle_tokens(t, shingle) for t in texts], num_perm, seed) if texts \
         else np.empty((0, num_perm), np.uint32)
     keys = band_hashes(sigs, bands, rows) if texts else np.empty((0, bands), np.uint64)
     band_keys, band_docs = _sorted_pairs(list(keys))
     return DecontamIndex(tasks, texts, ngram, gram_keys, gram_docs, np.array([len(g) for g in grams], np.int64),
-                         sigs, band_keys, band_docs, shingle, num_perm, seed, bands, rows)
+                         tuple(sorted({n for n in sizes if n})), sigs, band_keys, band_docs, shingle, num_perm, seed,
+                         bands, rows)
+
+
+def _gram_size(text: str, ngram: int, min_ngram: int) -> int:
+    """The n-gram length a text is indexed at: ngram, or its own length when shorter (0: too short to index)."""
+    words = len(normalize(text).split())
+    return ngram if words >= ngram else (words if words >= min_ngram else 0)
 
 
 def _docs_of(keys: np.ndarray, sorted_keys: np.ndarray, docs: np.ndarray) -> np.ndarray:
@@ -110,14 +123,16 @@ def check_texts(index: DecontamIndex, texts: Sequence[str | None], ngram_thresho
     keys = band_hashes(sigs, index.bands, index.rows)
     for j, i in enumerate(present):
         best = None
-        g = ngram_hashes(texts[i], index.ngram)
-        if g.size:
+        for n in index.gram_sizes:      # an n-gram key only matches evaluation texts indexed at that n
+            g = ngram_hashes(texts[i], n)
+            if not g.size:
+                continue
             docs = _docs_of(g, index.gram_keys, index.gram_docs)
             if docs.size:
                 u, c = np.unique(docs, return_counts=True)
                 share = c / np.minimum(g.size, index.gram_counts[u])
                 k = int(np.argmax(share))
-                if share[k] >= ngram_threshold:
+                if share[k] >= ngram_threshold and (best is None or share[k] > best["score"]):
                     best = {"doc": int(u[k]), "method": "ngram", "score": float(share[k])}
         if best is None:
             docs = np.unique(_docs_of(keys[j], index.band_keys, index.band_docs))

@@ -3,7 +3,8 @@
 A triple (query, positive, negative) is judged by a guide model's similarities: `pos` = s(query, positive),
 `neg` = s(query, negative), `margin` = pos - neg. Its negative is a likely false negative when it scores within
 `margin` of its positive or above it (neg > pos - margin), as GISTEmbed masks in-batch candidates
-(Solatorio 2024, https://arxiv.org/abs/2402.16829; sentence-transformers' GISTEmbedLoss, "absolute" strategy).
+(Solatorio 2024, https://arxiv.org/abs/2402.16829; sentence-transformers' GISTEmbedLoss, "absolute" strategy),
+or when it restates the positive (s(positive, negative) >= a threshold; bi-encoder guides).
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ def false_negative(pos: np.ndarray, neg: np.ndarray, margin: float) -> np.ndarra
     pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
     with np.errstate(invalid="ignore"):
         return ~np.isnan(neg) & (neg > pos - margin)
+
+
+def restates(pos_neg: np.ndarray, threshold: float | None) -> np.ndarray:
+    """True where a negative restates its positive: the guide's similarity of the two is at least `threshold`
+    (near-copies and paraphrases of the positive, which the query-side margin misses when the guide scores both
+    low). None disables it; NaN (no negative) is never one."""
+    pos_neg = np.asarray(pos_neg, np.float64)
+    if threshold is None:
+        return np.zeros(pos_neg.shape, bool)
+    with np.errstate(invalid="ignore"):
+        return ~np.isnan(pos_neg) & (pos_neg >= threshold)
 
 
 def remine(pos: np.ndarray, cand: np.ndarray, allowed: np.ndarray, margin: float,

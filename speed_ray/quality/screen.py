@@ -10,7 +10,7 @@ import numpy as np
 
 from speed_ray.e5 import with_instruction
 from speed_ray.quality.decontam import DecontamIndex, row_hits
-from speed_ray.quality.scores import cosine_matrix, false_negative, remine
+from speed_ray.quality.scores import cosine_matrix, false_negative, remine, restates
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,7 @@ class ScreenSettings:
     """The flat values the screen needs (from ScreenConfig)."""
 
     margin: float = 0.05
+    restates: float | None = 0.8          # guide similarity of negative and positive at which the negative restates it
     action: str = "drop"
     remine_rank: int = 0
     instructions: bool = True
@@ -32,8 +33,9 @@ def guide_query(task: str | None, query: str, instructions: bool) -> str:
 
 def score_rows(guide, queries: Sequence[str], positives: Sequence[str], negatives: Sequence[str | None],
                want_candidates: bool = False):
-    """(pos, neg, cand): the guide's score of each query with its positive and with its negative (NaN without
-    one), and, when asked (bi-encoder), of each query with every positive of the batch (n, n)."""
+    """(pos, neg, cand, pn): the guide's score of each query with its positive and with its negative (NaN without
+    one); when asked (bi-encoder), of each query with every positive of the batch (n, n); and (bi-encoder) of each
+    positive with its negative (NaN without one; None for a cross-encoder, whose scores are not similarities)."""
     n = len(queries)
     has_neg = np.array([bool(x and x.strip()) for x in negatives], bool)
     neg = np.full(n, np.nan)
@@ -43,12 +45,14 @@ def score_rows(guide, queries: Sequence[str], positives: Sequence[str], negative
         q, p, ng = emb[:n], emb[n:2 * n], emb[2 * n:]
         pos = (q * p).sum(axis=1)
         neg[has_neg] = (q[has_neg] * ng).sum(axis=1)
+        pn = np.full(n, np.nan)
+        pn[has_neg] = (p[has_neg] * ng).sum(axis=1)
         cand = cosine_matrix(q, p) if want_candidates else None
-        return pos, neg, cand
+        return pos, neg, cand, pn
     pos = guide.pair_scores(queries, positives)
     idx = np.flatnonzero(has_neg)
     neg[idx] = guide.pair_scores([queries[i] for i in idx], [negatives[i] for i in idx])
-    return pos, neg, None
+    return pos, neg, None, None
 
 
 def screen_batch(cols: dict[str, list], guide, index: DecontamIndex | None, s: ScreenSettings) -> dict:
@@ -75,9 +79,11 @@ def screen_batch(cols: dict[str, list], guide, index: DecontamIndex | None, s: S
     rows = [i for i in range(n) if reason[i] is None]
     queries = [guide_query(tasks[i], cols["query"][i], s.instructions) for i in rows]
     positives = [cols["positive"][i] for i in rows]
-    pos, neg, cand = score_rows(guide, queries, positives, [negatives[i] for i in rows],
-                                want_candidates=s.action == "remine" and guide.kind == "bi_encoder")
-    bad = false_negative(pos, neg, s.margin)
+    pos, neg, cand, pn = score_rows(guide, queries, positives, [negatives[i] for i in rows],
+                                    want_candidates=s.action == "remine" and guide.kind == "bi_encoder")
+    outranks = false_negative(pos, neg, s.margin)
+    restated = restates(pn, s.restates) if pn is not None else np.zeros(len(rows), bool)
+    bad = outranks | restated
     new_idx = np.full(len(rows), -1)
     if s.action == "remine" and bad.any():
         tt = np.array([str(ttypes[i]) for i in rows], dtype=object)
@@ -89,7 +95,10 @@ def screen_batch(cols: dict[str, list], guide, index: DecontamIndex | None, s: S
         neg_s[i] = None if np.isnan(neg[k]) else float(neg[k])
         if not bad[k]:
             continue
-        info = {"negative": negatives[i], "pos_score": pos_s[i], "neg_score": neg_s[i], "margin": s.margin}
+        info = {"negative": negatives[i], "pos_score": pos_s[i], "neg_score": neg_s[i], "margin": s.margin,
+                "rule": "restates_positive" if restated[k] and not outranks[k] else "within_margin"}
+        if pn is not None and not np.isnan(pn[k]):
+            info["pos_neg_score"] = float(pn[k])
         if s.action == "drop":
             reason[i] = "false_negative"
             detail[i] = {"false_negative": info}

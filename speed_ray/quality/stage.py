@@ -81,7 +81,7 @@ class _Screen:
         return pa.table({"kept": [kept.num_rows], "removed": [rem.num_rows]})
 
 
-def _build_index(local_tasks, data_root, hub_tasks, benchmark, ngram, shingle, num_perm, threshold):
+def _build_index(local_tasks, data_root, hub_tasks, benchmark, ngram, shingle, num_perm, threshold, min_ngram):
     """Ray task: the decontamination index of the evaluation texts, and what was skipped."""
     from speed_ray.dedup.lsh import band_layout
     from speed_ray.quality.decontam import build_index
@@ -89,7 +89,7 @@ def _build_index(local_tasks, data_root, hub_tasks, benchmark, ngram, shingle, n
 
     texts, skipped = evaluation_texts(local_tasks, data_root, hub_tasks, benchmark)
     layout = band_layout(threshold, num_perm)
-    index = build_index(texts, ngram, shingle, num_perm, 1, layout["bands"], layout["rows"])
+    index = build_index(texts, ngram, shingle, num_perm, 1, layout["bands"], layout["rows"], min_ngram)
     return index, {"tasks": {t: len(v) for t, v in texts.items()}, "skipped": skipped, "texts": len(index)}
 
 
@@ -135,13 +135,15 @@ def screen_stage(ctx) -> dict:
     if c.enabled and c.decontaminate:
         index_ref = ray.remote(num_cpus=_LIGHT)(_build_index).options(num_returns=2).remote(
             tuple(ev.local_tasks), ev.data_root, tuple(ev.tasks), ev.benchmark, c.decontam_ngram,
-            c.decontam_shingle, c.decontam_num_perm, c.decontam_minhash_threshold)
+            c.decontam_shingle, c.decontam_num_perm, c.decontam_minhash_threshold, c.decontam_min_ngram)
         index_ref, info_ref = index_ref
         decontam = {"enabled": True, **ray.get(info_ref)}
         ctx.log("decontamination against %d evaluation text(s) of %s", decontam["texts"],
                 ", ".join(decontam["tasks"]) or "no task")
-    settings = ScreenSettings(c.margin, c.action, c.remine_rank, c.instructions, tuple(c.decontam_fields),
-                              c.decontam_ngram_threshold, c.decontam_minhash_threshold)
+    settings = ScreenSettings(margin=c.margin, restates=c.restates_threshold, action=c.action,
+                              remine_rank=c.remine_rank, instructions=c.instructions,
+                              fields=tuple(c.decontam_fields), ngram_threshold=c.decontam_ngram_threshold,
+                              minhash_threshold=c.decontam_minhash_threshold)
     removed_out = shards_at(ctx.out, "removed")
     ds = filter_pending(src.ray_dataset(), done_set(ctx.out, removed_out))
     threads = worker_threads(None, c.cpus_per_actor)
