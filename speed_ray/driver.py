@@ -85,6 +85,23 @@ def _where(plan: list[StageSpec], store: RunStore, fps: dict[str, str]) -> list[
     return out
 
 
+def quality_lines(rows: list[dict]) -> list[str]:
+    """`status`'s lines on the screened data: removals by reason, and the guide's median scores per task type."""
+    m = next((r["manifest"] for r in rows if r["manifest"] and isinstance(r["manifest"].get("screen"), dict)), None)
+    if m is None:
+        return []
+    sc = m["screen"]
+    removed = ", ".join(f"{k} {v}" for k, v in sorted((sc.get("removed") or {}).items(), key=lambda kv: -kv[1]))
+    out = [f"  quality: the screen kept {sc.get('rows_out')} of {sc.get('rows_in')} rows"
+           + (f"; removed {removed}" if removed else "") + f" (guide {sc.get('guide')})"]
+    for t, q in sorted(((m.get("quality") or {}).get("by_task_type") or {}).items()):
+        med = {k: (q.get(k) or {}).get("p50") for k in ("guide_pos_score", "guide_neg_score", "guide_margin")}
+        cells = "  ".join(f"{label} {v:.2f}" if isinstance(v, (int, float)) else f"{label} -"
+                          for label, v in zip(("q-pos", "q-neg", "margin"), med.values()))
+        out.append(f"    {t:<16} {q.get('rows', 0):>7} rows  median {cells}")
+    return out
+
+
 def status_main(args: argparse.Namespace) -> int:
     store = RunStore(args.run_dir)
     if not store.fs.exists(store.root):
@@ -130,6 +147,8 @@ def status_main(args: argparse.Namespace) -> int:
             print(f"  {'total':<18} {'':<8} {'':>8} {'':>8} {'':>7} {'':>9} {'':>7} {'':>7} {_money(total):>10}  "
                   f"(teacher {cfg.teacher.model} at {teacher_price(cfg.teacher.model, cfg.pricing) or 'no known price'}"
                   f" USD/1M in,out tokens; GPU h at {cfg.pricing.accelerator}'s; config `pricing`)")
+            for line in quality_lines(rows):
+                print(line)
     if args.json:
         print(json.dumps(out, default=str))
     return 0

@@ -60,3 +60,41 @@ def test_cross_run_table_shows_ablations_and_generators(tmp_path, capsys):
 def test_report_names_a_missing_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="no run 'nope'"):
         write_report(str(tmp_path), "nope")
+
+
+def test_report_and_status_show_the_screens_decisions_and_score_distributions(tmp_path, capsys):
+    """The screen stage's manifest (removals by reason, the guide's quantiles per task type) becomes a section of
+    report.md with quality.png, two figures of report.html, and lines of `speed-ray status`."""
+    from types import SimpleNamespace
+
+    from speed_ray.driver import status_main
+
+    def q(p50):
+        return {"n": 10, "mean": p50, "p05": p50 - 0.2, "p25": p50 - 0.1, "p50": p50, "p75": p50 + 0.1,
+                "p95": p50 + 0.2}
+
+    def stage(ctx):
+        extra = studies_fakes.fake_stage(ctx)
+        if ctx.name == "screen":
+            extra["screen"] = {"rows_in": 50, "rows_out": 44, "removed": {"false_negative": 4, "contaminated": 2},
+                               "guide": "offline:minilm", "margin": 0.05, "action": "drop",
+                               "decontamination": {"hits_by_task": {"STSBenchmark": 2}}}
+            extra["quality"] = {"by_task_type": {
+                t: {"rows": 22, "guide_pos_score": q(0.8), "guide_neg_score": q(0.3), "guide_margin": q(0.5)}
+                for t in ("retrieval", "sts")}}
+        return extra
+
+    cfg = _cfg(tmp_path, "full", "full", 63.2)
+    pipeline.run_pipeline(cfg, loader=lambda fn: stage)
+    url = write_report(cfg.run.run_dir, "full")
+    md = open(url).read()
+    assert "## Data quality" in md and "| false_negative | 4 |" in md and "STSBenchmark 2" in md
+    assert os.path.getsize(os.path.join(os.path.dirname(url), "quality.png")) > 0
+    page = open(os.path.join(os.path.dirname(url), "report.html")).read()
+    assert 'id="fig-screen"' in page and 'id="fig-quality"' in page
+    capsys.readouterr()
+    assert status_main(SimpleNamespace(run_dir=cfg.run.run_dir, run=None, config=None, overrides=[], json=False,
+                                       watch=False)) == 0
+    out = capsys.readouterr().out
+    assert "quality: the screen kept 44 of 50 rows; removed false_negative 4, contaminated 2" in out
+    assert "retrieval" in out and "q-pos 0.80  q-neg 0.30  margin 0.50" in out

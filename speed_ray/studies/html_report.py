@@ -290,7 +290,7 @@ def _cost(cost: dict) -> list[str]:
     return ["<h2>Cost</h2>", table(["stage", "rows", "teacher calls", "tokens", "CPU h", "GPU h", "USD"], rows)]
 
 
-def _quality(run: dict) -> list[str]:
+def _quality(store: RunStore, run: dict) -> list[str]:
     out = []
     d = (run["manifests"].get("dedup") or {}).get("dedup")
     if d:
@@ -309,6 +309,18 @@ def _quality(run: dict) -> list[str]:
             labels = sorted(rr, key=lambda k: -rr[k])[:12]
             out.append(figure(f"fig-rejects-{stage}", svg_bars(labels, {"rejects": [float(rr[k]) for k in labels]}),
                               f"{stage}: rejects by reason."))
+    sc = next((m for m in run["manifests"].values() if m and isinstance(m.get("screen"), dict)), None)
+    if sc:
+        removed = {k: v for k, v in (sc["screen"].get("removed") or {}).items() if v}
+        if removed:
+            labels = sorted(removed, key=lambda k: -removed[k])
+            out.append(figure("fig-screen", svg_bars(labels, {"removed rows": [float(removed[k]) for k in labels]}),
+                              f"The screen removed {_num(sum(removed.values()))} of {_num(sc['screen'].get('rows_in'))}"
+                              " rows, by reason."))
+        uri = _png(store, store.run_url(run["name"], "report", "quality.png"))
+        if uri:
+            out.append(figure("fig-quality", f'<img alt="guide scores per task type" src="{uri}">',
+                              "The guide's scores per task type: p05-p95, p25-p75 and the median."))
     return (["<h2>Data quality</h2>"] + out) if out else []
 
 
@@ -320,7 +332,7 @@ def html_report(store: RunStore, run: dict, cost: dict, summary: dict, stage_row
             + (f" (paper {_num(summary.get('paper'), 1)})" if summary.get("paper") is not None else "") + ".</p>",
             "<h2>Stages</h2>", table(["stage", "state", "rows", "secs", "teacher calls", "tokens"], stage_rows)]
     body += _timeline(run) + _losses(store, run) + _evaluation(run) + _studies(store, run["name"])
-    body += _cost(cost) + _quality(run)
+    body += _cost(cost) + _quality(store, run)
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Run report: " + _e(run["name"])
             + f"</title><style>{CSS}</style></head><body>" + "\n".join(body)
             + f"<script>{CHECK_JS}</script></body></html>\n")

@@ -99,3 +99,32 @@ def bar_plot(path: str, labels: list[str], series: dict[str, list[float]], title
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+QUALITY_SCORES = (("guide_pos_score", "query-positive"), ("guide_neg_score", "query-negative"),
+                  ("guide_margin", "margin"))
+
+
+def quality_plot(path: str, by_task_type: dict[str, dict], title: str = "") -> str:
+    """Per task type, the guide's score distributions (the screen manifest's quantiles): a thin line from p05 to
+    p95, a thick one from p25 to p75 and a tick at the median, one panel per score."""
+    plt = _plt()
+    types = sorted(by_task_type)
+    fig, axes = plt.subplots(1, len(QUALITY_SCORES), figsize=(11, 0.45 * len(types) + 1.6), dpi=120, sharey=True)
+    for ax, (key, label) in zip(np.atleast_1d(axes), QUALITY_SCORES):
+        for y, t in enumerate(types):
+            q = (by_task_type[t] or {}).get(key) or {}
+            if q.get("p50") is None:
+                continue
+            ax.plot([q["p05"], q["p95"]], [y, y], color="#888", lw=1)
+            ax.plot([q["p25"], q["p75"]], [y, y], color="#1f77b4", lw=6, solid_capstyle="butt")
+            ax.plot([q["p50"]], [y], marker="|", color="k", ms=12)
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    ax0 = np.atleast_1d(axes)[0]
+    ax0.set_yticks(range(len(types)), [f"{t} ({(by_task_type[t] or {}).get('rows', 0)})" for t in types], fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

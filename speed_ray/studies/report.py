@@ -247,9 +247,33 @@ def _stage_png(store: RunStore, url: str, run: dict) -> str | None:
     return _local_png(store, url, lambda p: bar_plot(p, labels, series, f"{run['name']}: time per stage", "hours"))
 
 
+def quality_section(store: RunStore, base: str, run: dict) -> list[str]:
+    """The screen stage's removals by reason and the guide's score distributions per task type (quality.png)."""
+    from speed_ray.studies.plots import quality_plot
+    from speed_ray.studies.sweep import _local_png
+
+    m = next((m for m in run["manifests"].values() if m and isinstance(m.get("screen"), dict)), None)
+    if m is None:
+        return []
+    sc, q = m["screen"], m.get("quality") or {}
+    lines = ["## Data quality", "", f"The screen kept {_fmt(sc.get('rows_out'))} of {_fmt(sc.get('rows_in'))} rows "
+             f"(guide `{sc.get('guide')}`, margin {sc.get('margin')}, action `{sc.get('action')}`).", "",
+             "| removed because | rows |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted((sc.get("removed") or {}).items(), key=lambda kv: -kv[1])]
+    hits = ((sc.get("decontamination") or {}).get("hits_by_task") or {})
+    if hits:
+        lines += ["", "Contamination hits per evaluation task: " + ", ".join(f"{t} {_fmt(n)}" for t, n in
+                                                                             sorted(hits.items()))]
+    by_type = q.get("by_task_type") or {}
+    if by_type:
+        _local_png(store, f"{base}/quality.png", lambda p: quality_plot(p, by_type, "guide scores per task type"))
+        lines += ["", "![guide scores per task type](quality.png)"]
+    return lines + [""]
+
+
 def write_report(store: RunStore | str, run_name: str) -> str:
-    """Write runs/<run_name>/report/{report.md, report.html, stages.png, report.json}; returns the markdown's
-    URL."""
+    """Write runs/<run_name>/report/{report.md, report.html, stages.png, quality.png (with a screen stage),
+    report.json}; returns the markdown's URL."""
     from speed_ray.studies.cost import cost_table, markdown
     from speed_ray.studies.sweep import _write_text
 
@@ -265,6 +289,7 @@ def write_report(store: RunStore | str, run_name: str) -> str:
     if png:
         lines += ["![stages](stages.png)", ""]
     lines += _evaluation_section(run) + _paper_section(row, run["config"]) + _studies_section(store, run_name)
+    lines += quality_section(store, base, run)
     lines += ["## Cost", "", "Teacher calls and tokens per stage, CPU/GPU hours and dollars, and the paper's Table 5 "
               "(E5-mistral's and SPEED's teacher budgets) at the same prices.", "", markdown(cost), ""]
     url = f"{base}/report.md"
