@@ -116,7 +116,12 @@ class SplitSink:
 
 
 def _table(rows: list[dict], id_col: str) -> pa.Table:
-    return pa.Table.from_pylist(rows) if rows else pa.table({id_col: pa.array([], pa.string())})
+    """Rows of different shapes (a parse reject beside a refusal) -> one table with the union of their columns
+    (pa.Table.from_pylist alone keeps the first row's keys and silently drops the others')."""
+    if not rows:
+        return pa.table({id_col: pa.array([], pa.string())})
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
 
 
 def _error_kind(err: str) -> str:

@@ -1,15 +1,14 @@
-"""Teacher calls on Ray Data: an async map_batches UDF in an actor pool, a shared budget actor, a cost ledger."""
+"""Teacher calls on Ray Data: an async map_batches UDF in an actor pool and a shared budget actor, on the row
+contract of speed_ray.llm.rows."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from speed_ray import config_view
 from speed_ray.llm.cache import ResponseCache
@@ -91,10 +90,8 @@ def teacher_map(ds, cfg: "TeacherConfig", base_url: str, cache_url: str | None, 
                 batch_size: int = 64, num_actors: int = 1, num_cpus: float = 0.25,
                 usd_per_mtok: tuple[float, float] | None = None, budget_usd: float | None = None,
                 spent_usd: float = 0.0):
-    """Ray Data: rows with request_id, messages (JSON string), temperature, top_p, max_tokens, response_format
-    (JSON string or ""), optionally seed; returns ds plus response_text ("" if failed), prompt_tokens,
-    completion_tokens, cached, error ("" if ok), attempts, finish_reason. Lazy and streaming: nothing is
-    collected in the driver.
+    """Ray Data: request rows (speed_ray.llm.rows request columns and request_id) -> the same rows with the result
+    columns (text "" and error set when unanswered). Lazy and streaming: nothing is collected in the driver.
 
     cfg.concurrency, rpm and tpm are totals, split evenly across `num_actors`. With a budget cap in cfg
     (max_calls / max_tokens_budget, or budget_usd: dollars at usd_per_mtok, of which spent_usd are already paid)
