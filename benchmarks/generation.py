@@ -26,7 +26,7 @@ def _requests(n: int, max_tokens: int):
     """Synthesis prompts of mixed task types, greedy so both sides generate the same tokens."""
     import random
 
-    from speed_ray.generate.engine import GenRequest
+    from speed_ray.llm.rows import LLMRequest
     from speed_ray.synth.prompts import synthesis_messages
 
     types = ("sts", "bitext", "retrieval", "classification", "matching_short", "matching_long")
@@ -35,7 +35,7 @@ def _requests(n: int, max_tokens: int):
         rng = random.Random(i)
         t = types[i % len(types)]
         msgs, _ = synthesis_messages(t, f"Retrieve documents about topic {i % 7}.", rng, topic=f"Topic {i % 7}")
-        out.append(GenRequest(msgs, temperature=0.0, max_tokens=max_tokens, json_schema=None, seed=i))
+        out.append(LLMRequest(msgs, temperature=0.0, max_tokens=max_tokens, json_schema=None, seed=i))
     return out
 
 
@@ -66,7 +66,7 @@ def pipeline(kind: str, model: str, reqs, batch_size: int, num_cpus: float) -> d
     import ray
 
     from speed_ray.generate.config import EngineConfig
-    from speed_ray.generate.engine import request_columns
+    from speed_ray.llm.rows import request_columns
     from speed_ray.generate.ray_engines import generate_dataset
 
     cfg = EngineConfig(kind=kind, batch_size=batch_size, num_cpus_per_replica=num_cpus,

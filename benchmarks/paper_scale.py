@@ -624,7 +624,7 @@ def ids_synthesis_in(store, n: int) -> list[str]:
 
 
 def ids_synthesis_out(store, n: int, kill: bool) -> list[str]:
-    from speed_ray.generate.sink import rejects_output
+    from speed_ray.llm.shards import rejects_output
 
     out = store.stage("synthesis", _fp(n, kill))
     return _ids(out) + _ids(rejects_output(out))
@@ -667,7 +667,7 @@ def ids_embedder_out(store, n: int, kill: bool) -> list[str]:
 
 def _request_ids(out) -> list[str]:
     """The request ids a teacher stage wrote: its valid rows' and its rejects' (each answered request once)."""
-    from speed_ray.teacher.runner import rejects_output
+    from speed_ray.llm.shards import rejects_output
 
     return [i for o in (out, rejects_output(out)) if o.shard_names() for i in _ids(o, ("request_id",))]
 
@@ -780,7 +780,7 @@ def stub_engine_rate(model: str = "stub:dup=0.2,rows=1150000", rows: int = 2000,
 
     from speed_ray.generate.plan import plan_prompt, request_seed
     from speed_ray.generate.ray_engines import EngineUDF
-    from speed_ray.synth.schemas import sample_schema
+    from speed_ray.synth.schemas import response_format, sample_schema
 
     pools = {t: [{"id": f"t{i}", "topic": f"Topic {i}", "task": f"task {t} {i}", "lineage": "{}"} for i in range(50)]
              for t in TASK_TYPES}
@@ -789,7 +789,8 @@ def stub_engine_rate(model: str = "stub:dup=0.2,rows=1150000", rows: int = 2000,
         t = TASK_TYPES[i % len(TASK_TYPES)]
         r = plan_prompt(i, t, pools[t], SEED, "synthesis")
         r.update(messages=r["prompt"], temperature=1.0, top_p=1.0, max_tokens=800,
-                 json_schema=json.dumps(sample_schema(t)), seed=request_seed(SEED, r["id"]))
+                 response_format=json.dumps(response_format("json_schema", f"{t}_sample", sample_schema(t))),
+                 seed=request_seed(SEED, r["id"]))
         batch.append(r)
     table = pa.Table.from_pylist(batch)
     udf = EngineUDF("stub", model)

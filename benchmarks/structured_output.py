@@ -23,7 +23,7 @@ TYPES = ("retrieval", "classification", "matching_short", "matching_long", "sts"
 def _requests(n: int, max_tokens: int, structured: bool):
     import random
 
-    from speed_ray.generate.engine import GenRequest
+    from speed_ray.llm.rows import LLMRequest
     from speed_ray.synth.prompts import synthesis_messages
     from speed_ray.synth.schemas import sample_schema
 
@@ -35,7 +35,7 @@ def _requests(n: int, max_tokens: int, structured: bool):
             f"Classify product reviews about topic {i % 5} by sentiment." if t == "classification" else \
             f"Given a title about topic {i % 5}, retrieve its abstract."
         msgs, _ = synthesis_messages(t, task, rng, topic=f"Topic {i % 5}")
-        out.append((t, GenRequest(msgs, temperature=1.0, top_p=1.0, max_tokens=max_tokens,
+        out.append((t, LLMRequest(msgs, temperature=1.0, top_p=1.0, max_tokens=max_tokens,
                                   json_schema=sample_schema(t) if structured else None, seed=1000 + i)))
     return out
 

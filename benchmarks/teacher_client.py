@@ -23,7 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from speed_ray.teacher.client import ChatRequest, TeacherClient  # noqa: E402
+from speed_ray.llm.client import ChatClient  # noqa: E402
+from speed_ray.llm.rows import LLMRequest  # noqa: E402
 
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:
@@ -36,16 +37,17 @@ def start_server(latency: float) -> tuple[subprocess.Popen, str]:
     return proc, line.split(" ", 1)[1]
 
 
-def requests(n: int, tag: str) -> list[ChatRequest]:
-    return [ChatRequest(f"{tag}{i}", [{"role": "system", "content": "You write retrieval examples as JSON."},
-                                      {"role": "user", "content": f"Write example {tag}{i} about topic {i % 97}."}],
-                        max_tokens=256, response_format={"type": "json_object"}) for i in range(n)]
+def requests(n: int, tag: str) -> list[LLMRequest]:
+    return [LLMRequest([{"role": "system", "content": "You write retrieval examples as JSON."},
+                         {"role": "user", "content": f"Write example {tag}{i} about topic {i % 97}."}],
+                        max_tokens=256, response_format={"type": "json_object"}, request_id=f"{tag}{i}")
+            for i in range(n)]
 
 
 async def run_client(base_url: str, n: int, concurrency: int) -> tuple[float, float]:
     """(requests/s, client CPU seconds per request): the second is what the client itself costs, which a
     shared machine's load does not inflate the way it does wall time."""
-    client = TeacherClient(base_url, "bench", concurrency=concurrency, max_retries=0, timeout_s=30)
+    client = ChatClient(base_url, "bench", concurrency=concurrency, max_retries=0, timeout_s=30)
     await client.complete_many(requests(concurrency, "warm"))  # connections open, code paths warm
     t0, c0 = time.perf_counter(), time.process_time()
     res = await client.complete_many(requests(n, "r"))
@@ -64,7 +66,7 @@ async def run_bare(base_url: str, n: int, concurrency: int) -> float:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as s:
         sem = asyncio.Semaphore(concurrency)
 
-        async def one(r: ChatRequest):
+        async def one(r: LLMRequest):
             async with sem:
                 body = json.dumps({"model": "bench", "messages": r.messages, "max_tokens": r.max_tokens}).encode()
                 async with s.post(f"{base_url}/chat/completions", data=body,
@@ -85,7 +87,7 @@ async def run_sdk(base_url: str, n: int, concurrency: int) -> float:
         limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)))
     sem = asyncio.Semaphore(concurrency)
 
-    async def one(r: ChatRequest):
+    async def one(r: LLMRequest):
         async with sem:
             return await sdk.chat.completions.create(model="bench", messages=r.messages, max_tokens=r.max_tokens,
                                                      response_format=r.response_format)

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import pyarrow.parquet as pq
 
 from speed_ray.errors import DataError
+from speed_ray.llm.shards import rejects_output
 from speed_ray.progress import (DEDUP_STEPS, STAT_COLUMNS, STEPS_LOG, Expectation, Progress, ShardStats,
                                 expectation, format_line, progress_record, read_steps, shard_stats)
 from speed_ray.store import RunStore, StageOutput
@@ -28,19 +29,13 @@ _positions: list[int] = []          # tqdm rows taken by the bars of stages that
 _positions_lock = threading.Lock()
 
 
-def rejects_of(out: StageOutput) -> StageOutput:
-    rej = StageOutput(out.run_dir, out.stage, out.fingerprint)
-    rej.data_url = f"{out.artifacts_url}/rejects"
-    return rej
-
-
 class Snapshot:
     """Reads a stage's output into progress inputs; shards already read are not read again (they are written
     once, atomically), so each poll reads only the new ones."""
 
     def __init__(self, out: StageOutput):
         self.out = out
-        self.rejects = rejects_of(out)
+        self.rejects = rejects_output(out)
         self._cache: dict[str, ShardStats] = {}
 
     def _stats(self, view: StageOutput, is_rej: bool) -> list[ShardStats]:

@@ -14,7 +14,8 @@ import glob
 import os
 import time
 
-from speed_ray.generate.engine import EngineFatalError, StubEngine, error_result, stub_options
+from speed_ray.generate.engine import EngineFatalError, StubEngine, stub_options
+from speed_ray.llm.rows import error_result
 
 FAIL_ME = "FAIL_ME"
 

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _outputs(tmp_path):
     store = RunStore(str(tmp_path / "run"))
     out = store.stage("synthesis", "fp")
-    from speed_ray.generate.sink import rejects_output
+    from speed_ray.llm.shards import rejects_output
 
     rej = rejects_output(out)
     out.write_shard("a", {"id": [f"r{i}" for i in range(0, 60)]})
@@ -47,11 +47,11 @@ def test_done_set_without_ray_is_local(tmp_path, monkeypatch):
 
 
 def test_done_set_stays_in_the_object_store_and_filters(ray_local, tmp_path):
-    from speed_ray.generate.sink import done_ids_all
+    from speed_ray.llm.shards import done
     from speed_ray.streaming import filter_pending
 
-    out, rej = _outputs(tmp_path)
-    d = done_ids_all(out, rej)
+    out, _ = _outputs(tmp_path)
+    d = done(out)
     assert len(d) == 100 and bool(d)
     assert d.hashes is None and d.ref is not None        # the driver holds a count and a reference only
     ds = ray_local.data.from_items([{"id": f"r{i}", "x": i} for i in range(150)], override_num_blocks=3)
@@ -94,11 +94,12 @@ def test_dedup_stage_keeps_ids_and_components_out_of_the_driver(ray_local, tmp_p
 
 # ---- the stub engine's corpus mode ----------------------------------------------------------------------------------
 def _stub_samples(model: str, n: int, task_type: str = "retrieval", seed0: int = 0):
-    from speed_ray.generate.engine import GenRequest, StubEngine
+    from speed_ray.generate.engine import StubEngine
+    from speed_ray.llm.rows import LLMRequest
     from speed_ray.synth.schemas import sample_schema
 
     eng = StubEngine(model)
-    reqs = [GenRequest([{"role": "user", "content": f"prompt {i}"}], json_schema=sample_schema(task_type),
+    reqs = [LLMRequest([{"role": "user", "content": f"prompt {i}"}], json_schema=sample_schema(task_type),
                        seed=seed0 + i) for i in range(n)]
     return reqs, eng.generate(reqs)
 
@@ -147,13 +148,14 @@ def test_stub_corpus_distinct_rows_stay_distinct_and_dup_plants_a_fifth():
 
 
 def test_stub_revision_keeps_the_document_so_duplicates_survive():
-    from speed_ray.generate.engine import GenRequest, StubEngine
+    from speed_ray.generate.engine import StubEngine
+    from speed_ray.llm.rows import LLMRequest
     from speed_ray.synth.parsing import parse_sample
     from speed_ray.synth.prompts import revisor_messages
     from speed_ray.synth.schemas import sample_schema
 
     reqs, res = _stub_samples("stub:dup=0.2,rows=2000", 2000)
-    rev = [GenRequest(revisor_messages(json.dumps(q.messages), r.text), json_schema=sample_schema("retrieval"),
+    rev = [LLMRequest(revisor_messages(json.dumps(q.messages), r.text), json_schema=sample_schema("retrieval"),
                       seed=7 + i) for i, (q, r) in enumerate(zip(reqs, res))]
     out = StubEngine("stub:corpus=1").generate(rev)
     before = [parse_sample(r.text, "retrieval") for r in res]
@@ -165,9 +167,10 @@ def test_stub_revision_keeps_the_document_so_duplicates_survive():
 
 
 def test_stub_default_output_unchanged_and_options_checked():
-    from speed_ray.generate.engine import GenRequest, StubEngine
+    from speed_ray.generate.engine import StubEngine
+    from speed_ray.llm.rows import LLMRequest
 
-    r = GenRequest([{"role": "user", "content": "hello"}], seed=3)
+    r = LLMRequest([{"role": "user", "content": "hello"}], seed=3)
     out = StubEngine().generate([r])[0]
     assert json.loads(out.text) == {"query": "q 8db5496807f4", "positive": "p 8db5496807f4",
                                     "hard_negative": "n 8db5496807f4"}

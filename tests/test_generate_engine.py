@@ -7,8 +7,8 @@ import json
 import pytest
 
 from speed_ray.generate.config import EngineConfig
-from speed_ray.generate.engine import (GenRequest, StubEngine, generate_batch, request_columns,
-                                       requests_from_batch)
+from speed_ray.generate.engine import StubEngine, generate_batch
+from speed_ray.llm.rows import LLMRequest, request_columns, requests_from_batch
 
 SMALL_SCHEMA = {"type": "object", "properties": {"label": {"enum": ["yes", "no"]},
                                                   "score": {"type": "integer", "minimum": 0, "maximum": 9}},
@@ -19,7 +19,7 @@ def _msgs(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def _columns(reqs: list[GenRequest], **extra) -> dict:
+def _columns(reqs: list[LLMRequest], **extra) -> dict:
     cols = [request_columns(r) for r in reqs]
     batch = {k: [c[k] for c in cols] for k in cols[0]}
     batch.update(extra)
@@ -27,17 +27,17 @@ def _columns(reqs: list[GenRequest], **extra) -> dict:
 
 
 def test_request_columns_roundtrip():
-    r = GenRequest(_msgs("hi"), temperature=0.7, top_p=0.9, max_tokens=12, json_schema=SMALL_SCHEMA, seed=3)
+    r = LLMRequest(_msgs("hi"), temperature=0.7, top_p=0.9, max_tokens=12, json_schema=SMALL_SCHEMA, seed=3)
     back = requests_from_batch(_columns([r]))[0]
     assert back == r
-    r2 = GenRequest(_msgs("hi"))
+    r2 = LLMRequest(_msgs("hi"))
     assert requests_from_batch(_columns([r2]))[0] == r2
 
 
 def test_generate_batch_keeps_passthrough_and_isolates_bad_rows():
     from faulty_engine import FaultyEngine
 
-    reqs = [GenRequest(_msgs("a"), seed=1), GenRequest(_msgs("FAIL_ME"), seed=2), GenRequest(_msgs("c"))]
+    reqs = [LLMRequest(_msgs("a"), seed=1), LLMRequest(_msgs("FAIL_ME"), seed=2), LLMRequest(_msgs("c"))]
     batch = _columns(reqs, id=["x", "y", "z"])
     batch["messages"][2] = "{not json"
     out = generate_batch(FaultyEngine("stub"), batch, "custom")
@@ -45,12 +45,12 @@ def test_generate_batch_keeps_passthrough_and_isolates_bad_rows():
     assert out["finish_reason"] == ["stop", "error", "error"]
     assert json.loads(out["text"][0])
     assert out["text"][1] == "" and out["text"][2] == ""
-    assert "bad request row" in out["gen_error"][2]
+    assert out["error"][2].startswith("bad_request: ")       # a bad row is answered with an error naming it
     assert out["engine"] == ["custom"] * 3
 
 
 def test_stub_engine_follows_schema_and_is_deterministic():
-    r = GenRequest(_msgs("topic"), json_schema=SMALL_SCHEMA, seed=5)
+    r = LLMRequest(_msgs("topic"), json_schema=SMALL_SCHEMA, seed=5)
     a, b = StubEngine().generate([r]), StubEngine().generate([r])
     assert a == b
     assert json.loads(a[0].text) == {"label": "yes", "score": 0}
@@ -61,8 +61,8 @@ def test_engine_failure_marks_rows_not_raises():
         def generate(self, requests):
             raise RuntimeError("CUDA out of memory")
 
-    out = generate_batch(Boom(), _columns([GenRequest(_msgs("a"))]), "boom")
-    assert out["finish_reason"] == ["error"] and "out of memory" in out["gen_error"][0]
+    out = generate_batch(Boom(), _columns([LLMRequest(_msgs("a"))]), "boom")
+    assert out["finish_reason"] == ["error"] and "out of memory" in out["error"][0]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def tiny_engine(tiny_llama):
 
 
 def test_hf_engine_batches_mixed_params(tiny_engine):
-    reqs = [GenRequest(_msgs(f"prompt {i} " + "word " * i), temperature=t, max_tokens=m, seed=i)
+    reqs = [LLMRequest(_msgs(f"prompt {i} " + "word " * i), temperature=t, max_tokens=m, seed=i)
             for i, (t, m) in enumerate([(1.0, 7), (0.0, 3), (1.0, 12), (0.5, 5), (1.0, 1), (0.0, 9)])]
     res = tiny_engine.generate(reqs)
     assert len(res) == len(reqs)
@@ -86,21 +86,21 @@ def test_hf_engine_batches_mixed_params(tiny_engine):
 
 
 def test_hf_engine_greedy_is_deterministic_across_batches(tiny_engine):
-    r = GenRequest(_msgs("the quick brown fox"), temperature=0.0, max_tokens=8)
+    r = LLMRequest(_msgs("the quick brown fox"), temperature=0.0, max_tokens=8)
     alone = tiny_engine.generate([r])[0]
-    batched = tiny_engine.generate([GenRequest(_msgs("a much longer prompt " * 5), temperature=0.0, max_tokens=8),
+    batched = tiny_engine.generate([LLMRequest(_msgs("a much longer prompt " * 5), temperature=0.0, max_tokens=8),
                                     r])[1]
     assert alone.text == batched.text  # left padding + attention mask: neighbours do not change a row
 
 
 def test_hf_engine_seeded_sampling_reproduces(tiny_engine):
-    reqs = [GenRequest(_msgs(f"p{i}"), max_tokens=10, seed=i) for i in range(3)]
+    reqs = [LLMRequest(_msgs(f"p{i}"), max_tokens=10, seed=i) for i in range(3)]
     assert [g.text for g in tiny_engine.generate(reqs)] == [g.text for g in tiny_engine.generate(reqs)]
 
 
 def test_hf_engine_json_schema_constrains_a_random_model(tiny_engine):
-    reqs = [GenRequest(_msgs(f"rate {i}"), max_tokens=40, json_schema=SMALL_SCHEMA, seed=i) for i in range(4)]
-    reqs.append(GenRequest(_msgs("free text"), max_tokens=6, seed=9))  # unconstrained neighbour
+    reqs = [LLMRequest(_msgs(f"rate {i}"), max_tokens=40, json_schema=SMALL_SCHEMA, seed=i) for i in range(4)]
+    reqs.append(LLMRequest(_msgs("free text"), max_tokens=6, seed=9))  # unconstrained neighbour
     res = tiny_engine.generate(reqs)
     for g in res[:4]:
         obj = json.loads(g.text)  # random weights, yet every constrained output parses
@@ -110,8 +110,8 @@ def test_hf_engine_json_schema_constrains_a_random_model(tiny_engine):
 
 
 def test_hf_engine_bad_request_does_not_fail_batch(tiny_engine):
-    too_long = GenRequest(_msgs("word " * 5000), max_tokens=4)
-    ok = GenRequest(_msgs("hello"), max_tokens=4, seed=1)
+    too_long = LLMRequest(_msgs("word " * 5000), max_tokens=4)
+    ok = LLMRequest(_msgs("hello"), max_tokens=4, seed=1)
     res = tiny_engine.generate([too_long, ok])
     assert res[0].finish_reason == "error" and "max_model_len" in res[0].error
     assert res[1].finish_reason in ("stop", "length") and res[1].completion_tokens >= 1
@@ -143,9 +143,9 @@ def test_an_engine_error_marks_its_batch_but_a_fatal_one_fails_the_stage():
         def generate(self, requests):
             raise self.exc
 
-    batch = _columns([GenRequest(_msgs("a")), GenRequest(_msgs("b"))], id=["x", "y"])
+    batch = _columns([LLMRequest(_msgs("a")), LLMRequest(_msgs("b"))], id=["x", "y"])
     out = generate_batch(Broken(RuntimeError("CUDA error: out of memory")), batch, "custom")
-    assert out["finish_reason"] == ["error", "error"] and "out of memory" in out["gen_error"][0]
+    assert out["finish_reason"] == ["error", "error"] and "out of memory" in out["error"][0]
     with pytest.raises(EngineFatalError, match="device lost"):
         generate_batch(Broken(EngineFatalError("device lost")), batch, "custom")
 

@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from speed_ray.generate.sink import LowValidShare, check_valid_share
+from speed_ray.llm.metrics import LowValidShare, check_valid_share
 from speed_ray.pipeline import StageContext, StageError, build_plan, fingerprints, run_pipeline
 from speed_ray.run_config import build_config
 from speed_ray.store import RunStore
@@ -60,7 +60,7 @@ def _faulty(**kw):
 
 
 def _all_ids(ctx) -> list[str]:
-    from speed_ray.generate.sink import rejects_output
+    from speed_ray.llm.shards import rejects_output
 
     ids = ctx.out.read_table(columns=["id"]).column("id").to_pylist() if ctx.out.shard_names() else []
     rej = rejects_output(ctx.out)
@@ -98,7 +98,7 @@ def test_synthesis_stage_streams_by_mixture(ray_local, tmp_path):
 
 
 def test_synthesis_rejects_are_counted_and_kept_out(ray_local, tmp_path):
-    from speed_ray.generate.sink import rejects_output
+    from speed_ray.llm.shards import rejects_output
     from speed_ray.generate.stages import synthesis_stage
 
     # unconstrained, the stub writes {query, positive, hard_negative}: wrong keys for every task type
@@ -163,7 +163,7 @@ def test_mostly_rejects_fails_loudly_keeps_shards_and_lower_floor_reuses_them(ra
     lower floor (same fingerprint) completes from those shards without generating anything again."""
     from types import SimpleNamespace
 
-    from speed_ray.generate.sink import rejects_output
+    from speed_ray.llm.shards import rejects_output
 
     def cfg_with(**synthesis):
         # retrieval's 12-word stub JSON is cut at 10 tokens (truncated), classification tasks carry FAIL_ME
@@ -291,7 +291,7 @@ def test_worker_killed_mid_stage_is_retried(ray_local, tmp_path):
 def _settled(ctx, quiet_s: float = 3.0, timeout_s: float = 120.0) -> dict[str, int]:
     """Shard url -> mtime of the shards holding rows, once nothing has changed for quiet_s (tasks of a failed
     or killed run may still be landing a write), so the rerun is checked against what it will really find."""
-    from speed_ray.generate.sink import rejects_output
+    from speed_ray.llm.shards import rejects_output
 
     import pyarrow.parquet as pq
 

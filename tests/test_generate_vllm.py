@@ -8,7 +8,7 @@ import os
 import pytest
 
 from speed_ray.generate.config import EngineConfig
-from speed_ray.generate.engine import GenRequest, request_columns
+from speed_ray.llm.rows import LLMRequest, request_columns
 from speed_ray.generate.vllm_engine import (Preprocess, finalize_row, lora_target, postprocess, processor_kwargs,
                                             sampling_params, vllm_lora_rank)
 from speed_ray.synth.schemas import sample_schema
@@ -90,7 +90,7 @@ def test_processor_kwargs_validate_against_ray_config():
 
 
 def test_rows_to_vllm_and_back():
-    row = {"id": "a", "prompt": "[data prompt]", **request_columns(GenRequest(
+    row = {"id": "a", "prompt": "[data prompt]", **request_columns(LLMRequest(
         [{"role": "user", "content": "hi"}], temperature=0.5, max_tokens=10, json_schema=SCHEMA, seed=3))}
     sp = sampling_params(row)
     assert sp == {"temperature": 0.5, "top_p": 1.0, "max_tokens": 10, "seed": 3,
@@ -107,13 +107,13 @@ def test_rows_to_vllm_and_back():
     assert json.loads(out["messages"]) == [{"role": "user", "content": "hi"}]
     assert "generated_tokens" not in out and "sampling_params" not in out and "model" not in out
     err = finalize_row({**pre, "__inference_error__": "prompt too long"})
-    assert err["finish_reason"] == "error" and err["text"] == "" and err["gen_error"] == "prompt too long"
+    assert err["finish_reason"] == "error" and err["text"] == "" and err["error"] == "prompt too long"
     assert err["prompt"] == "[data prompt]"
 
 
 def test_unseeded_unconstrained_sampling_params():
-    row = request_columns(GenRequest([{"role": "user", "content": "x"}]))
-    assert sampling_params(row) == {"temperature": 1.0, "top_p": 1.0, "max_tokens": 800, "seed": None}
+    row = request_columns(LLMRequest([{"role": "user", "content": "x"}]))
+    assert sampling_params(row) == {"temperature": 1.0, "top_p": 1.0, "max_tokens": 1024, "seed": None}
 
 
 def _block(rows: list[dict]):
@@ -124,7 +124,7 @@ def _block(rows: list[dict]):
 
 
 def _req(task_type: str | None, seed: int | None, tag: str | None = None) -> dict:
-    return request_columns(GenRequest([{"role": "user", "content": tag or str(task_type)}], seed=seed,
+    return request_columns(LLMRequest([{"role": "user", "content": tag or str(task_type)}], seed=seed,
                                       json_schema=sample_schema(task_type) if task_type else None))
 
 
@@ -164,7 +164,7 @@ def test_preprocess_names_the_model_and_keeps_engine_inputs_out_of_passthrough_c
     # ray.data.llm keeps the input row's columns next to the preprocess output; the engine stage reads `model`
     # (another value than the processor's model is a LoRA request) and e.g. tokenization_kwargs from the row
     row = {"model": "generator-name", "tokenization_kwargs": {"truncation": True},
-           **request_columns(GenRequest([{"role": "user", "content": "x"}]))}
+           **request_columns(LLMRequest([{"role": "user", "content": "x"}]))}
     pre = Preprocess("/models/base")(row)
     assert pre["model"] == "/models/base" and pre["tokenization_kwargs"] is None
     out = postprocess({**row, **pre, "generated_text": "y", "num_generated_tokens": 1})
@@ -183,7 +183,7 @@ def test_vllm_generates_on_gpu(ray_local, tmp_path):
     from speed_ray.models.offline import resolve_model
 
     cfg = EngineConfig(kind="vllm", batch_size=8, max_model_len=2048, num_gpus_per_replica=1, enforce_eager=True)
-    rows = [{"id": str(i), **request_columns(GenRequest([{"role": "user", "content": f"Write sentence {i}."}],
+    rows = [{"id": str(i), **request_columns(LLMRequest([{"role": "user", "content": f"Write sentence {i}."}],
                                                         max_tokens=64, json_schema=SCHEMA, seed=i))}
             for i in range(8)]
     out = generate_dataset(ray.data.from_items(rows), cfg, resolve_model("offline:smollm2")).take_all()

@@ -75,7 +75,7 @@ def test_expectation_from_config_and_inputs():
 # ---- the monitor around real runs ----------------------------------------------------------------------------
 def _slow_stage(ctx) -> dict:
     """Writes its output in a few shards over ~0.6 s: data rows, rejects with reasons, teacher tokens."""
-    from speed_ray.monitor import rejects_of
+    from speed_ray.llm.shards import rejects_output as rejects_of
     from speed_ray.steplog import StepLog, steps_url
 
     name = ctx.name

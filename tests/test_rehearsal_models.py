@@ -73,12 +73,12 @@ def _adapter(tiny_llama, tmp_path):
 
 
 def test_hf_engine_loads_adapters_from_local_and_s3_run_dirs(s3_server, tiny_llama, tmp_path, monkeypatch):
-    from speed_ray.generate.engine import GenRequest
+    from speed_ray.llm.rows import LLMRequest
     from speed_ray.generate.hf_engine import HFEngine
 
     monkeypatch.setenv("SPEED_RAY_CACHE", str(tmp_path / "cache"))
     adapter, merged = _adapter(tiny_llama, tmp_path)
-    req = [GenRequest([{"role": "user", "content": "Write a query."}], temperature=0.0, max_tokens=12, seed=1)]
+    req = [LLMRequest([{"role": "user", "content": "Write a query."}], temperature=0.0, max_tokens=12, seed=1)]
     want = HFEngine(str(merged)).generate(req)[0].text
     base_only = HFEngine(tiny_llama).generate(req)[0].text
     assert want != base_only                                   # the adapter matters
@@ -127,12 +127,12 @@ def test_evaluation_task_asks_ray_for_its_resources():
 def test_hf_engine_actor_pool_loads_adapter_from_s3(ray_local, s3_server, tiny_llama, tmp_path):
     """generate_dataset's actor pool (a Ray worker, not this process) fetches the base and the adapter from S3."""
     from speed_ray.generate.config import EngineConfig
-    from speed_ray.generate.engine import GenRequest, request_columns
+    from speed_ray.llm.rows import LLMRequest, request_columns
     from speed_ray.generate.hf_engine import HFEngine
     from speed_ray.generate.ray_engines import generate_dataset
 
     adapter, merged = _adapter(tiny_llama, tmp_path)
-    req = GenRequest([{"role": "user", "content": "Write a query."}], temperature=0.0, max_tokens=12, seed=1)
+    req = LLMRequest([{"role": "user", "content": "Write a query."}], temperature=0.0, max_tokens=12, seed=1)
     want = HFEngine(str(merged)).generate([req])[0].text
     url = f"s3://{s3_server['bucket']}/runs/pool/stages/senior_dpo/abc/artifacts"
     _upload(tiny_llama, url + "/model")

@@ -25,7 +25,7 @@ import sys
 import pytest
 
 from speed_ray.generate.config import EngineConfig
-from speed_ray.generate.engine import GenRequest, request_columns
+from speed_ray.llm.rows import LLMRequest, request_columns
 from speed_ray.synth.schemas import sample_keys, sample_schema
 
 pytestmark = pytest.mark.rehearsal
@@ -52,7 +52,7 @@ def _request_rows() -> list[dict]:
     rows = []
     for i in range(N_ROWS):
         t = TYPES[i % len(TYPES)]
-        req = GenRequest([{"role": "user", "content": f"Write a {t} example, number {i}."}], temperature=0.7,
+        req = LLMRequest([{"role": "user", "content": f"Write a {t} example, number {i}."}], temperature=0.7,
                          max_tokens=64, json_schema=sample_schema(t), seed=None if 6 <= i < 9 else 1000 + i)
         # passthrough columns as the synthesis stage has them; `prompt` collides with ray.data.llm's own column
         rows.append({"id": f"r{i}", "task_type": t, "prompt": f"[data prompt {i}]", **request_columns(req)})
@@ -97,7 +97,7 @@ def test_engine_stage_gets_each_rows_own_schema_intact(processed, tiny_llama):
         compiler.compile_json_schema(schema)
         # and back through detokenize + postprocess: our columns restored, the stand-in's text as the result
         assert out["prompt"] == src["prompt"] and out["task_type"] == src["task_type"]
-        assert out["finish_reason"] == "stop" and out["gen_error"] == "" and out["engine"] == "vllm"
+        assert out["finish_reason"] == "stop" and out["error"] == "" and out["engine"] == "vllm"
         assert json.loads(out["messages"]) == json.loads(src["messages"]) and out["completion_tokens"] > 0
         assert list(json.loads(out["text"])) == list(sample_keys(src["task_type"]))
 
@@ -124,7 +124,7 @@ def test_unconstrained_unseeded_row_becomes_plain_sampling_params(tiny_llama):
     """engine.structured_output off: no structured_outputs key at all, which the engine stage reads as None."""
     from speed_ray.generate.vllm_engine import Preprocess
 
-    pre = Preprocess(tiny_llama)(request_columns(GenRequest([{"role": "user", "content": "x"}], max_tokens=9)))
+    pre = Preprocess(tiny_llama)(request_columns(LLMRequest([{"role": "user", "content": "x"}], max_tokens=9)))
     assert "structured_outputs" not in pre["sampling_params"] and pre["sampling_params"]["seed"] is None
     vllm = _vllm()
     from speed_ray.generate.vllm_rehearsal import engine_request
@@ -154,7 +154,7 @@ def test_local_lora_adapter_reaches_vllm_as_a_loadable_lora_request(tmp_path, ti
     adapter = _adapter(tmp_path, tiny_llama, r=80)                 # 80 is not a rank vLLM reserves
     kw = processor_kwargs(EngineConfig(kind="vllm", use_adapter=True), tiny_llama, adapter)
     assert kw["engine_kwargs"]["max_lora_rank"] == 128 and "dynamic_lora_loading_path" not in kw
-    pre = Preprocess(lora_target(adapter)[1])(request_columns(GenRequest([{"role": "user", "content": "x"}])))
+    pre = Preprocess(lora_target(adapter)[1])(request_columns(LLMRequest([{"role": "user", "content": "x"}])))
     # ray.data.llm's engine stage: a `model` other than model_source is a LoRA adapter to fetch
     assert pre["model"] != tiny_llama
     assert download_lora_adapter(pre["model"], remote_path=kw.get("dynamic_lora_loading_path")) == adapter

@@ -13,11 +13,13 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from speed_ray.teacher.cache import ResponseCache
-from speed_ray.teacher.client import ChatRequest, Secret, TeacherClient
+from speed_ray.llm.cache import ResponseCache
+from speed_ray.llm.client import ChatClient, Secret
+from speed_ray.llm.metrics import ledger_from_table
+from speed_ray.llm.ratelimit import Budget, RateLimiter, TokenBucket, backoff_delay, parse_retry_after
+from speed_ray.llm.rows import LLMRequest, result_columns
 from speed_ray.teacher.config import TeacherConfig
-from speed_ray.teacher.ratelimit import Budget, RateLimiter, TokenBucket, backoff_delay, parse_retry_after
-from speed_ray.teacher.requests_ray import ledger_from_table, results_to_columns
+from speed_ray.teacher.requests_ray import client_from_config
 from fake_openai import REFUSAL, FakeOpenAI, Fault, request_hash
 
 KEY = "sk-test-REDACTME-7f3a9c1e5b2d4086"
@@ -29,24 +31,24 @@ def srv():
         yield s
 
 
-def req(i, text: str = "", **kw) -> ChatRequest:
-    return ChatRequest(f"r{i}", [{"role": "system", "content": "be brief"},
-                                 {"role": "user", "content": f"question {i} {text}"}], max_tokens=64, **kw)
+def req(i, text: str = "", **kw) -> LLMRequest:
+    return LLMRequest([{"role": "system", "content": "be brief"}, {"role": "user", "content": f"question {i} {text}"}],
+                      max_tokens=64, request_id=f"r{i}", **kw)
 
 
-def client(srv, **kw) -> TeacherClient:
+def client(srv, **kw) -> ChatClient:
     kw.setdefault("backoff_base_s", 0.01)
     kw.setdefault("backoff_max_s", 0.05)
     kw.setdefault("max_retries", 2)
     kw.setdefault("timeout_s", 10.0)
-    return TeacherClient(srv.base_url, "fake-model", api_key_env="SPEED_RAY_TEST_KEY", **kw)
+    return ChatClient(srv.base_url, "fake-model", api_key_env="SPEED_RAY_TEST_KEY", **kw)
 
 
 def arrivals(srv, h: str) -> list[float]:
     return [t for t, hh, _ in srv.log if hh == h]
 
 
-def hash_of(c: TeacherClient, r: ChatRequest) -> str:
+def hash_of(c: ChatClient, r: LLMRequest) -> str:
     return request_hash(c._body(r))
 
 
@@ -110,7 +112,7 @@ def test_429_retry_after_is_honoured(srv, form):
     value = "1" if form == "seconds" else email.utils.formatdate(time.time() + 3, usegmt=True)
     srv.add_fault(Fault("status", status=429, retry_after=value, times=1))
     [res] = c.complete_many_sync([r])
-    assert res.error is None and res.attempts == 2 and res.text
+    assert res.error == "" and res.attempts == 2 and res.text
     t = arrivals(srv, hash_of(c, r))
     # backoff alone would be <= 0.01 s; the retry waited for the server's window (an HTTP date has 1 s resolution)
     assert len(t) == 2 and t[1] - t[0] >= 0.9
@@ -125,11 +127,11 @@ def test_5xx_retried_then_exhausted_and_4xx_not_retried(srv):
     reqs = [req(0, "doomed"), req(1, "flaky"), req(2, "invalid"), req(3, "missing"), req(4)]
     res = c.complete_many_sync(reqs)
     assert [r.request_id for r in res] == [r.request_id for r in reqs]   # order preserved
-    assert (res[0].error, res[0].attempts, res[0].text) == ("http_500_exhausted", 3, None)
-    assert (res[1].error, res[1].attempts) == (None, 2)
+    assert (res[0].error, res[0].attempts, res[0].text) == ("http_500_exhausted", 3, "")
+    assert (res[1].error, res[1].attempts) == ("", 2)
     assert (res[2].error, res[2].attempts) == ("http_400: bad field 'x'", 1)
     assert res[3].error.startswith("http_404") and res[3].attempts == 1
-    assert (res[4].error, res[4].attempts) == (None, 1)
+    assert (res[4].error, res[4].attempts) == ("", 1)
     assert srv.received[hash_of(c, reqs[0])] == 3 and srv.received[hash_of(c, reqs[2])] == 1
     assert srv.total == sum(r.attempts for r in res)
 
@@ -143,10 +145,10 @@ def test_timeouts_dropped_connections_and_garbage_bodies_are_retried(srv):
                   Fault("disconnect", match="gone", times=None))
     res = c.complete_many_sync([req(0, "slow-once"), req(1, "slow-always"), req(2, "garbled"), req(3, "dropped"),
                                 req(4, "gone")])
-    assert (res[0].error, res[0].attempts) == (None, 2)
+    assert (res[0].error, res[0].attempts) == ("", 2)
     assert (res[1].error, res[1].attempts) == ("timeout_exhausted", 2)
-    assert (res[2].error, res[2].attempts) == (None, 2)
-    assert (res[3].error, res[3].attempts) == (None, 2)
+    assert (res[2].error, res[2].attempts) == ("", 2)
+    assert (res[3].error, res[3].attempts) == ("", 2)
     assert (res[4].error, res[4].attempts) == ("connection_exhausted", 2)
 
 
@@ -163,7 +165,7 @@ def test_content_faults_are_answers_for_the_parser(srv, tmp_path):
     assert res[0].finish_reason == "length"
     assert res[1].text == REFUSAL
     assert "unexpected_field" in json.loads(res[2].text)
-    assert res[3].text is None and res[3].error == f"refusal: {REFUSAL}"
+    assert res[3].text == "" and res[3].error == f"refusal: {REFUSAL}"
     assert len(cache) == 3
 
 
@@ -179,7 +181,7 @@ def test_custom_responder_and_cache_outage_keep_answers(tmp_path):
 
     with FakeOpenAI(responder=responder) as srv:
         [res] = client(srv, cache=BrokenCache(str(tmp_path))).complete_many_sync([req(1)])
-    assert res.error is None and json.loads(res.text) == {"query": "QUESTION 1 "}
+    assert res.error == "" and json.loads(res.text) == {"query": "QUESTION 1 "}
     assert (res.prompt_tokens, res.completion_tokens) == (11, 7)
 
 
@@ -187,7 +189,7 @@ def test_concurrency_bound_is_respected():
     with FakeOpenAI(latency_s=0.1) as srv:
         c = client(srv, concurrency=4)
         res = c.complete_many_sync([req(i) for i in range(24)])
-        assert all(r.error is None for r in res)
+        assert all(r.error == "" for r in res)
         assert 2 <= srv.max_inflight <= 4
 
 
@@ -195,7 +197,7 @@ def test_rpm_limit_spreads_requests(srv):
     c = client(srv, rpm=600)                         # 10/s with a burst of 10
     t0 = time.monotonic()
     res = c.complete_many_sync([req(i) for i in range(25)])
-    assert all(r.error is None for r in res)
+    assert all(r.error == "" for r in res)
     # 15 requests beyond the burst need 1.5 s at 10/s: the last cannot reach the server sooner (a lower bound,
     # which a slow machine cannot break)
     assert max(t for t, _, _ in srv.log) - t0 >= 1.45
@@ -214,9 +216,9 @@ def test_cache_rerun_sends_only_what_failed(srv, tmp_path):
     c2 = client(srv, cache=ResponseCache(cache_url))   # a fresh process would build a fresh client
     second = c2.complete_many_sync(reqs)
     assert set(srv.received) == failed and srv.total == 4
-    assert all(x.error is None for x in second)
+    assert all(x.error == "" for x in second)
     assert sum(x.cached for x in second) == 16
-    assert [x.text for x, y in zip(second, first) if y.error is None] == [y.text for y in first if y.error is None]
+    assert [x.text for x, y in zip(second, first) if y.error == ""] == [y.text for y in first if y.error == ""]
     srv.reset_counts()
     third = c2.complete_many_sync(reqs)
     assert srv.total == 0 and all(x.cached for x in third)
@@ -226,7 +228,7 @@ def test_cache_key_covers_the_request_not_the_auth():
     base = req(1)
     k = ResponseCache.key_for("m", base)
     assert k == ResponseCache.key_for("m", req(1))
-    assert k == ResponseCache.key_for("m", ChatRequest("another-id", base.messages, max_tokens=64))
+    assert k == ResponseCache.key_for("m", LLMRequest(base.messages, max_tokens=64, request_id="another-id"))
     for other in (ResponseCache.key_for("m2", base), ResponseCache.key_for("m", req(2)),
                   ResponseCache.key_for("m", req(1, temperature=0.0)), ResponseCache.key_for("m", req(1, seed=3)),
                   ResponseCache.key_for("m", req(1, response_format={"type": "json_object"}))):
@@ -239,15 +241,15 @@ def test_budget_stops_at_cap_and_every_request_is_accounted(srv, tmp_path):
     c = client(srv, concurrency=3, budget=Budget(max_calls=10), max_retries=1, cache=ResponseCache(str(tmp_path)))
     reqs = [req(i, "doomed" if i in (2, 7) else "") for i in range(16)]
     res = c.complete_many_sync(reqs)
-    ok = [r for r in res if r.error is None]
+    ok = [r for r in res if r.error == ""]
     failed = [r for r in res if r.error and r.error != "budget_exhausted"]
     skipped = [r for r in res if r.error == "budget_exhausted"]
     assert len(ok) + len(failed) + len(skipped) == len(reqs)
     assert len(ok) + len(failed) == 10 and len(skipped) == 6
-    assert all(r.attempts == 0 and r.text is None for r in skipped)
+    assert all(r.attempts == 0 and r.text == "" for r in skipped)
     assert len(srv.received) == 10                   # nothing past the cap reached the server
     assert srv.total == sum(r.attempts for r in res)
-    ledger = ledger_from_table(pa.table(results_to_columns(res, [""] * len(res))))
+    ledger = ledger_from_table(pa.table(result_columns(res)))
     assert ledger["calls"] == 10 and ledger["budget_exhausted"] == 6 and ledger["cached_calls"] == 0
     assert ledger["failed_calls"] == len(failed)
     assert ledger["completion_tokens"] == sum(r.completion_tokens for r in ok) > 0
@@ -255,8 +257,8 @@ def test_budget_stops_at_cap_and_every_request_is_accounted(srv, tmp_path):
     srv.clear_faults()
     srv.reset_counts()
     again = client(srv, budget=Budget(max_calls=10), cache=ResponseCache(str(tmp_path))).complete_many_sync(reqs)
-    assert srv.total == len(failed) + len(skipped) and all(r.error is None for r in again)
-    assert ledger_from_table(pa.table(results_to_columns(again, [""] * 16)))["cached_calls"] == len(ok)
+    assert srv.total == len(failed) + len(skipped) and all(r.error == "" for r in again)
+    assert ledger_from_table(pa.table(result_columns(again)))["cached_calls"] == len(ok)
 
 
 def test_token_budget_never_overshoots(srv):
@@ -264,7 +266,7 @@ def test_token_budget_never_overshoots(srv):
     res = client(srv, budget=budget, concurrency=4).complete_many_sync([req(i) for i in range(40)])
     spent = sum(r.prompt_tokens + r.completion_tokens for r in res)
     assert spent <= 1000 and budget.tokens_spent == spent and budget.tokens_reserved == 0
-    assert any(r.error == "budget_exhausted" for r in res) and any(r.error is None for r in res)
+    assert any(r.error == "budget_exhausted" for r in res) and any(r.error == "" for r in res)
 
 
 def test_api_key_never_leaks(srv, tmp_path, monkeypatch, caplog):
@@ -282,7 +284,7 @@ def test_api_key_never_leaks(srv, tmp_path, monkeypatch, caplog):
     from speed_ray.store import StageOutput
 
     out = StageOutput(str(tmp_path / "run"), "teacher", "fp")
-    out.write_shard("part-0", pa.table(results_to_columns(res, [""] * len(res))))
+    out.write_shard("part-0", pa.table(result_columns(res)))
     out.write_manifest({"cost": ledger_from_table(out.read_table()), "results": [repr(r) for r in res]})
     texts = [caplog.text, repr(c), str(c.__dict__), repr(Secret(KEY)), str(Secret(KEY)), *map(repr, res)]
     with pytest.raises(TypeError):
@@ -390,7 +392,7 @@ def test_max_completion_tokens_for_newer_models(srv):
     from speed_ray.run_config import build_config
 
     cfg = build_config({"teacher": {"base_url": srv.base_url, "max_tokens_param": "max_completion_tokens"}}).teacher
-    body = TeacherClient.from_config(cfg, None, None)._body(req(0))
+    body = client_from_config(cfg, None, None)._body(req(0))
     assert body["max_completion_tokens"] == 64 and "max_tokens" not in body
     assert client(srv)._body(req(0))["max_tokens"] == 64
     with pytest.raises(ConfigError, match="max_tokens_param"):

@@ -13,7 +13,7 @@ import pytest
 from speed_ray.pipeline import StageContext, StageError, fingerprints, build_plan, run_pipeline
 from speed_ray.run_config import build_config
 from speed_ray.store import RunStore
-from speed_ray.teacher.runner import rejects_output
+from speed_ray.llm.shards import rejects_output
 from fake_openai import FakeOpenAI, Fault  # tests/ is on sys.path under pytest
 
 POISON = "POISONED"   # in every classification task: the fault plan makes requests about them fail forever
@@ -101,7 +101,7 @@ def test_stages_survive_faults_and_rerun_sends_only_missing(ray_local, tmp_path,
     assert {"topic", "task_id", "task", "task_type", "prompt_params", "generator"} <= set(lin)
     assert lin["generator"] == "teacher:fake-gpt" == r["generator"] and json.loads(r["prompt_params"])["task_type"]
     rej = rejects_output(out).read_rows()
-    assert {x["reject_reason"] for x in rej} >= {"truncated", "refusal"} and all(x["response_text"] for x in rej)
+    assert {x["reject_reason"] for x in rej} >= {"truncated", "refusal"} and all(x["text"] for x in rej)
 
     # brainstorm: tasks normalized and deduped, tasks_per_topic=1, STS gets E5's fixed task without a call
     tasks = stage_out(cfg, "brainstorm").read_rows()

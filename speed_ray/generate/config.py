@@ -15,7 +15,7 @@ CHECK_ONLY = {"fingerprint": False}
 
 
 def check_min_valid_share(value: float) -> None:
-    """min_valid_share: below this share of valid output a stage fails (speed_ray.generate.sink.check_valid_share),
+    """min_valid_share: below this share of valid output a stage fails (speed_ray.llm.metrics.check_valid_share),
     keeping its shards, so a rerun resumes. 0 disables the floor; a stage with nothing valid fails whatever it is."""
     check(0.0 <= value <= 1.0, "min_valid_share", "must be in [0, 1] (0 disables the floor)")
 
@@ -28,11 +28,19 @@ def torch_threads_for(torch_threads: int | None, num_cpus: float) -> int:
 @dataclass(frozen=True)
 class EngineConfig:
     # hf: transformers generate (CPU); vllm: ray.data.llm; stub: the model-free test engine (tests, benchmarks);
-    # custom: your own engine, built by `factory` in each replica
-    kind: Literal["hf", "vllm", "stub", "custom"] = "hf"
-    model: str | None = None                  # None: the upstream generator's merged checkpoint
+    # custom: your own engine, built by `factory` in each replica; openai: any OpenAI-compatible endpoint at
+    # base_url (a vLLM server, a hosted API), called through speed_ray.llm.client
+    kind: Literal["hf", "vllm", "stub", "custom", "openai"] = "hf"
+    model: str | None = None                  # None: the upstream generator's merged checkpoint; openai: the model
+    #                                           name the endpoint serves (required)
+    base_url: str | None = None               # openai: the endpoint, e.g. http://host:8000/v1 (required)
+    api_key_env: str = "OPENAI_API_KEY"       # openai: env var holding the key, read on the driver (none: no header)
+    concurrency: int = 16                     # openai: requests in flight per replica
+    timeout_s: float = 120.0                  # openai: per attempt
+    max_retries: int = 6                      # openai: retries of 429/5xx/timeouts; a row still unanswered is not
+    #                                           written and the stage fails naming the error (a rerun resends it)
     factory: str | None = None                # custom: "module:callable", called with the model string; returns an
-    #                                           object with generate(list[GenRequest]) -> list[GenResult]
+    #                                           object with generate(list[LLMRequest]) -> list[LLMResult]
     batch_size: int = 8                       # prompts per generate call / vLLM batch
     max_new_tokens: int = 800                 # the SPEED tryout scripts use 800
     max_model_len: int = 4096
@@ -58,6 +66,13 @@ class EngineConfig:
         check((self.kind == "custom") == bool(self.factory), "factory",
               "is needed by kind: custom (a 'module:callable' building the engine), and only by it")
         check(not self.factory or ":" in self.factory, "factory", "must be 'module:callable'")
+        check((self.kind == "openai") == bool(self.base_url), "base_url",
+              "is needed by kind: openai (the endpoint, e.g. http://host:8000/v1), and only by it")
+        check(self.kind != "openai" or bool(self.model), "model",
+              "is needed by kind: openai (the model name the endpoint serves)")
+        check(self.concurrency > 0, "concurrency", "must be > 0")
+        check(self.timeout_s > 0, "timeout_s", "must be > 0")
+        check(self.max_retries >= 0, "max_retries", "must be >= 0")
         check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
         check(1 <= self.replicas_min <= self.replicas_max, "replicas_min",
               "need 1 <= replicas_min <= replicas_max")

@@ -1,4 +1,4 @@
-"""The generation row contract shared by every engine: requests in, results out, as dataclasses and as columns."""
+"""The generator engines on the row contract of speed_ray.llm.rows: running a batch through one, and the stub."""
 
 from __future__ import annotations
 
@@ -6,93 +6,21 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol
+
+import pyarrow as pa
+
+from speed_ray.llm.rows import (LLMRequest, LLMResult, error_result, merge_results, requests_from_batch,
+                                with_results)
 
 log = logging.getLogger("speed_ray.generate")
 
 FINISH_REASONS = ("stop", "length", "error")
 
 
-@dataclass
-class GenRequest:
-    """One chat prompt plus its sampling parameters (OpenAI chat-completions semantics)."""
-
-    messages: list[dict]
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 800
-    json_schema: dict | None = None           # constrain the output to this JSON schema when the engine can
-    seed: int | None = None
-
-
-@dataclass
-class GenResult:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str                        # "stop" | "length" | "error"
-    error: str = ""                           # why, when finish_reason == "error"
-
-
 class Engine(Protocol):
-    def generate(self, requests: list[GenRequest]) -> list[GenResult]: ...
-
-
-def error_result(reason: str) -> GenResult:
-    return GenResult(text="", prompt_tokens=0, completion_tokens=0, finish_reason="error", error=reason)
-
-
-# ---- the Ray Data row contract ------------------------------------------------------------------------
-# Input columns a generation batch must have; every other column passes through untouched.
-REQUEST_COLUMNS = ("messages", "temperature", "top_p", "max_tokens", "json_schema", "seed")
-# Columns an engine adds to each row.
-RESULT_COLUMNS = ("text", "prompt_tokens", "completion_tokens", "finish_reason", "gen_error", "engine")
-
-
-def request_columns(req: GenRequest) -> dict[str, Any]:
-    """A request as flat Parquet-friendly columns (JSON-in-string for nested values; -1 for no seed)."""
-    return {"messages": json.dumps(req.messages, ensure_ascii=False), "temperature": float(req.temperature),
-            "top_p": float(req.top_p), "max_tokens": int(req.max_tokens),
-            "json_schema": json.dumps(req.json_schema) if req.json_schema else "",
-            "seed": -1 if req.seed is None else int(req.seed)}
-
-
-def requests_from_batch(batch: dict[str, Any]) -> list[GenRequest | str]:
-    """Column batch -> requests; a row that cannot be decoded becomes its error message instead."""
-    n = len(batch["messages"])
-    out: list[GenRequest | str] = []
-    for i in range(n):
-        try:
-            messages = batch["messages"][i]
-            messages = json.loads(messages) if isinstance(messages, str) else list(messages)
-            if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
-                raise ValueError("messages must be a JSON list of {role, content} objects")
-            schema = _col(batch, "json_schema", i, "")
-            seed = int(_col(batch, "seed", i, -1))
-            out.append(GenRequest(messages=messages, temperature=float(_col(batch, "temperature", i, 1.0)),
-                                  top_p=float(_col(batch, "top_p", i, 1.0)),
-                                  max_tokens=int(_col(batch, "max_tokens", i, 800)),
-                                  json_schema=_schema(schema) if schema else None,
-                                  seed=None if seed < 0 else seed))
-        except Exception as e:  # one bad row must not fail its batch
-            out.append(f"bad request row: {type(e).__name__}: {e}")
-    return out
-
-
-@lru_cache(maxsize=256)
-def _schema(text: str) -> dict:
-    """A request's JSON schema, parsed once per distinct string: rows of a task type share one (read-only) dict."""
-    return json.loads(text)
-
-
-def _col(batch: dict, name: str, i: int, default: Any) -> Any:
-    col = batch.get(name)
-    if col is None:
-        return default
-    v = col[i]
-    return default if v is None else v
+    def generate(self, requests: list[LLMRequest]) -> list[LLMResult]: ...
 
 
 class EngineFatalError(RuntimeError):
@@ -100,33 +28,30 @@ class EngineFatalError(RuntimeError):
     its shards for a rerun to resume, instead of marking batch after batch of rows as errors."""
 
 
-def generate_batch(engine: Engine, batch: dict[str, Any], engine_name: str) -> dict[str, Any]:
-    """Run one column batch through an engine and append the result columns. Never raises for bad rows; an
-    engine's EngineFatalError fails the stage."""
-    parsed = requests_from_batch(batch)
-    good = [(i, r) for i, r in enumerate(parsed) if isinstance(r, GenRequest)]
-    results: list[GenResult] = [error_result(r) if isinstance(r, str) else None for r in parsed]  # type: ignore
+def generate_table(engine: Engine, batch: pa.Table, engine_name: str, id_col: str = "id") -> pa.Table:
+    """Run one batch of request rows (speed_ray.llm.rows) through an engine; returns it with the result columns
+    and `engine`. Never raises for bad rows (bad_request errors); an engine's EngineFatalError fails the stage, any
+    other exception marks its batch's rows with that error."""
+    parsed = requests_from_batch(batch, id_col)
+    good = [r for r in parsed if isinstance(r, LLMRequest)]
+    answers: list[LLMResult] = []
     if good:
         try:
-            outs = engine.generate([r for _, r in good])
+            answers = engine.generate(good)
         except EngineFatalError:
             raise
         except Exception as e:  # the engine itself failed on this batch: mark rows, keep going
             log.exception("engine %s failed on a batch of %d", engine_name, len(good))
-            outs = [error_result(f"{type(e).__name__}: {e}")] * len(good)
-        for (i, _), res in zip(good, outs):
-            results[i] = res
-    out = {k: list(v) if not isinstance(v, list) else v for k, v in batch.items()}
-    out["text"] = [r.text for r in results]
-    out["prompt_tokens"] = [int(r.prompt_tokens) for r in results]
-    out["completion_tokens"] = [int(r.completion_tokens) for r in results]
-    out["finish_reason"] = [r.finish_reason for r in results]
-    out["gen_error"] = [r.error for r in results]
-    out["engine"] = [engine_name] * len(results)
-    return out
+            answers = [error_result(f"{type(e).__name__}: {e}") for _ in good]
+    return with_results(batch, merge_results(parsed, answers), engine=pa.array([engine_name] * batch.num_rows))
 
 
-def batch_seed(requests: list[GenRequest]) -> int | None:
+def generate_batch(engine: Engine, batch: dict[str, Any], engine_name: str) -> dict[str, list]:
+    """`generate_table` over a dict of columns."""
+    return generate_table(engine, pa.Table.from_pydict(batch), engine_name).to_pydict()
+
+
+def batch_seed(requests: list[LLMRequest]) -> int | None:
     """One seed for a batch of seeded requests: reproducible for the same batch, different across batches."""
     seeds = [r.seed for r in requests if r.seed is not None]
     if not seeds:
@@ -160,12 +85,12 @@ class StubEngine:
         self.pool = _dup_pool(dup, int(self.options["rows"])) if dup > 0 else 0
         self._templates: dict[int, tuple[dict, Any]] = {}
 
-    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+    def generate(self, requests: list[LLMRequest]) -> list[LLMResult]:
         if "delay" in self.options:
             import time
 
             time.sleep(float(self.options["delay"]))
-        out: list[GenResult | None] = [None] * len(requests)
+        out: list[LLMResult | None] = [None] * len(requests)
         todo, hashes, contents = [], [], []
         for i, r in enumerate(requests):
             content = " ".join([str(m.get("content", "")) for m in r.messages])
@@ -180,7 +105,7 @@ class StubEngine:
             finish = "stop"
             if n > r.max_tokens:
                 text, n, finish = " ".join(text.split()[:r.max_tokens]), r.max_tokens, "length"
-            out[i] = GenResult(text=text, prompt_tokens=content.count(" ") + 1, completion_tokens=n,
+            out[i] = LLMResult(text=text, prompt_tokens=content.count(" ") + 1, completion_tokens=n,
                                finish_reason=finish)
         return out  # type: ignore[return-value]
 
@@ -209,7 +134,7 @@ class StubEngine:
     def _echo(self, schema: dict | None, h: str) -> str:
         return self._template(schema)[0] % {"h": h}
 
-    def _corpus_texts(self, requests: list[GenRequest], hashes: list[str], contents: list[str]) -> list[str]:
+    def _corpus_texts(self, requests: list[LLMRequest], hashes: list[str], contents: list[str]) -> list[str]:
         """Corpus-like JSON samples, vectorized over the batch: each field is a run of 3-word phrases drawn by a
         64-bit mix of the document key and the position (4096 phrases of pseudo-words)."""
         import numpy as np

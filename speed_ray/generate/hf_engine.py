@@ -6,7 +6,8 @@ import logging
 from itertools import groupby
 from typing import Any
 
-from speed_ray.generate.engine import GenRequest, GenResult, batch_seed, error_result
+from speed_ray.generate.engine import batch_seed
+from speed_ray.llm.rows import LLMRequest, LLMResult, error_result
 
 log = logging.getLogger("speed_ray.generate")
 
@@ -58,8 +59,8 @@ class HFEngine:
         self._torch = torch
 
     # ---- public API ----------------------------------------------------------------------------------
-    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
-        results: list[GenResult | None] = [None] * len(requests)
+    def generate(self, requests: list[LLMRequest]) -> list[LLMResult]:
+        results: list[LLMResult | None] = [None] * len(requests)
         prompts: list[tuple[int, list[int]]] = []
         for i, r in enumerate(requests):
             try:
@@ -81,7 +82,7 @@ class HFEngine:
         return results  # type: ignore[return-value]
 
     # ---- internals -----------------------------------------------------------------------------------
-    def _encode(self, r: GenRequest) -> list[int]:
+    def _encode(self, r: LLMRequest) -> list[int]:
         ids = self.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
@@ -100,7 +101,7 @@ class HFEngine:
     def _vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
-    def _generate_chunk(self, reqs: list[GenRequest], ids: list[list[int]]) -> list[GenResult]:
+    def _generate_chunk(self, reqs: list[LLMRequest], ids: list[list[int]]) -> list[LLMResult]:
         try:
             return self._generate_chunk_unsafe(reqs, ids)
         except Exception as e:
@@ -111,7 +112,7 @@ class HFEngine:
             log.warning("a batch of %d failed (%s); retrying its requests one by one", len(reqs), e)
             return [self._generate_chunk([r], [x])[0] for r, x in zip(reqs, ids)]
 
-    def _generate_chunk_unsafe(self, reqs: list[GenRequest], ids: list[list[int]]) -> list[GenResult]:
+    def _generate_chunk_unsafe(self, reqs: list[LLMRequest], ids: list[list[int]]) -> list[LLMResult]:
         torch = self._torch
         from transformers import LogitsProcessorList
 
@@ -161,6 +162,6 @@ class HFEngine:
                     break
                 toks.append(t)
             text = self.tokenizer.decode(toks, skip_special_tokens=True)
-            results.append(GenResult(text=text, prompt_tokens=len(prompt),
+            results.append(LLMResult(text=text, prompt_tokens=len(prompt),
                                      completion_tokens=len(toks) + (finish == "stop"), finish_reason=finish))
         return results

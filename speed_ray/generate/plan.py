@@ -59,7 +59,7 @@ def request_seed(seed: int, row_id: str) -> int:
     return int(stable_id(seed, row_id)[:7], 16)
 
 
-def reject_reason(parse_reason: str, finish_reason: str, gen_error: str) -> str:
+def reject_reason(parse_reason: str, finish_reason: str, error: str) -> str:
     """One reject code per invalid output: generation errors first, then truncation, then the parser's code."""
     if finish_reason == "error":
         return "generation_error"
@@ -81,6 +81,6 @@ def root_lists(rows: list[dict], k: int) -> dict[str, Any]:
         ok = p is not None and p.ok
         samples.append(canonical_json(p.sample) if ok else "")
         reasons.append("" if ok else reject_reason(p.reason if p else "", r.get("finish_reason") or "",
-                                                   r.get("gen_error") or ""))
+                                                   r.get("error") or ""))
     return {"outputs": outputs, "samples": samples, "reasons": reasons, "n_valid": sum(bool(s) for s in samples),
             "k_ok": len(rows) == k}

@@ -6,16 +6,21 @@ import os
 from typing import Any
 
 from speed_ray.generate.config import EngineConfig, torch_threads_for
-from speed_ray.generate.engine import StubEngine, generate_batch
+from speed_ray.generate.engine import StubEngine, generate_table
 
 
 class EngineUDF:
     """map_batches UDF: loads the engine once per actor (in __init__), then generates batch after batch."""
 
     def __init__(self, kind: str, model: str, dtype: str = "auto", batch_size: int = 8, max_model_len: int = 4096,
-                 num_threads: int | None = None, adapter: str | None = None, factory: str | None = None):
+                 num_threads: int | None = None, adapter: str | None = None, factory: str | None = None,
+                 endpoint: dict[str, Any] | None = None):
         self.kind = kind
-        if kind == "stub":
+        if kind == "openai":
+            from speed_ray.generate.openai_engine import OpenAIEngine
+
+            self.engine = OpenAIEngine(model, **(endpoint or {}))
+        elif kind == "stub":
             self.engine = StubEngine(model)
         elif kind == "custom":
             self.engine = load_factory(factory)(model)
@@ -29,13 +34,14 @@ class EngineUDF:
             self.engine = HFEngine(model, dtype=dtype, batch_size=batch_size, max_model_len=max_model_len,
                                    adapter=adapter)
         else:
-            raise ValueError(f"EngineUDF runs the hf, stub and custom engines, not {kind!r}")
+            raise ValueError(f"EngineUDF runs the hf, stub, custom and openai engines, not {kind!r}")
 
     def __call__(self, batch):
         import pyarrow as pa
 
-        cols = batch.to_pydict() if isinstance(batch, pa.Table) else {k: list(v) for k, v in batch.items()}
-        return pa.Table.from_pydict(generate_batch(self.engine, cols, self.kind))
+        if not isinstance(batch, pa.Table):
+            batch = pa.Table.from_pydict({k: list(v) for k, v in batch.items()})
+        return generate_table(self.engine, batch, self.kind)
 
 
 def load_factory(factory: str | None):
@@ -71,7 +77,8 @@ def map_kwargs(cfg: EngineConfig, model: str, adapter: str | None = None) -> dic
         fn_constructor_kwargs={"kind": cfg.kind, "model": model, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
                                "max_model_len": cfg.max_model_len,
                                "num_threads": torch_threads_for(cfg.torch_threads, cfg.num_cpus_per_replica),
-                               "adapter": adapter if cfg.kind == "hf" else None, "factory": cfg.factory},
+                               "adapter": adapter if cfg.kind == "hf" else None, "factory": cfg.factory,
+                               "endpoint": endpoint_kwargs(cfg)},
         compute=ActorPoolStrategy(min_size=cfg.replicas_min, max_size=cfg.replicas_max),
         batch_size=cfg.batch_size * 4 if cfg.kind == "hf" else cfg.batch_size,
         batch_format="pyarrow",
@@ -81,8 +88,20 @@ def map_kwargs(cfg: EngineConfig, model: str, adapter: str | None = None) -> dic
     )
 
 
+def endpoint_kwargs(cfg: EngineConfig) -> dict[str, Any] | None:
+    """kind openai: the client's settings; the driver's API key travels wrapped in Secret (never printed), so a
+    replica on a node without the env var still authenticates."""
+    if cfg.kind != "openai":
+        return None
+    from speed_ray.llm.client import Secret
+
+    key = os.environ.get(cfg.api_key_env)
+    return {"base_url": cfg.base_url, "api_key_env": cfg.api_key_env, "api_key": Secret(key) if key else None,
+            "concurrency": cfg.concurrency, "timeout_s": cfg.timeout_s, "max_retries": cfg.max_retries}
+
+
 def generate_dataset(ds, cfg: EngineConfig, model: str, adapter_path: str | None = None):
-    """A Dataset of request rows (engine.REQUEST_COLUMNS + passthrough) -> the same rows with result columns."""
+    """A Dataset of request rows (speed_ray.llm.rows + passthrough) -> the same rows with result columns."""
     if cfg.kind == "vllm":
         from speed_ray.generate.vllm_engine import generate_vllm
 

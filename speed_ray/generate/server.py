@@ -58,9 +58,9 @@ class HFChatEngine:
                                      batch_wait_timeout_s=batch_wait_timeout_s)(generate)
 
     async def chat(self, p: ChatParams) -> ChatOutput:
-        from speed_ray.generate.engine import GenRequest
+        from speed_ray.llm.rows import LLMRequest
 
-        reqs = [GenRequest(messages=p.messages, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens,
+        reqs = [LLMRequest(messages=p.messages, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens,
                            json_schema=p.json_schema, seed=None if p.seed is None else p.seed + i)
                 for i in range(p.n)]
         results = await asyncio.gather(*(self._generate(r) for r in reqs))

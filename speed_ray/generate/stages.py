@@ -18,7 +18,11 @@ from speed_ray.generate.config import EngineConfig
 from speed_ray.generate.plan import (plan_prompt, reject_reason, request_seed, root_lists, task_pools,
                                      type_schedule)
 from speed_ray.generate.ray_engines import generate_dataset, replicas_resources
-from speed_ray.generate.sink import (check_valid_share, done_ids_all, rejects_output, scan_totals, write_split)
+from speed_ray.generate.sink import scan_totals
+from speed_ray.llm.metrics import check_answered, check_valid_share
+from speed_ray.llm.rows import RESULT_COLUMNS, REQUEST_COLUMNS, no_answer
+from speed_ray.llm.shards import done
+from speed_ray.llm.sink import write_split
 
 log = logging.getLogger("speed_ray")
 
@@ -27,6 +31,11 @@ log = logging.getLogger("speed_ray")
 def _model_for(ctx, role: str, eng: EngineConfig) -> tuple[str, str | None, str]:
     """(model to load, LoRA adapter dir or None, generator name for lineage) from the upstream stage or config."""
     up = ctx.inputs.get(role)
+    if eng.kind == "openai":   # the endpoint serves its own model, by the name it knows it by
+        if up is not None:
+            ctx.log("%s.engine.kind=openai: %s at %s answers; the upstream %s checkpoint is not loaded here",
+                    ctx.name, eng.model, eng.base_url, up.stage)
+        return eng.model, None, f"openai:{eng.model}"
     if up is not None:
         man = up.manifest
         path = man.get("model_path")
@@ -102,8 +111,17 @@ def _prompt_rows(n: int, weights: dict, seed: int, stage: str, task_rows: list[d
 
 def _requests(ds, temperature: float, top_p: float, max_tokens: int, structured: bool, seed: int,
               messages_fn=None):
-    """Add the engine request columns (messages, sampling params, JSON schema per task type) to prompt rows."""
-    from speed_ray.synth.schemas import sample_schema
+    """Add the request columns (speed_ray.llm.rows: messages, sampling, the task type's sample schema as
+    response_format, a seed per row) to prompt rows."""
+    from speed_ray.synth.schemas import response_format, sample_schema
+
+    formats: dict[str, str] = {}
+
+    def fmt(task_type: str) -> str:
+        if task_type not in formats:
+            formats[task_type] = json.dumps(response_format("json_schema", f"{task_type}_sample",
+                                                            sample_schema(task_type)))
+        return formats[task_type]
 
     def add(batch: pa.Table) -> pa.Table:
         d = batch.to_pydict()
@@ -113,7 +131,7 @@ def _requests(ds, temperature: float, top_p: float, max_tokens: int, structured:
         d["temperature"] = [float(temperature)] * n
         d["top_p"] = [float(top_p)] * n
         d["max_tokens"] = [int(max_tokens)] * n
-        d["json_schema"] = [json.dumps(sample_schema(t)) if structured else "" for t in d["task_type"]]
+        d["response_format"] = [fmt(t) if structured else "" for t in d["task_type"]]
         d["seed"] = [request_seed(seed, i) for i in d["id"]]
         return pa.Table.from_pydict(d)
 
@@ -138,11 +156,12 @@ def _all_written(ctx, done: set[str], n: int) -> bool:
 
 
 def _finish_metrics(ctx, eng: EngineConfig, t0: float, run: dict, totals: dict, **extra) -> dict[str, Any]:
+    check_answered(ctx.name, run, where=ctx.out.url)
     wall = max(time.time() - t0, 1e-9)
     res = replicas_resources(eng)
     ctx.ledger.cpu_seconds += wall * eng.replicas_max * res["cpus"]
     ctx.ledger.gpu_seconds += wall * eng.replicas_max * res["gpus"]
-    generated = run.get("generated", 0)
+    generated = run.get("sent", 0)
     return {
         "engine": {"kind": eng.kind, "structured_output": eng.structured_output, "replicas": [eng.replicas_min,
                                                                                              eng.replicas_max]},
@@ -157,20 +176,19 @@ def synthesis_stage(ctx) -> dict:
     cfg, sc = ctx.cfg, ctx.cfg.synthesis
     eng = sc.engine
     model, adapter, generator = _model_for(ctx, "generator", eng)
-    rejects = rejects_output(ctx.out)
-    done = done_ids_all(ctx.out, rejects)
+    written = done(ctx.out)
     ctx.log("synthesis: %d samples with %s (%s engine); %d already written", sc.n_samples, generator, eng.kind,
-            len(done))
+            len(written))
     t0 = time.time()
     run: dict = {}
-    if not _all_written(ctx, done, sc.n_samples):
+    if not _all_written(ctx, written, sc.n_samples):
         ds = _prompt_rows(sc.n_samples, dict(cfg.mixture.weights), cfg.run.seed, "synthesis", _tasks(ctx))
-        ds = _filter(ds, done)
+        ds = _filter(ds, written)
         ds = _requests(ds, sc.temperature, sc.top_p, eng.max_new_tokens, eng.structured_output, cfg.run.seed)
         ds = generate_dataset(ds, eng, model, adapter)
         ds = ds.map_batches(_SampleRows(generator), batch_format="pyarrow", num_cpus=0.1)
-        run = write_split(ds, ctx.out, rejects, sc.shard_size)
-    totals = scan_totals(ctx.out, rejects)
+        run = write_split(ds, ctx.out, sc.shard_size)
+    totals = scan_totals(ctx.out)
     man = _finish_metrics(ctx, eng, t0, run, totals, model=str(model))
     return _check_floor(ctx, man, totals["rows"], totals["generated_total"], sc.min_valid_share,
                         totals["reject_reasons"], "rows", "valid")
@@ -195,14 +213,13 @@ class _SampleRows:
         for r in batch.to_pylist():
             row = sample_row(r, r.get("text") or "", r["task_type"], self.generator)
             if not row["valid"]:
-                row["reject_reason"] = reject_reason(row["reject_reason"], r["finish_reason"], r["gen_error"])
+                row["reject_reason"] = reject_reason(row["reject_reason"], r["finish_reason"], r["error"])
             out.append({**row, **_meta(r)})
         return pa.Table.from_pylist(out)
 
 
 def _meta(r: dict) -> dict:
-    return {"finish_reason": r["finish_reason"], "prompt_tokens": int(r["prompt_tokens"]),
-            "completion_tokens": int(r["completion_tokens"]), "engine": r["engine"], "gen_error": r["gen_error"]}
+    return {**{k: r[k] for k in RESULT_COLUMNS if k != "text"}, "engine": r["engine"]}
 
 
 # ---- root data -------------------------------------------------------------------------------------------
@@ -211,12 +228,13 @@ def root_data_stage(ctx) -> dict:
     cfg, rc = ctx.cfg, ctx.cfg.root_data
     eng = rc.engine
     model, adapter, generator = _model_for(ctx, "generator", eng)
-    done = done_ids_all(ctx.out, None)
+    written = done(ctx.out)
     k = rc.samples_per_prompt
     t0 = time.time()
-    if _all_written(ctx, done, rc.n_prompts):
+    if _all_written(ctx, written, rc.n_prompts):
         return _root_finish(ctx, rc, eng, t0, {}, model)
-    ds = _filter(_prompt_rows(rc.n_prompts, dict(cfg.mixture.weights), cfg.run.seed, "root_data", _tasks(ctx)), done)
+    ds = _filter(_prompt_rows(rc.n_prompts, dict(cfg.mixture.weights), cfg.run.seed, "root_data", _tasks(ctx)),
+                 written)
 
     def expand(batch: pa.Table) -> pa.Table:  # k generation requests per prompt, each with its own seed
         rows = []
@@ -229,16 +247,16 @@ def root_data_stage(ctx) -> dict:
     ds = _requests(ds, rc.temperature, rc.top_p, eng.max_new_tokens, eng.structured_output, cfg.run.seed)
     ds = generate_dataset(ds, eng, model, adapter)
     ds = ds.select_columns(["prompt_id", "sample_index", "task_type", "task", "prompt", "prompt_params", "lineage",
-                            "text", "finish_reason", "gen_error", "prompt_tokens", "completion_tokens"])
+                            *RESULT_COLUMNS])
     to_row = _RootRows(generator, k)
     ds = ds.groupby("prompt_id").map_groups(lambda g: to_row(g), batch_format="pyarrow", num_cpus=0.1)
-    run = write_split(ds, ctx.out, None, max(1, 1000 // k))
+    run = write_split(ds, ctx.out, max(1, 1000 // k), rejects=False)
     return _root_finish(ctx, rc, eng, t0, run, model)
 
 
 def _root_finish(ctx, rc, eng: EngineConfig, t0: float, run: dict, model: str) -> dict:
     k = rc.samples_per_prompt
-    totals = scan_totals(ctx.out, None)
+    totals = scan_totals(ctx.out)
     # per output, not per list: the share of the k samples that parse (the judge needs valid pairs)
     n_outputs = totals["rows"] * k
     totals["parse_rate"] = totals.get("n_valid_total", 0) / max(1, n_outputs)
@@ -261,7 +279,9 @@ class _RootRows:
             "id": r0["prompt_id"], "task_type": r0["task_type"], "task": r0["task"], "prompt": r0["prompt"],
             "prompt_params": r0["prompt_params"], "outputs": lists["outputs"], "samples": lists["samples"],
             "output_reject_reasons": lists["reasons"],
-            "gen_error": next((r["gen_error"] for r in rows if r.get("gen_error")), ""),
+            # a list with an unanswered output is not written (the sink counts it failed; a rerun resends it)
+            "error": next((r["error"] for r in rows if no_answer(r["error"])),
+                          next((r["error"] for r in rows if r["error"]), "")),
             "generator": self.generator, "lineage": lineage_extend(r0["lineage"], generator=self.generator),
             "valid": lists["n_valid"] > 0, "n_valid": lists["n_valid"],
             "prompt_tokens": sum(int(r["prompt_tokens"]) for r in rows),
@@ -273,7 +293,7 @@ class _RootRows:
 _ROOT_SCHEMA = pa.schema([("id", pa.string()), ("task_type", pa.string()), ("task", pa.string()),
                           ("prompt", pa.string()), ("prompt_params", pa.string()),
                           ("outputs", pa.list_(pa.string())), ("samples", pa.list_(pa.string())),
-                          ("output_reject_reasons", pa.list_(pa.string())), ("gen_error", pa.string()),
+                          ("output_reject_reasons", pa.list_(pa.string())), ("error", pa.string()),
                           ("generator", pa.string()), ("lineage", pa.string()), ("valid", pa.bool_()),
                           ("n_valid", pa.int64()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
                           ("finish_reason", pa.string()), ("reject_reason", pa.string())])
@@ -285,11 +305,11 @@ def revision_stage(ctx) -> dict:
     cfg, rc = ctx.cfg, ctx.cfg.revision
     eng = rc.engine
     model, adapter, revisor = _model_for(ctx, "revisor", eng)
-    done = done_ids_all(ctx.out, None)
+    written = done(ctx.out)
     t0 = time.time()
-    if _all_written(ctx, done, ctx.inputs["samples"].num_rows()):
+    if _all_written(ctx, written, ctx.inputs["samples"].num_rows()):
         return _revision_finish(ctx, rc, eng, t0, {}, model)
-    ds = _filter(ctx.inputs["samples"].ray_dataset(), done)
+    ds = _filter(ctx.inputs["samples"].ray_dataset(), written)
 
     def messages(r: dict) -> str:
         from speed_ray.synth.prompts import revisor_messages
@@ -297,19 +317,18 @@ def revision_stage(ctx) -> dict:
         return json.dumps(revisor_messages(r["prompt"], r.get("sample") or r["source_text"]), ensure_ascii=False)
 
     # the engine's columns would overwrite the sample's own token counts: keep those under original_*
-    ds = ds.map_batches(_rename({"text": "source_text", "finish_reason": "original_finish_reason", "prompt_tokens": "original_prompt_tokens",
-                                 "completion_tokens": "original_completion_tokens", "engine": "original_engine",
-                                 "gen_error": "original_gen_error"}), batch_format="pyarrow", num_cpus=0.1)
+    ds = ds.map_batches(_rename({"text": "source_text", **{c: f"original_{c}" for c in (*RESULT_COLUMNS, "engine")
+                                                           if c != "text"}}), batch_format="pyarrow", num_cpus=0.1)
     ds = _requests(ds, rc.temperature, rc.top_p, eng.max_new_tokens, eng.structured_output, cfg.run.seed,
                    messages_fn=messages)
     ds = generate_dataset(ds, eng, model, adapter)
     ds = ds.map_batches(_RevisedRows(revisor), batch_format="pyarrow", num_cpus=0.1)
-    run = write_split(ds, ctx.out, None, rc.shard_size)
+    run = write_split(ds, ctx.out, rc.shard_size, rejects=False)
     return _revision_finish(ctx, rc, eng, t0, run, model)
 
 
 def _revision_finish(ctx, rc, eng: EngineConfig, t0: float, run: dict, model: str) -> dict:
-    totals = scan_totals(ctx.out, None)
+    totals = scan_totals(ctx.out)
     totals["parse_rate"] = totals.get("revised_total", 0) / max(1, totals["rows"])   # revisions that parsed
     man = _finish_metrics(ctx, eng, t0, run, totals, model=str(model))
     return _check_floor(ctx, man, totals.get("revised_total", 0), totals["rows"], rc.min_valid_share,
@@ -320,9 +339,6 @@ def _rename(mapping: dict[str, str]):
     def fn(batch: pa.Table) -> pa.Table:
         return batch.rename_columns([mapping.get(c, c) for c in batch.column_names])
     return fn
-
-
-_REQUEST_COLS = ("messages", "temperature", "top_p", "max_tokens", "json_schema", "seed")
 
 
 class _RevisedRows:
@@ -336,7 +352,7 @@ class _RevisedRows:
         out = []
         for r in batch.to_pylist():
             p = parse_sample(r["text"], r["task_type"]) if r["finish_reason"] != "error" else None
-            row = {k: v for k, v in r.items() if k not in _REQUEST_COLS and k not in ("text", "source_text")}
+            row = {k: v for k, v in r.items() if k not in REQUEST_COLUMNS and k not in ("text", "source_text")}
             row["original_text"], row["original_sample"] = r["source_text"], r.get("sample") or ""
             row["revised"] = bool(p is not None and p.ok)
             row["revision_failed"] = not row["revised"]
@@ -346,7 +362,7 @@ class _RevisedRows:
             else:
                 row["text"] = row["original_text"]
                 row["revision_reject_reason"] = reject_reason(p.reason if p else "", r["finish_reason"],
-                                                              r["gen_error"])
+                                                              r["error"])
             row.setdefault("revision_reject_reason", "")
             row["lineage"] = lineage_extend(r["lineage"], revision=self.revisor if row["revised"] else "failed")
             out.append(row)

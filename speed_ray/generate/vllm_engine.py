@@ -8,7 +8,7 @@ Two facts about ray.data.llm (ray/llm/_internal/batch) shape the row contract:
   (`Processor.DATA_COLUMN`), so a nested dict is stored as a struct whose fields are the union over the block's
   rows: a key present on some rows only reappears as null on the others. A per-row JSON schema as a dict would
   gain every other task type's properties as null (xgrammar: "Schema should be an object or bool, but got null"),
-  so it travels as a JSON string (vLLM's StructuredOutputsParams(json=...) takes a str or a dict and passes a str
+  so it travels as a JSON string (taken from the row's response_format) (vLLM's StructuredOutputsParams(json=...) takes a str or a dict and passes a str
   to the grammar backend unchanged). See `sampling_params` for the other keys.
 - the engine stage reads `model` from the row: a value other than the processor's model_source is a LoRA request,
   so every row carries `model` explicitly.
@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 from speed_ray.generate.config import EngineConfig
+from speed_ray.llm.rows import schema_of
 
 log = logging.getLogger("speed_ray.generate")
 
@@ -139,14 +140,18 @@ def sampling_params(row: dict[str, Any]) -> dict[str, Any]:
     struct-typed one. A dataset whose rows are all constrained or all unconstrained, as the stages build them,
     is safe; mixing both in one processor run can still hit that Ray Data failure in a later stage."""
     seed = row.get("seed")
-    schema = row.get("json_schema") or ""
-    if schema and not isinstance(schema, str):
+    rf = row.get("response_format") or ""
+    rf = json.loads(rf) if isinstance(rf, str) and rf else (rf or None)
+    schema = schema_of(rf)
+    if schema is not None:
         schema = json.dumps(schema)
     sp: dict[str, Any] = {"temperature": float(row.get("temperature", 1.0)), "top_p": float(row.get("top_p", 1.0)),
                           "max_tokens": int(row.get("max_tokens", 800)),
                           "seed": None if seed is None or int(seed) < 0 else int(seed)}
     if schema:
         sp["structured_outputs"] = {"json": schema}
+    elif rf and rf.get("type") == "json_object":
+        sp["structured_outputs"] = {"json_object": True}
     return sp
 
 
@@ -183,7 +188,8 @@ def postprocess(row: dict[str, Any]) -> dict[str, Any]:
     out["prompt_tokens"] = int(row.get("num_input_tokens") or 0)
     out["completion_tokens"] = n_gen
     out["finish_reason"] = "error" if err else ("length" if max_tokens and n_gen >= max_tokens else "stop")
-    out["gen_error"] = str(err)
+    out["error"] = str(err)
+    out["cached"], out["attempts"] = False, 0
     out["engine"] = "vllm"
     return out
 

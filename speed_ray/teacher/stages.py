@@ -16,7 +16,9 @@ from speed_ray.synth import prompts, schemas
 from speed_ray.synth.mixture import allocate, normalize_mixture
 from speed_ray.synth.parsing import (ParseError, canonical_json, parse_judge, parse_revision, parse_sample,
                                        parse_task_list)
-from speed_ray.teacher.runner import finalize, pending_mask, reject_row, run_teacher, teacher_cols, written_ids
+from speed_ray.llm.shards import rejects_output
+from speed_ray.llm.sink import reject_row, result_meta
+from speed_ray.teacher.runner import finalize, run_teacher, written_ids
 from speed_ray.synth.samples import lineage_extend, stable_id
 
 
@@ -64,7 +66,7 @@ def topics_stage(ctx) -> dict:
 def _finish_brainstorm(tasks_per_topic: int, generator: str):
     def finish(row: dict):
         try:
-            tasks = parse_task_list(row["response_text"])
+            tasks = parse_task_list(row["text"])
         except ParseError as e:
             return [], [reject_row(row, e.reason, topic=row["topic"])]
         out = []
@@ -74,7 +76,7 @@ def _finish_brainstorm(tasks_per_topic: int, generator: str):
                         "task_type": row["task_type"], "task": task,
                         "lineage": lineage_extend(row["lineage"], task_id=tid, task=task, task_type=row["task_type"],
                                                   task_generator=generator),
-                        "valid": True, "reject_reason": "", **teacher_cols(row)})
+                        "valid": True, "reject_reason": "", **result_meta(row)})
         return out, []
     return finish
 
@@ -89,23 +91,23 @@ def brainstorm_stage(ctx) -> dict:
     n_ask = max(5, cfg.brainstorm.tasks_per_topic)   # E5 asks for "about 5"; dupes and junk are dropped after
     schema = schemas.BRAINSTORM_SCHEMA if cfg.teacher.json_mode == "json_schema" else None
     fixed, reqs = [], []
-    for tp in topics:
-        for tt in cfg.brainstorm.task_types:
-            rid = stable_id("brainstorm", tp["id"], tt)
-            if rid in done:
-                continue
-            if not prompts.needs_brainstorm(tt):
-                tid = stable_id("task", rid, 0)
-                task = prompts.FIXED_TASKS[tt]
-                fixed.append({"id": tid, "request_id": rid, "topic": tp["topic"], "task_type": tt, "task": task,
-                              "lineage": lineage_extend(tp["lineage"], task_id=tid, task=task, task_type=tt,
-                                                        task_generator="fixed:e5"),
-                              "valid": True, "reject_reason": "", "prompt_tokens": 0, "completion_tokens": 0,
-                              "cached": False, "error": "", "attempts": 0, "finish_reason": ""})
-                continue
-            msgs = prompts.brainstorm_messages(tt, tp["topic"], n_ask, random.Random(_seed_int(rid)))
-            reqs.append({**_request(cfg, rid, msgs, "brainstorm", schema), "topic": tp["topic"], "task_type": tt,
-                         "lineage": tp["lineage"]})
+    pairs = [(tp, tt) for tp in topics for tt in cfg.brainstorm.task_types]
+    rids = [stable_id("brainstorm", tp["id"], tt) for tp, tt in pairs]
+    for (tp, tt), rid, is_done in zip(pairs, rids, done.contains(rids).tolist()):
+        if is_done:
+            continue
+        if not prompts.needs_brainstorm(tt):
+            tid = stable_id("task", rid, 0)
+            task = prompts.FIXED_TASKS[tt]
+            fixed.append({"id": tid, "request_id": rid, "topic": tp["topic"], "task_type": tt, "task": task,
+                          "lineage": lineage_extend(tp["lineage"], task_id=tid, task=task, task_type=tt,
+                                                    task_generator="fixed:e5"),
+                          "valid": True, "reject_reason": "", "prompt_tokens": 0, "completion_tokens": 0,
+                          "cached": False, "error": "", "attempts": 0, "finish_reason": ""})
+            continue
+        msgs = prompts.brainstorm_messages(tt, tp["topic"], n_ask, random.Random(_seed_int(rid)))
+        reqs.append({**_request(cfg, rid, msgs, "brainstorm", schema), "topic": tp["topic"], "task_type": tt,
+                     "lineage": tp["lineage"]})
     if fixed:
         from speed_ray.streaming import shard_name_for
 
@@ -114,7 +116,7 @@ def brainstorm_stage(ctx) -> dict:
     finish = _finish_brainstorm(cfg.brainstorm.tasks_per_topic, gen)
     ds = _from_rows(reqs)
     if ds is None:
-        return finalize(ctx, {}, defaultdict(int), {}, total)
+        return finalize(ctx, {}, total)
     return run_teacher(ctx, ds, finish, total)
 
 
@@ -159,14 +161,13 @@ def _sample_requests(cfg, tasks: list[dict]):
 
 def _finish_sample(generator: str, min_chars: int, max_chars: int):
     def finish(row: dict):
-        p = parse_sample(row["response_text"], row["task_type"], min_chars, max_chars)
+        p = parse_sample(row["text"], row["task_type"], min_chars, max_chars)
         out = {"id": row["id"], "request_id": row["request_id"], "task_type": row["task_type"], "task": row["task"],
-               "prompt": row["messages"], "prompt_params": row["prompt_params"], "text": row["response_text"],
+               "prompt": row["messages"], "prompt_params": row["prompt_params"], "text": row["text"],
                "sample": canonical_json(p.sample) if p.ok else "", "query": p.query, "positive": p.positive,
                "negative": p.negative, "valid": p.ok, "reject_reason": p.reason, "generator": generator,
-               "lineage": row["lineage"], **teacher_cols(row)}
-        return ([out], []) if p.ok else ([], [{**out, "response_text": row["response_text"],
-                                               "messages": row["messages"]}])
+               "lineage": row["lineage"], **result_meta(row)}
+        return ([out], []) if p.ok else ([], [{**out, "messages": row["messages"]}])
     return finish
 
 
@@ -179,9 +180,9 @@ def _synthesize(ctx, n: int, prefix: str) -> dict:
     tasks = ctx.inputs["tasks"].read_rows(columns=["id", "topic", "task_type", "task", "lineage"])
     plan = plan_samples(tasks, n, cfg.mixture.weights, cfg.run.seed, prefix)
     table = pa.Table.from_pylist(plan)
-    table = table.filter(pending_mask(table.column("id"), written_ids(ctx.out)))
+    table = table.filter(pa.array(~written_ids(ctx.out).contains(table.column("id"))))
     if table.num_rows == 0:
-        return finalize(ctx, {}, defaultdict(int), {}, n)
+        return finalize(ctx, {}, n)
     ensure_ray()
     ds = ray.data.from_arrow(table).map_batches(
         _sample_requests(cfg, tasks), batch_format="pyarrow",
@@ -224,7 +225,7 @@ def _root_requests(ctx, build, wanted: set[str]):
 def _finish_judge(row: dict):
     outputs, samples = json.loads(row["outputs_json"]), json.loads(row["samples_json"])
     try:
-        best, worst, reason = parse_judge(row["response_text"], len(outputs))
+        best, worst, reason = parse_judge(row["text"], len(outputs))
         if not samples[best]:
             raise ParseError("best_invalid")   # chosen must be a valid sample; rejected may be anything
         if " ".join(outputs[best].split()) == " ".join(outputs[worst].split()):
@@ -233,9 +234,9 @@ def _finish_judge(row: dict):
         return [], [reject_row(row, e.reason)]
     return [{"id": row["id"], "request_id": row["request_id"], "task_type": row["task_type"],
              "prompt": row["data_prompt"], "chosen": outputs[best], "rejected": outputs[worst], "best": best,
-             "worst": worst, "n_outputs": len(outputs), "reason": reason, "judge_text": row["response_text"],
+             "worst": worst, "n_outputs": len(outputs), "reason": reason, "judge_text": row["text"],
              "lineage": lineage_extend(row["lineage"], judge=_judge_lineage(best, worst)),
-             "valid": True, "reject_reason": "", **teacher_cols(row)}], []
+             "valid": True, "reject_reason": "", **result_meta(row)}], []
 
 
 def _judge_lineage(best: int, worst: int) -> dict:
@@ -253,7 +254,7 @@ def judge_stage(ctx) -> dict:
     ids = ids[: cfg.judge.n_lists] if cfg.judge.n_lists is not None else ids
     rids = {stable_id("judge", i): i for i in ids}
     done = written_ids(ctx.out)
-    wanted = {i for r, i in rids.items() if r not in done}
+    wanted = {i for (r, i), d in zip(rids.items(), done.contains(list(rids)).tolist()) if not d}
     def build(row: dict) -> list[dict]:
         rid = stable_id("judge", row["id"])
         outputs, samples = list(row["outputs"]), list(row["samples"])
@@ -277,14 +278,12 @@ def judge_stage(ctx) -> dict:
 def _run_root(ctx, build, wanted: set[str], finish, total: int) -> dict:
     """Root-based stages: rows flagged with skip_reason become rejects without a teacher call."""
     if not wanted:
-        return finalize(ctx, {}, defaultdict(int), {}, total)
+        return finalize(ctx, {}, total)
     return _run_with_skips(ctx, _root_requests(ctx, build, wanted), finish, total)
 
 
 def _run_with_skips(ctx, ds, finish, total: int) -> dict:
     import pyarrow.compute as pc
-
-    from speed_ray.teacher.runner import rejects_output
 
     rej = rejects_output(ctx.out)
 
@@ -297,9 +296,8 @@ def _run_with_skips(ctx, ds, finish, total: int) -> dict:
         if skipped:
             from speed_ray.streaming import shard_name_for
 
-            rows = [{**reject_row({**r, "response_text": "", "prompt_tokens": 0, "completion_tokens": 0,
-                                   "cached": False, "error": "", "attempts": 0, "finish_reason": ""},
-                                  r["skip_reason"])} for r in skipped]
+            rows = [reject_row({**r, "text": "", "prompt_tokens": 0, "completion_tokens": 0, "cached": False,
+                                "error": "", "attempts": 0, "finish_reason": ""}, r["skip_reason"]) for r in skipped]
             rej.write_shard(shard_name_for([r["request_id"] for r in rows], "skip"), pa.Table.from_pylist(rows))
         return batch.filter(pc.invert(mask))
 
@@ -331,15 +329,15 @@ def pick_revise_targets(lists: dict[str, int], n: int | None, seed: int) -> dict
 
 
 def _finish_revise(row: dict):
-    p = parse_revision(row["response_text"], row["task_type"])
+    p = parse_revision(row["text"], row["task_type"])
     if not p.ok:
         return [], [reject_row(row, p.reason)]
     revised = canonical_json(p.sample)
     return [{"id": row["id"], "request_id": row["request_id"], "task_type": row["task_type"],
              "prompt": row["data_prompt"], "root_text": row["root_text"], "revised_text": revised,
              "reason": p.explanation, "root_valid": bool(row["root_sample"]),
-             "changed": revised != row["root_sample"], "revise_text": row["response_text"],
-             "lineage": row["lineage"], "valid": True, "reject_reason": "", **teacher_cols(row)}], []
+             "changed": revised != row["root_sample"], "revise_text": row["text"],
+             "lineage": row["lineage"], "valid": True, "reject_reason": "", **result_meta(row)}], []
 
 
 def revise_signals_stage(ctx) -> dict:
@@ -353,7 +351,11 @@ def revise_signals_stage(ctx) -> dict:
     targets = pick_revise_targets({k: v or 0 for k, v in lens.items()}, cfg.revise_signals.n_samples, cfg.run.seed)
     total = sum(len(v) for v in targets.values())
     done = written_ids(ctx.out)
-    todo = {lid: [j for j in js if stable_id("revise", lid, j) not in done] for lid, js in targets.items()}
+    pairs = [(lid, j) for lid, js in targets.items() for j in js]
+    todo: dict[str, list[int]] = defaultdict(list)
+    for (lid, j), d in zip(pairs, done.contains([stable_id("revise", lid, j) for lid, j in pairs]).tolist()):
+        if not d:
+            todo[lid].append(j)
     todo = {k: v for k, v in todo.items() if v}
     json_schema = cfg.teacher.json_mode == "json_schema"
 
@@ -372,5 +374,5 @@ def revise_signals_stage(ctx) -> dict:
         return reqs
 
     if not todo:
-        return finalize(ctx, {}, defaultdict(int), {}, total)
+        return finalize(ctx, {}, total)
     return _run_with_skips(ctx, _root_requests(ctx, build, set(todo)), _finish_revise, total)

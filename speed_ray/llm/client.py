@@ -1,4 +1,5 @@
-"""Async client for any OpenAI-compatible /chat/completions endpoint: bounded concurrency, rpm/tpm limits,
+"""Async client for any OpenAI-compatible /chat/completions endpoint (the teacher, and the generators' `openai`
+engine): bounded concurrency, rpm/tpm limits,
 retries with backoff and Retry-After, a response cache, a budget cap, and per-request cost accounting."""
 
 # Why aiohttp and not openai.AsyncOpenAI(max_retries=0) or httpx: this client owns retries, the total per-request
@@ -18,43 +19,15 @@ import os
 import random
 import traceback
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from speed_ray.teacher.cache import ResponseCache
-from speed_ray.teacher.ratelimit import Budget, RateLimiter, backoff_delay, parse_retry_after
+from speed_ray.llm.cache import ResponseCache
+from speed_ray.llm.ratelimit import RateLimiter, backoff_delay, parse_retry_after
+from speed_ray.llm.rows import LLMRequest, LLMResult
 
-if TYPE_CHECKING:
-    from speed_ray.teacher.config import TeacherConfig
-
-log = logging.getLogger("speed_ray.teacher")
+log = logging.getLogger("speed_ray.llm")
 
 RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
-
-
-@dataclass
-class ChatRequest:
-    request_id: str
-    messages: list[dict]                     # OpenAI chat messages
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 1024
-    response_format: dict | None = None      # {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}
-    seed: int | None = None                  # sent when set, and part of the cache key: k samples of one prompt
-                                             # need distinct seeds or the cache would hand back one answer k times
-
-
-@dataclass
-class ChatResult:
-    request_id: str
-    text: str | None                         # None when failed
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached: bool = False
-    error: str | None = None                 # http_429_exhausted, http_500_exhausted, timeout_exhausted,
-                                             # connection_exhausted, bad_response_exhausted, budget_exhausted,
-                                             # "http_400: <msg>", "refusal: <msg>", "client_error: <msg>"
-    attempts: int = 0                        # HTTP attempts actually sent (0: cached or budget_exhausted)
-    finish_reason: str | None = None
 
 
 class Secret:
@@ -111,7 +84,7 @@ def _env_proxy(url: str) -> str | None:
 class _LoopState:
     """HTTP session and semaphore bound to one event loop (asyncio objects must not cross loops)."""
 
-    def __init__(self, client: "TeacherClient"):
+    def __init__(self, client: "ChatClient"):
         import aiohttp
 
         headers = {"Content-Type": "application/json"}
@@ -126,8 +99,8 @@ class _LoopState:
         self.sem = asyncio.Semaphore(client.concurrency)
 
 
-class TeacherClient:
-    """Sends ChatRequests to `base_url`/chat/completions. One client per process (or Ray actor)."""
+class ChatClient:
+    """Sends LLMRequests to `base_url`/chat/completions. One client per process (or Ray actor)."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 64,
                  rpm: int | None = None, tpm: int | None = None, timeout_s: float = 120.0, max_retries: int = 6,
@@ -135,7 +108,7 @@ class TeacherClient:
                  budget: Any = None, api_key: Secret | str | None = None, rng: random.Random | None = None,
                  max_tokens_param: str = "max_tokens", usd_per_mtok: tuple[float, float] | None = None):
         if not base_url:
-            raise ValueError("TeacherClient needs a base_url (e.g. https://api.openai.com/v1)")
+            raise ValueError("ChatClient needs a base_url (e.g. https://api.openai.com/v1)")
         if concurrency <= 0:
             raise ValueError(f"concurrency must be > 0, got {concurrency}")
         self.base_url = base_url.rstrip("/")
@@ -163,27 +136,12 @@ class TeacherClient:
         self._states: dict[int, tuple[asyncio.AbstractEventLoop, _LoopState]] = {}
 
     def __repr__(self) -> str:
-        return (f"TeacherClient(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
+        return (f"ChatClient(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
                 f"concurrency={self.concurrency})")
 
     def __getstate__(self):
-        raise TypeError("TeacherClient is not picklable (it holds a key and live connections); "
-                        "build one per worker, e.g. with TeacherClient.from_config")
-
-    @classmethod
-    def from_config(cls, cfg: "TeacherConfig", base_url: str | None, cache_url: str | None, budget: Any = None,
-                    api_key: Secret | str | None = None,
-                    usd_per_mtok: tuple[float, float] | None = None) -> "TeacherClient":
-        """`base_url` overrides cfg.base_url (e.g. the URL of a local server the stage started)."""
-        url = base_url or cfg.base_url
-        if not url:
-            raise ValueError("teacher.base_url is not set and no local server URL was given")
-        if budget is None and (cfg.max_calls is not None or cfg.max_tokens_budget is not None):
-            budget = Budget(cfg.max_calls, cfg.max_tokens_budget)
-        return cls(url, cfg.model, cfg.api_key_env, concurrency=cfg.concurrency, rpm=cfg.rpm, tpm=cfg.tpm,
-                   timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_base_s=cfg.backoff_base_s,
-                   backoff_max_s=cfg.backoff_max_s, cache=ResponseCache(cache_url) if (cfg.cache and cache_url) else None,
-                   budget=budget, api_key=api_key, max_tokens_param=cfg.max_tokens_param, usd_per_mtok=usd_per_mtok)
+        raise TypeError("ChatClient is not picklable (it holds a key and live connections); "
+                        "build one per worker, e.g. with ChatClient.from_config")
 
     # ---- plumbing ----------------------------------------------------------------------------------
     def _state(self) -> _LoopState:
@@ -205,7 +163,7 @@ class TeacherClient:
             text = text.replace(self._key.get(), "***")
         return text
 
-    def _body(self, req: ChatRequest) -> dict:
+    def _body(self, req: LLMRequest) -> dict:
         body = {"model": self.model, "messages": req.messages, "temperature": req.temperature, "top_p": req.top_p,
                 self.max_tokens_param: req.max_tokens}
         if req.response_format:
@@ -214,7 +172,7 @@ class TeacherClient:
             body["seed"] = req.seed
         return body
 
-    async def _send(self, st: _LoopState, req: ChatRequest) -> _Outcome:
+    async def _send(self, st: _LoopState, req: LLMRequest) -> _Outcome:
         import aiohttp
 
         try:
@@ -246,7 +204,7 @@ class TeacherClient:
         return _Outcome("ok", data=data)
 
     # ---- public ------------------------------------------------------------------------------------
-    async def complete(self, req: ChatRequest) -> ChatResult:
+    async def complete(self, req: LLMRequest) -> LLMResult:
         """One request: cache, budget, rate limits, retries. Never raises for endpoint or network failures."""
         try:
             return await self._complete(req)
@@ -255,9 +213,10 @@ class TeacherClient:
         except Exception as e:  # a bug must not lose the row: report it on the row, without the key
             log.error("teacher request %s failed unexpectedly:\n%s", req.request_id,
                       self._redact(traceback.format_exc()))
-            return ChatResult(req.request_id, None, error=self._redact(f"client_error: {type(e).__name__}: {e}")[:300])
+            return LLMResult(error=self._redact(f"client_error: {type(e).__name__}: {e}")[:300],
+                             request_id=req.request_id)
 
-    async def _complete(self, req: ChatRequest) -> ChatResult:
+    async def _complete(self, req: LLMRequest) -> LLMResult:
         key = ResponseCache.key_for(self.model, req) if self.cache is not None else None
         if key is not None:
             try:
@@ -266,9 +225,9 @@ class TeacherClient:
                 log.warning("teacher cache read failed (%s); calling the endpoint", type(e).__name__)
                 hit = None
             if hit is not None and isinstance(hit.get("text"), str):
-                return ChatResult(req.request_id, hit["text"], int(hit.get("prompt_tokens", 0)),
-                                  int(hit.get("completion_tokens", 0)), cached=True,
-                                  finish_reason=hit.get("finish_reason"))
+                return LLMResult(hit["text"], int(hit.get("prompt_tokens", 0)), int(hit.get("completion_tokens", 0)),
+                                 finish_reason=hit.get("finish_reason") or "", cached=True,
+                                 request_id=req.request_id)
         st = self._state()
         est_prompt = estimate_prompt_tokens(req.messages)
         est = est_prompt + req.max_tokens
@@ -280,7 +239,7 @@ class TeacherClient:
                 async with st.sem:  # the slot is held for one attempt only, never across a backoff sleep
                     if not admitted:
                         if self.budget is not None and not await _maybe_await(self.budget.try_acquire(est, est_usd)):
-                            return ChatResult(req.request_id, None, error="budget_exhausted")
+                            return LLMResult(error="budget_exhausted", request_id=req.request_id)
                         admitted = True
                     if self.limiter is not None:
                         await self.limiter.acquire(est)
@@ -299,7 +258,7 @@ class TeacherClient:
                          f" {out.status}" if out.status else "", attempt + 1, self.max_retries, delay)
                 await asyncio.sleep(delay)
             result = self._result(req, out, attempts, retryable)
-            if key is not None and result.error is None:  # only successful answers are cached
+            if key is not None and result.ok:  # only successful answers are cached
                 entry = {"text": result.text, "prompt_tokens": result.prompt_tokens,
                          "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason,
                          "model": self.model}
@@ -319,27 +278,29 @@ class TeacherClient:
             return 0.0
         return (prompt_tokens * self.usd_per_mtok[0] + completion_tokens * self.usd_per_mtok[1]) / 1e6
 
-    def _result(self, req: ChatRequest, out: _Outcome, attempts: int, retryable: bool) -> ChatResult:
+    def _result(self, req: LLMRequest, out: _Outcome, attempts: int, retryable: bool) -> LLMResult:
         usage = out.data.get("usage") or {}
         pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
         if out.kind == "ok":
             choice = out.data["choices"][0]
             text = choice["message"].get("content") or ""
             finish = choice.get("finish_reason")
-            return ChatResult(req.request_id, text, pt, ct, attempts=attempts, finish_reason=finish)
+            return LLMResult(text, pt, ct, finish_reason=finish or "", attempts=attempts, request_id=req.request_id)
         if out.kind == "refusal":
             error = f"refusal: {out.message}"
         elif retryable:
             error = f"http_{out.status}_exhausted" if out.kind == "status" else f"{out.kind}_exhausted"
         else:
             error = f"http_{out.status}: {out.message}"
-        return ChatResult(req.request_id, None, pt, ct, error=self._redact(error), attempts=attempts)
+        # no answer: finish_reason "error", as an engine's failed row
+        return LLMResult("", pt, ct, finish_reason="error", error=self._redact(error), attempts=attempts,
+                         request_id=req.request_id)
 
-    async def complete_many(self, reqs: list[ChatRequest]) -> list[ChatResult]:
+    async def complete_many(self, reqs: list[LLMRequest]) -> list[LLMResult]:
         """All requests, at most `concurrency` in flight; results in the order of `reqs`."""
         return list(await asyncio.gather(*(self.complete(r) for r in reqs)))
 
-    def complete_many_sync(self, reqs: list[ChatRequest]) -> list[ChatResult]:
+    def complete_many_sync(self, reqs: list[LLMRequest]) -> list[LLMResult]:
         """For scripts and tests (not from inside a running event loop)."""
         async def run():
             try:

@@ -1,4 +1,4 @@
-"""Response cache for teacher calls: one JSON file per request hash in an fsspec directory (local or s3://)."""
+"""Response cache for LLM endpoint calls: one JSON file per request hash in an fsspec directory (local or s3://)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import fsspec
 
 if TYPE_CHECKING:
-    from speed_ray.teacher.client import ChatRequest
+    from speed_ray.llm.rows import LLMRequest
 
 # Bump when the cached value's meaning changes, so old entries are not read as new ones.
 CACHE_VERSION = 1
@@ -35,7 +35,7 @@ class ResponseCache:
         self.__init__(state["url"])
 
     @staticmethod
-    def key_for(model: str, req: "ChatRequest") -> str:
+    def key_for(model: str, req: "LLMRequest") -> str:
         """sha256 of everything that determines the answer: never the request_id, base_url or API key."""
         blob = {"v": CACHE_VERSION, "model": model, "messages": req.messages, "temperature": req.temperature,
                 "top_p": req.top_p, "max_tokens": req.max_tokens, "response_format": req.response_format,
