@@ -50,11 +50,11 @@ def print_summary(cfg: RunConfig, summary: dict[str, Any]) -> None:
                      f"{cost.get('calls', 0):>7} {cost.get('total_tokens', 0):>9}  "
                      f"{store.stage(name, fps[name]).url}")
     print("\n".join(lines), flush=True)
-    for line in _where(build_plan(cfg.pipeline.variant), store, fps):
+    for line in _where(build_plan(cfg.pipeline.variant), store, fps, cfg.run.name):
         print(line, flush=True)
 
 
-def _where(plan: list[StageSpec], store: RunStore, fps: dict[str, str]) -> list[str]:
+def _where(plan: list[StageSpec], store: RunStore, fps: dict[str, str], run_name: str) -> list[str]:
     """Where the data, the models, the evaluation table and the report of this run are (the stages' shows_as)."""
     out = []
     for spec in plan:
@@ -77,7 +77,7 @@ def _where(plan: list[StageSpec], store: RunStore, fps: dict[str, str]) -> list[
     try:
         from speed_ray.studies.report import write_report
 
-        out.append(f"{'report':>18}: {write_report(store, cfg.run.name)}")
+        out.append(f"{'report':>18}: {write_report(store, run_name)}")
     except ImportError:
         pass
     except Exception as e:  # a report problem never hides the run's own outcome

@@ -89,7 +89,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    quiet_ray()
+    # Loggers only: touching ray.data's DataContext before ray.init, in a job's driver, lost the job's working
+    # dir (Ray deleted its package; the next import failed), so the context is set once connected.
+    _quiet_loggers()
     level = logging.INFO if verbose() else logging.WARNING
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -115,12 +117,17 @@ def quiet_ray() -> None:
     import ray.data
 
     on = verbose()
+    _quiet_loggers()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = on
     ctx.enable_operator_progress_bars = on
     ctx.print_on_execution_start = on
     ctx.verbose_stats_logs = on
     ctx.enable_auto_log_stats = on
+
+
+def _quiet_loggers() -> None:
+    on = verbose()
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
         logging.getLogger(name).setLevel(logging.INFO if on else logging.WARNING)
     # its "Progress bars disabled. To enable, set ..." warning: off on purpose, and -v turns them back on

@@ -181,8 +181,16 @@ def test_status_watch_follows_a_run_to_its_end(tmp_path, slow, monkeypatch, caps
     cfg = _cfg(tmp_path)
     pipeline.run_pipeline(cfg, stages=["topics"], loader=_slow_loader)   # the run exists (plan.json) before the watch starts
     capsys.readouterr()
-    runner = threading.Thread(target=pipeline.run_pipeline, args=(cfg,), kwargs={"loader": _slow_loader})
+    started = threading.Event()
+
+    def loader(fn: str):      # the run has rewritten its plan.json once a stage starts
+        started.set()
+        return _slow_stage
+
+    runner = threading.Thread(target=pipeline.run_pipeline, args=(cfg,), kwargs={"loader": loader})
     runner.start()
+    # Watched before the new run rewrites plan.json, the first run's summary would say it finished (it had).
+    assert started.wait(60)
     try:
         rc = main(["status", str(tmp_path / "run"), "--watch", "--interval", "0.1"])
     finally:

@@ -98,3 +98,20 @@ def test_report_and_status_show_the_screens_decisions_and_score_distributions(tm
     out = capsys.readouterr().out
     assert "quality: the screen kept 44 of 50 rows; removed false_negative 4, contaminated 2" in out
     assert "retrieval" in out and "q-pos 0.80  q-neg 0.30  margin 0.50" in out
+
+
+def test_the_run_summary_says_where_everything_is_and_writes_the_report(tmp_path, capsys):
+    """print_summary (the end of `speed-ray run`): each finished output by what the plan calls it, then the
+    report's path (a NameError there was only logged as a warning)."""
+    from speed_ray.driver import print_summary
+
+    cfg = _cfg(tmp_path, "full", "full", 63.2)
+    summary = pipeline.run_pipeline(cfg, loader=studies_fakes.fake_load)
+    capsys.readouterr()
+    print_summary(cfg, summary)
+    out = capsys.readouterr().out
+    for label in ("junior generator", "senior generator", "revisor", "synthetic data", "deduplicated data",
+                  "training data", "embedder"):
+        assert f"{label}: " in out, label
+    assert "report: " in out and os.path.exists(os.path.join(str(tmp_path / "run"), "runs", "full", "report",
+                                                             "report.md"))
