@@ -168,3 +168,26 @@ def test_train_embedder_command_trains_evaluates_and_skips_a_rerun(ray_local, tm
     # a missing column names the file and row
     assert main(["train-embedder", str(data), "--base-model", "offline:minilm", "--out", str(tmp_path / "r2")]) == 2
     assert "has no column 'query'" in capsys.readouterr().err
+
+
+def test_public_data_can_be_pairs_or_triples_in_any_format(tmp_path):
+    """embedder.public_data reads what train-embedder reads: Parquet, JSONL or a `datasets` directory, rows with or
+    without a negative (pairs train with in-batch negatives), and names the file, row and column of a bad row."""
+    from datasets import Dataset
+
+    from speed_ray.embedder.own_data import load_public
+
+    rows = [{"query": f"q{i}", "positive": f"p{i}", **({"negative": f"n{i}"} if i % 2 else {})} for i in range(6)]
+    (tmp_path / "pub.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist([{"query": r["query"], "positive": r["positive"]} for r in rows]),
+                   tmp_path / "pairs.parquet")
+    Dataset.from_list([{**r, "negative": r.get("negative")} for r in rows]).save_to_disk(str(tmp_path / "ds"))
+    for path in ("pub.jsonl", "pairs.parquet", "ds"):
+        got = load_public(str(tmp_path / path))
+        assert [g["query"] for g in got] == [f"q{i}" for i in range(6)], path
+        assert all(g["task_type"] == "public" for g in got)
+        negs = [g["negative"] for g in got]
+        assert negs == ([None] * 6 if path == "pairs.parquet" else [None, "n1", None, "n3", None, "n5"]), path
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"query": "q", "positive": ""}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl: line 1, column 'positive'"):
+        load_public(str(tmp_path / "bad.jsonl"))

@@ -40,7 +40,8 @@ class EmbedderConfig:
     max_failures: int = 2
     n_samples: int | None = None              # train on at most this many synthetic triples (scaling sweep; nested)
     task_types: tuple[str, ...] | None = None # keep only these task types (influence study)
-    public_data: str | None = None            # Parquet or JSONL of (query, positive, negative, task)
+    public_data: str | None = None            # pairs or triples (query, positive[, negative, task]): Parquet, JSONL
+    #                                           or a local `datasets` directory
     public_fraction: float = 0.0              # share of the training mix from public_data
     no_duplicate_texts: bool = True           # no batch holds a text twice (copies are each other's false negatives)
     train_pairs: bool = True                  # rows without a hard negative (SPEED's short-long matching has none)

@@ -11,7 +11,6 @@ keeping training and evaluation inputs alike. Which task types count as symmetri
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections import defaultdict
 from typing import Iterable
@@ -68,36 +67,6 @@ def to_triples(rows: list[dict], symmetric_types: Iterable[str] = SYMMETRIC_TASK
     """Rows -> triples, and how many rows were dropped for a missing query, positive or negative."""
     out = [t for t in (to_triple(r, symmetric_types, source) for r in rows) if t is not None]
     return out, len(rows) - len(out)
-
-
-def load_public(path: str) -> list[dict]:
-    """Public labeled data in the synthetic schema (query, positive, negative, task[, task_type, id]): Parquet
-    (a file or a directory of shards) or JSONL, local or any fsspec URL."""
-    import fsspec
-
-    if path.endswith((".jsonl", ".json")):
-        with fsspec.open(path, "r") as f:
-            rows = []
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}: line {i + 1} is not JSON ({e})") from None
-    else:
-        import pyarrow.dataset as ds
-
-        fs, p = fsspec.core.url_to_fs(path)
-        rows = ds.dataset(p, filesystem=fs, format="parquet").to_table().to_pylist()
-    missing = {"query", "positive", "negative"} - set(rows[0] if rows else {})
-    if not rows or missing:
-        raise DataError(f"public data {path} has no rows" if not rows else
-                        f"public data {path} lacks column(s) {sorted(missing)}")
-    for i, r in enumerate(rows):
-        r.setdefault("id", f"public-{i}")
-        r.setdefault("task_type", "public")
-        r.setdefault("task", "")
-    return rows
 
 
 def mix_public(synthetic: list[dict], public: list[dict], fraction: float, seed: int = 0) -> list[dict]:

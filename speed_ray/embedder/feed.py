@@ -37,7 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from speed_ray.embedder.data import DataError, TRIPLE_COLUMNS, load_public, plan_batches, text_key, to_triple
+from speed_ray.embedder.data import DataError, TRIPLE_COLUMNS, plan_batches, text_key, to_triple
+from speed_ray.embedder.own_data import load_public
 from speed_ray.store import StageOutput, StepMarkers, shards_at
 
 ROW_COLUMNS = ["id", "task_type", "task", "query", "positive", "negative"]

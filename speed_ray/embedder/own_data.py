@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from speed_ray.embedder.data import DataError
+from speed_ray.errors import DataError
 from speed_ray.store import StageOutput
 
 _BATCH = 8192
@@ -185,3 +185,46 @@ def import_data(path: str, out: StageOutput, cols: Columns, default_task: str = 
         raise
     return {"format": fmt, "files": per_file, "rows": sum(f["rows"] for f in per_file),
             "pairs": sum(f["pairs"] for f in per_file)}
+
+
+def load_public(path: str) -> list[dict]:
+    """Public labeled data as sample rows (id, task_type "public" unless given, task, query, positive, negative):
+    pairs or triples (a row without a negative is a pair), from a Parquet file or directory, a JSONL file or a local
+    `datasets` directory; on a remote fsspec URL, Parquet or JSONL. Errors name the file, row and column."""
+    cols = Columns()
+    rows: list[dict] = []
+    if "://" in path:
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(path)
+        if path.endswith((".jsonl", ".json")):
+            import json
+
+            with fs.open(p, "r") as f:
+                raw = []
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            raw.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise DataError(f"{path}: line {i} is not JSON ({e.msg})") from None
+            rows = convert_rows(raw, cols, path, 1, "", "public", "line")
+        else:
+            import pyarrow.dataset as ds
+
+            rows = convert_rows(ds.dataset(p, filesystem=fs, format="parquet").to_table().to_pylist(), cols, path,
+                                1, "", "public")
+    else:
+        fmt, files = input_files(path)
+        for f in files:
+            first = 1
+            for batch in _batches(fmt, f):
+                if isinstance(batch, _JsonBatch):
+                    rows += convert_rows(batch.rows, cols, f, batch.first_line, "", "public", "line")
+                else:
+                    raw = batch.to_pylist()
+                    rows += convert_rows(raw, cols, f, first, "", "public")
+                    first += len(raw)
+    if not rows:
+        raise DataError(f"public data {path} has no rows")
+    return rows
