@@ -90,7 +90,7 @@ def test_engine_stage_gets_each_rows_own_schema_intact(processed, tiny_llama):
         assert engine_row["tokenized_prompt"] is not None and engine_row["prompt"].endswith("assistant\n")
         sp = engine_row["sampling_params"]
         assert set(sp) == {"temperature", "top_p", "max_tokens", "seed", "structured_outputs"}, rid
-        assert sp["seed"] == (None if src["seed"] < 0 else src["seed"]) and sp["max_tokens"] == 64
+        assert sp["seed"] == src["seed"] and sp["max_tokens"] == 64   # unseeded: null in the row and in vLLM
         schema = sp["structured_outputs"]["json"]
         assert json.loads(schema) == sample_schema(src["task_type"]), rid   # no other type's keys as null
         xgr.Grammar.from_json_schema(schema)
@@ -115,7 +115,7 @@ def test_engine_stage_rows_become_vllm_sampling_params(processed, tiny_llama):
         params = req.params
         assert isinstance(params, vllm.SamplingParams) and req.lora_request is None
         assert req.prompt_token_ids and params.max_tokens == 64 and params.temperature == pytest.approx(0.7)
-        assert params.seed == (None if src["seed"] < 0 else src["seed"])
+        assert params.seed == src["seed"]
         assert json.loads(params.structured_outputs.json) == sample_schema(src["task_type"])
         validate_xgrammar_grammar(params)      # what vLLM runs on a request before it is scheduled
 
