@@ -35,6 +35,7 @@ from speed_ray.dedup.lsh import band_hashes, band_layout, bucket_edges, bucket_r
 from speed_ray.dedup.minhash import exact_hashes, join_fields, normalize, signatures
 from speed_ray.store import StageOutput, StepMarkers, shards_at
 from speed_ray.streaming import done_set, filter_pending, id_hashes, shard_name_for
+from speed_ray.synth.samples import with_lineage
 
 STEPS = ("signatures", "buckets", "clusters", "removed")
 _LIGHT = 0.25  # CPUs for I/O-bound Ray tasks, so a 2-CPU cluster keeps room for the CPU-bound ones
@@ -166,15 +167,8 @@ class _Apply:
         return out.append_column("lineage", pa.array(lineage, pa.string())).append_column("dedup_cluster", cluster)
 
 
-def _with_cluster(lineage: str | None, cluster: str) -> str:
-    try:
-        d = json.loads(lineage) if lineage else {}
-    except json.JSONDecodeError:
-        d = {"unparsed_lineage": lineage}
-    if not isinstance(d, dict):
-        d = {"lineage": d}
-    d["dedup_cluster"] = cluster
-    return json.dumps(d, ensure_ascii=False)
+def _with_cluster(lineage: str | None, cluster) -> str:
+    return with_lineage(lineage, "dedup_cluster", cluster)
 
 
 def num_partitions(n_docs: int, keys_per_doc: int, rows_per_partition: int) -> int:

@@ -21,20 +21,14 @@ from speed_ray.quality.scores import SCORE_COLUMNS, summarize
 from speed_ray.quality.screen import ScreenSettings, screen_batch
 from speed_ray.store import StageOutput, shards_at
 from speed_ray.streaming import done_set, filter_pending, shard_name_for
+from speed_ray.synth.samples import with_lineage
 
 _LIGHT = 0.25
 _READ = ("id", "task", "task_type", "query", "positive", "negative")
 
 
-def _lineage(lineage: str | None, screen: dict) -> str:
-    try:
-        d = json.loads(lineage) if lineage else {}
-    except json.JSONDecodeError:
-        d = {"unparsed_lineage": lineage}
-    if not isinstance(d, dict):
-        d = {"lineage": d}
-    d["screen"] = screen
-    return json.dumps(d, ensure_ascii=False)
+def _lineage(lineage: str | None, screen) -> str:
+    return with_lineage(lineage, "screen", screen)
 
 
 class _Screen:

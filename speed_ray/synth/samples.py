@@ -52,3 +52,17 @@ def sample_row(base: dict, text: str | None, task_type: str, generator: str, min
         "reject_reason": p.reason, "generator": generator,
         "lineage": lineage_extend(base.get("lineage"), generator=generator),
     }
+
+
+def with_lineage(lineage: str | None, key: str, value) -> str:
+    """A sample's lineage JSON with `key` set to `value` (a lineage that is not a JSON object is kept under a key)."""
+    import json
+
+    try:
+        d = json.loads(lineage) if lineage else {}
+    except json.JSONDecodeError:
+        d = {"unparsed_lineage": lineage}
+    if not isinstance(d, dict):
+        d = {"lineage": d}
+    d[key] = value
+    return json.dumps(d, ensure_ascii=False)
