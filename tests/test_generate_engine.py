@@ -158,3 +158,32 @@ def test_production_engines_carry_no_test_hooks():
     hooks = ("crash_once", "fail_once", "STUB_FAIL", "FAIL_ME", "_load is not", "fake_load")
     found = [f"{p.relative_to(src)}: {h}" for p in src.rglob("*.py") for h in hooks if h in p.read_text()]
     assert found == []
+
+
+def test_copy_free_gqa_attention_matches_sdpa_on_left_padded_batches(tiny_llama):
+    """The CPU engine's grouped-query attention (no repeat_kv copy of the KV cache) gives sdpa's logits and greedy
+    tokens on a left-padded batch, prefill and decode alike."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from speed_ray.generate.gqa_attention import NAME, register
+    from speed_ray.generate.hf_engine import HFEngine
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
+    gqa = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=register()).eval()
+    assert ref.config.num_key_value_heads < ref.config.num_attention_heads      # the tiny Llama groups its heads
+    torch.manual_seed(0)
+    lens = [3, 9, 6]
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for i, n in enumerate(lens):
+        ids[i, 9 - n:] = torch.randint(3, ref.config.vocab_size, (n,))
+        mask[i, 9 - n:] = 1
+    with torch.inference_mode():
+        a = ref(input_ids=ids, attention_mask=mask).logits
+        b = gqa(input_ids=ids, attention_mask=mask).logits
+        for i, n in enumerate(lens):
+            assert torch.allclose(a[i, 9 - n:], b[i, 9 - n:], atol=1e-5)
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(ref.generate(**kw), gqa.generate(**kw))
+    assert HFEngine(tiny_llama, batch_size=2).model.config._attn_implementation == NAME
