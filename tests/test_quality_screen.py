@@ -259,3 +259,80 @@ def test_a_short_evaluation_text_quoted_whole_is_contamination():
     hit = check_texts(build_index(ev, ngram=8, shingle=1, min_ngram=5), [quoted, "Dogs bark at night, loudly."],
                       0.5, 0.8)
     assert hit[0]["method"] == "ngram" and hit[0]["text"] == "A person is slicing some garlic." and hit[1] is None
+
+
+# ---- mining negatives from a corpus ---------------------------------------------------------------------------
+def _unit(rows):
+    a = np.asarray(rows, np.float32)
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def test_mine_corpus_ranks_outside_the_margin_skips_excluded_and_scans_in_chunks():
+    from speed_ray.quality.scores import mine_corpus
+
+    q = _unit([[1, 0, 0]])
+    # cosines with q: c0 1.0 (the positive itself), c1 ~0.995, c2 ~0.894, c3 ~0.707, c4 ~0.447, c5 0
+    corpus = _unit([[1, 0, 0], [1, .1, 0], [1, .5, 0], [1, 1, 0], [1, 2, 0], [0, 1, 0]])
+    pos = np.array([0.95])
+    for chunk in (2, 65536):   # the running top-k across chunks gives what one pass gives
+        idx, sc = mine_corpus(q, pos, corpus, [{0}], margin=0.05, rank_range=(0, 3), chunk=chunk)
+        assert idx.tolist() == [2] and sc[0] == pytest.approx(corpus[2] @ q[0])   # c1 sits within the margin
+        assert mine_corpus(q, pos, corpus, [{0}], 0.05, (1, 3), chunk=chunk)[0].tolist() == [3]
+        assert mine_corpus(q, pos, corpus, [{0, 2}], 0.05, (0, 3), chunk=chunk)[0].tolist() == [3]
+        assert mine_corpus(q, pos, corpus, [{0}], 0.05, (4, 6), chunk=chunk)[0].tolist() == [-1]   # 4 candidates
+    picks = {int(mine_corpus(q, pos, corpus, [{0}], 0.05, (0, 4), "random", seeds=[s])[0][0]) for s in range(40)}
+    assert picks == {2, 3, 4, 5}
+    same = [mine_corpus(q, pos, corpus, [{0}], 0.05, (0, 4), "random", seeds=[7])[0][0] for _ in range(3)]
+    assert len(set(same)) == 1   # a row's own seed: the same pick every time
+    with pytest.raises(ValueError, match="rank range"):
+        mine_corpus(q, pos, corpus, [set()], 0.05, (3, 3))
+
+
+def test_screen_batch_mines_negatives_for_pairs_from_the_corpus(guide):
+    from speed_ray.quality.screen import Corpus, ScreenSettings, screen_batch
+
+    cols = _cols()
+    cols["negative"] = [None, "", cols["negative"][2], None]     # rows 0, 1, 3 are pairs
+    texts = tuple(cols["positive"]) + (
+        "Bread flour has more protein than cake flour, which changes how a loaf rises.",
+        "Solar panels convert sunlight into electricity using photovoltaic cells.",
+        "The immune system includes the skin, white blood cells and the lymph nodes.")
+    corpus = Corpus(texts, guide.embed(list(texts)).astype(np.float32))
+    s = ScreenSettings(margin=0.05, restates=None, mine="pairs", mine_range=(0, 3))
+    v = screen_batch(cols, guide, None, s, corpus)
+    assert v["negative"][2] == cols["negative"][2] and "mined" not in (v["detail"][2] or {})   # had one
+    for i in (0, 1, 3):
+        mined = v["detail"][i]["mined"]
+        assert mined["found"] and v["negative"][i] in texts and v["negative"][i] != cols["positive"][i]
+        assert v["neg"][i] == pytest.approx(mined["score"]) and v["neg"][i] <= v["pos"][i] - 0.05
+        assert v["margin"][i] == pytest.approx(v["pos"][i] - v["neg"][i])
+    # "all" replaces the generated negative too, and says what it replaced
+    v = screen_batch(cols, guide, None, dataclasses.replace(s, mine="all"), corpus)
+    assert v["detail"][2]["mined"]["replaced"] == cols["negative"][2] and v["negative"][2] in texts
+    # a rank range past the candidates leaves a pair, and says so
+    v = screen_batch(cols, guide, None, dataclasses.replace(s, mine_range=(50, 60)), corpus)
+    assert v["negative"][0] is None and v["detail"][0]["mined"]["found"] is False
+
+
+def test_screen_stage_mines_negatives_for_pairs(ray_local, tmp_path):
+    from speed_ray.config import ConfigError
+    from speed_ray.quality.config import ScreenConfig
+    from speed_ray.quality.stage import screen_stage
+
+    rows = [dict(r, negative=None) for r in _stage_rows() if not r["id"].startswith("c")]   # 16 pairs
+    ctx = _stage_ctx(tmp_path, rows, mine="pairs", mine_rank_min=0, mine_rank_max=5, decontaminate=False)
+    extra = screen_stage(ctx)
+    kept = {r["id"]: r for r in ctx.out.read_table().to_pylist()}
+    assert len(kept) == 16
+    docs = {r["positive"] for r in rows}
+    for r in kept.values():   # every pair got a document of the input (not its own) below its positive's score
+        assert r["negative"] in docs and r["negative"] != r["positive"]
+        assert r["guide_neg_score"] <= r["guide_pos_score"] - ctx.cfg.screen.margin
+        assert json.loads(r["lineage"])["screen"]["mined"]["found"] is True
+    s = extra["screen"]
+    assert s["actions"] == {"mined": 16} and s["mining"] == {"texts": 4, "contaminated_left_out": 0,
+                                                              "source": "own"}
+    with pytest.raises(ConfigError, match="mine_rank_max"):
+        ScreenConfig(mine="pairs", mine_rank_min=3, mine_rank_max=3)
+    with pytest.raises(ConfigError, match="bi_encoder"):
+        ScreenConfig(mine="all", guide_kind="cross_encoder", action="drop")

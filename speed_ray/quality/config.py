@@ -21,6 +21,15 @@ class ScreenConfig:
     # drop it; keep it as a pair (in-batch negatives only); or take another row's positive of the same task type in
     # its batch as the negative (the highest that is not itself within the margin, at rank remine_rank), else a pair
     remine_rank: int = 0
+    # Mining hard negatives from a corpus (as sentence-transformers' mine_hard_negatives), under the margin above:
+    mine: Literal["off", "pairs", "all"] = "off"   # pairs: kept rows without a negative (a user's pairs, or those
+    #                                                the action left as pairs) get one; all: every kept row's
+    #                                                negative is replaced by a mined one
+    mine_corpus: str | None = None            # None: the input's own positives and negatives; or a Parquet / JSONL
+    #                                           file or directory whose `text` (else `positive`) column is the corpus
+    mine_rank_min: int = 0                    # the candidates outside the margin, best first: take rank min ("top")
+    mine_rank_max: int = 10                   # or a random one of ranks [min, max) ("random")
+    mine_sampling: Literal["top", "random"] = "top"
     instructions: bool = True                 # E5 "Instruct: {task}\nQuery: " before the query (speed_ray/e5.py)
     max_length: int = 256                     # guide tokens per text
     batch_size: int = 256                     # rows per map_batches call (one actor call)
@@ -46,6 +55,11 @@ class ScreenConfig:
         check(self.action != "remine" or self.guide_kind == "bi_encoder", "action",
               "remine needs a bi_encoder guide (it scores each query against the batch's positives)")
         check(self.remine_rank >= 0, "remine_rank", "must be >= 0")
+        check(self.mine == "off" or self.guide_kind == "bi_encoder", "mine",
+              "mining needs a bi_encoder guide (it ranks the corpus by embedding similarity)")
+        check(self.mine == "off" or self.enabled, "mine", "mining needs the screen enabled (screen.enabled: true)")
+        check(0 <= self.mine_rank_min < self.mine_rank_max, "mine_rank_max",
+              f"need 0 <= mine_rank_min < mine_rank_max (got {self.mine_rank_min}, {self.mine_rank_max})")
         check(self.max_length > 0, "max_length", "must be > 0")
         check(self.batch_size > 0, "batch_size", "must be > 0")
         check(self.num_actors >= 1, "num_actors", "must be >= 1")

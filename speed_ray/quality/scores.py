@@ -99,3 +99,53 @@ def summarize(task_types: Sequence[str], columns: dict[str, Sequence[float]]) ->
     everything = np.ones(len(tt), bool)
     return {"all": block(everything),
             "by_task_type": {t: block(tt == t) for t in sorted(set(tt.tolist()))}}
+
+
+def mine_corpus(queries: np.ndarray, pos: np.ndarray, corpus: np.ndarray, exclude: Sequence[Iterable[int]],
+                margin: float, rank_range: tuple[int, int], sampling: str = "top", seeds: Sequence[int] | None = None,
+                chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Hard negatives from a corpus: for each query, the candidates that are not likely false negatives (score <=
+    pos - margin, as in `false_negative`) and not excluded (the row's own positive and query), ranked by score;
+    the negative is the one at rank `rank_range[0]` ("top") or a seeded random one among ranks [start, stop)
+    ("random"), as sentence-transformers' mine_hard_negatives takes range_min / range_max / margin.
+
+    queries (n, d) and corpus (m, d) are unit-norm embeddings; pos (n,) each query's score with its positive;
+    exclude[i]: corpus indices row i may not take. Returns (index (n,), -1 where no candidate is in range; score).
+    The corpus is scanned in chunks, holding only each row's best `stop` candidates, so memory is O(n * stop)."""
+    q = np.asarray(queries, np.float32)
+    n = q.shape[0]
+    start, stop = rank_range
+    if not 0 <= start < stop:
+        raise ValueError(f"rank range must be 0 <= start < stop, got {rank_range}")
+    limit = (np.asarray(pos, np.float64) - margin)[:, None]
+    extra = max((len(list(e)) for e in exclude), default=0)   # excluded ones can sit among the best
+    keep = stop + extra
+    best_s = np.full((n, 0), -np.inf, np.float32)
+    best_i = np.zeros((n, 0), np.int64)
+    for c0 in range(0, corpus.shape[0], chunk):
+        s = q @ np.asarray(corpus[c0:c0 + chunk], np.float32).T
+        s[s > limit] = -np.inf
+        s_all = np.concatenate([best_s, s], axis=1)
+        i_all = np.concatenate([best_i, np.broadcast_to(np.arange(c0, c0 + s.shape[1]), s.shape)], axis=1)
+        if s_all.shape[1] > keep:
+            top = np.argpartition(-s_all, keep - 1, axis=1)[:, :keep]
+            s_all = np.take_along_axis(s_all, top, axis=1)
+            i_all = np.take_along_axis(i_all, top, axis=1)
+        best_s, best_i = s_all, i_all
+    out = np.full(n, -1, np.int64)
+    score = np.full(n, np.nan)
+    for r in range(n):
+        ex = set(exclude[r])
+        order = np.lexsort((best_i[r], -best_s[r]))          # best first; ties by corpus index (deterministic)
+        ranked = [int(best_i[r, k]) for k in order if np.isfinite(best_s[r, k]) and int(best_i[r, k]) not in ex]
+        window = ranked[start:stop]
+        if not window:
+            continue
+        if sampling == "random":
+            rng = np.random.default_rng(None if seeds is None else int(seeds[r]) & 0xFFFFFFFF)
+            pick = window[int(rng.integers(len(window)))]
+        else:
+            pick = window[0]
+        out[r] = pick
+        score[r] = float(q[r] @ np.asarray(corpus[pick], np.float32))
+    return out, score

@@ -3,6 +3,7 @@ action. Pure apart from the guide's forward passes (tests run it with MiniLM); t
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from speed_ray.e5 import with_instruction
 from speed_ray.quality.decontam import DecontamIndex, row_hits
-from speed_ray.quality.scores import cosine_matrix, false_negative, remine, restates
+from speed_ray.quality.scores import cosine_matrix, false_negative, mine_corpus, remine, restates
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,28 @@ class ScreenSettings:
     fields: tuple[str, ...] = ("query", "positive", "negative")
     ngram_threshold: float = 0.5
     minhash_threshold: float = 0.7
+    mine: str = "off"                     # "pairs" / "all": negatives mined from a corpus (see mine_negatives)
+    mine_range: tuple[int, int] = (0, 10)
+    mine_sampling: str = "top"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The texts negatives are mined from, with the guide's unit-norm embeddings (one row per distinct text)."""
+
+    texts: tuple[str, ...]
+    emb: np.ndarray
+    name: str = "own"
+
+    def index_of(self, text: str | None) -> int | None:
+        if not hasattr(self, "_where"):
+            object.__setattr__(self, "_where", {t: i for i, t in enumerate(self.texts)})
+        return self._where.get(text) if text else None   # type: ignore[attr-defined]
+
+
+def row_seed(row_id: str) -> int:
+    """A row's own seed (its random rank pick does not depend on the batch it landed in)."""
+    return int.from_bytes(hashlib.blake2b(str(row_id).encode(), digest_size=4).digest(), "little")
 
 
 def guide_query(task: str | None, query: str, instructions: bool) -> str:
@@ -33,9 +56,10 @@ def guide_query(task: str | None, query: str, instructions: bool) -> str:
 
 def score_rows(guide, queries: Sequence[str], positives: Sequence[str], negatives: Sequence[str | None],
                want_candidates: bool = False):
-    """(pos, neg, cand, pn): the guide's score of each query with its positive and with its negative (NaN without
-    one); when asked (bi-encoder), of each query with every positive of the batch (n, n); and (bi-encoder) of each
-    positive with its negative (NaN without one; None for a cross-encoder, whose scores are not similarities)."""
+    """(pos, neg, cand, pn, q): the guide's score of each query with its positive and with its negative (NaN without
+    one); when asked (bi-encoder), of each query with every positive of the batch (n, n); (bi-encoder) of each
+    positive with its negative (NaN without one; None for a cross-encoder, whose scores are not similarities); and
+    (bi-encoder) the queries' unit-norm embeddings (None for a cross-encoder)."""
     n = len(queries)
     has_neg = np.array([bool(x and x.strip()) for x in negatives], bool)
     neg = np.full(n, np.nan)
@@ -48,18 +72,20 @@ def score_rows(guide, queries: Sequence[str], positives: Sequence[str], negative
         pn = np.full(n, np.nan)
         pn[has_neg] = (p[has_neg] * ng).sum(axis=1)
         cand = cosine_matrix(q, p) if want_candidates else None
-        return pos, neg, cand, pn
+        return pos, neg, cand, pn, q
     pos = guide.pair_scores(queries, positives)
     idx = np.flatnonzero(has_neg)
     neg[idx] = guide.pair_scores([queries[i] for i in idx], [negatives[i] for i in idx])
-    return pos, neg, None, None
+    return pos, neg, None, None, None
 
 
-def screen_batch(cols: dict[str, list], guide, index: DecontamIndex | None, s: ScreenSettings) -> dict:
+def screen_batch(cols: dict[str, list], guide, index: DecontamIndex | None, s: ScreenSettings,
+                 corpus: Corpus | None = None) -> dict:
     """The verdict for each row of a batch (columns as lists: id, query, positive, and task, task_type, negative
     where present). Returns per-row lists: reason (None: kept; "contaminated" / "false_negative": removed),
     detail (a dict for the lineage or None), pos / neg / margin scores (None where not scored), and negative (the
-    row's negative after the action: unchanged, "" for a pair, or the re-mined text)."""
+    row's negative after the action: unchanged, "" for a pair, or the re-mined text). With `s.mine` and a corpus, kept
+    rows without a negative ("pairs") or all kept rows ("all") then take a negative mined from the corpus."""
     n = len(cols["query"])
     tasks = cols.get("task") or [None] * n
     ttypes = cols.get("task_type") or [""] * n
@@ -79,7 +105,7 @@ def screen_batch(cols: dict[str, list], guide, index: DecontamIndex | None, s: S
     rows = [i for i in range(n) if reason[i] is None]
     queries = [guide_query(tasks[i], cols["query"][i], s.instructions) for i in rows]
     positives = [cols["positive"][i] for i in rows]
-    pos, neg, cand, pn = score_rows(guide, queries, positives, [negatives[i] for i in rows],
+    pos, neg, cand, pn, q = score_rows(guide, queries, positives, [negatives[i] for i in rows],
                                     want_candidates=s.action == "remine" and guide.kind == "bi_encoder")
     outranks = false_negative(pos, neg, s.margin)
     restated = restates(pn, s.restates) if pn is not None else np.zeros(len(rows), bool)
@@ -111,6 +137,34 @@ def screen_batch(cols: dict[str, list], guide, index: DecontamIndex | None, s: S
             negatives[i] = ""
             neg_s[i] = None
             detail[i] = {"false_negative": {**info, "action": "removed_negative"}}
+    if s.mine != "off" and corpus is not None and q is not None:
+        _mine(cols, rows, pos, q, corpus, s, reason, detail, negatives, neg_s)
     margin = [None if p is None or ng is None else p - ng for p, ng in zip(pos_s, neg_s)]
     return {"reason": reason, "detail": detail, "pos": pos_s, "neg": neg_s, "margin": margin,
             "negative": negatives}
+
+
+def _mine(cols, rows, pos, q, corpus: Corpus, s: ScreenSettings, reason, detail, negatives, neg_s) -> None:
+    """Mined negatives for the kept rows that want one (in place): the corpus text at the configured rank among
+    those outside the false-negative margin, never the row's own query, positive or screened-out negative."""
+    want = [k for k, i in enumerate(rows) if reason[i] is None and (s.mine == "all" or not negatives[i])]
+    if not want:
+        return
+    exclude = []
+    for k in want:
+        i = rows[k]
+        old = ((detail[i] or {}).get("false_negative") or {}).get("negative")
+        exclude.append({j for j in (corpus.index_of(cols["query"][i]), corpus.index_of(cols["positive"][i]),
+                                    corpus.index_of(negatives[i]), corpus.index_of(old)) if j is not None})
+    idx, score = mine_corpus(q[want], pos[want], corpus.emb, exclude, s.margin, s.mine_range, s.mine_sampling,
+                             seeds=[row_seed(cols["id"][rows[k]]) for k in want])
+    for k, j, sc in zip(want, idx, score):
+        i = rows[k]
+        info = {"from": corpus.name, "rank_range": list(s.mine_range), "sampling": s.mine_sampling}
+        if j < 0:
+            info["found"] = False
+        else:
+            info.update(found=True, replaced=negatives[i] or None, score=float(sc))
+            negatives[i] = corpus.texts[j]
+            neg_s[i] = float(sc)
+        detail[i] = {**(detail[i] or {}), "mined": info}

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from speed_ray.quality.scores import SCORE_COLUMNS, summarize
 from speed_ray.quality.screen import ScreenSettings, screen_batch
+from speed_ray.errors import DataError
 from speed_ray.store import StageOutput, shards_at
 from speed_ray.streaming import done_set, filter_pending, shard_name_for
 from speed_ray.synth.samples import with_lineage
@@ -35,7 +36,8 @@ class _Screen:
     """map_batches UDF (an actor): screens a batch and writes its removed rows, then its kept rows."""
 
     def __init__(self, kept: StageOutput, removed: StageOutput, guide_path: str | None, guide_kind: str,
-                 max_length: int, threads: int, index_ref, settings: ScreenSettings, guide_name: str):
+                 max_length: int, threads: int, index_ref, settings: ScreenSettings, guide_name: str,
+                 corpus_ref=None):
         import ray
 
         from speed_ray.quality.guide import Guide
@@ -43,12 +45,13 @@ class _Screen:
         self.kept, self.removed, self.s, self.guide_name = kept, removed, settings, guide_name
         self.guide = Guide(guide_path, guide_kind, max_length, threads) if guide_path else None
         self.index = ray.get(index_ref) if index_ref is not None else None
+        self.corpus = ray.get(corpus_ref) if corpus_ref is not None else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if batch.num_rows == 0:
             return pa.table({"kept": pa.array([], pa.int64()), "removed": pa.array([], pa.int64())})
         cols = {c: batch.column(c).to_pylist() for c in _READ if c in batch.column_names}
-        v = screen_batch(cols, self.guide, self.index, self.s)
+        v = screen_batch(cols, self.guide, self.index, self.s, self.corpus)
         lineage = batch.column("lineage").to_pylist() if "lineage" in batch.column_names else [None] * batch.num_rows
         screen = [{"guide": self.guide_name, "pos": p, "neg": n, **(d or {})}
                   for p, n, d in zip(v["pos"], v["neg"], v["detail"])]
@@ -87,6 +90,52 @@ def _build_index(local_tasks, data_root, hub_tasks, benchmark, ngram, shingle, n
     return index, {"tasks": {t: len(v) for t, v in texts.items()}, "skipped": skipped, "texts": len(index)}
 
 
+def _corpus_texts(source, path: str | None):
+    """The distinct non-empty texts to mine from: a file's `text` (else `positive`) column, or the input's
+    positives and negatives."""
+    seen: dict[str, None] = {}
+    if path:
+        from speed_ray.embedder.own_data import _batches, input_files
+
+        fmt, files = input_files(path)
+        for f in files:
+            for b in _batches(fmt, f):
+                col = "text" if "text" in b.schema.names else "positive" if "positive" in b.schema.names else None
+                if col is None:
+                    raise DataError(f"mining corpus {f}: no `text` or `positive` column (columns: {b.schema.names})")
+                seen.update((t, None) for t in b.column(col).to_pylist() if t and t.strip())
+        return list(seen)
+    names = next(source.iter_batches(batch_size=1)).schema.names
+    for b in source.iter_batches(batch_size=65536, columns=[c for c in ("positive", "negative") if c in names]):
+        for c in range(b.num_columns):
+            seen.update((t, None) for t in b.column(c).to_pylist() if t and t.strip())
+    return list(seen)
+
+
+def _build_corpus(source, path, guide_path, guide_kind, max_length, threads, index_ref, fields_settings):
+    """Ray task: the mining corpus's texts (contaminated ones left out) and their guide embeddings."""
+    import numpy as np
+    import ray
+
+    from speed_ray.quality.decontam import row_hits
+    from speed_ray.quality.guide import Guide
+    from speed_ray.quality.screen import Corpus
+
+    texts = _corpus_texts(source, path)
+    dropped = 0
+    if index_ref is not None:
+        index = ray.get(index_ref)
+        ngram_t, minhash_t = fields_settings
+        hits = row_hits(index, {"text": texts}, ("text",), ngram_t, minhash_t)
+        dropped = sum(h is not None for h in hits)
+        texts = [t for t, h in zip(texts, hits) if h is None]
+    guide = Guide(guide_path, guide_kind, max_length, threads)
+    emb = [guide.embed(texts[i:i + 4096]).astype(np.float32) for i in range(0, len(texts), 4096)]
+    emb = np.concatenate(emb) if emb else np.zeros((0, 1), np.float32)
+    return Corpus(tuple(texts), emb, path or "own"), {"texts": len(texts), "contaminated_left_out": dropped,
+                                                      "source": path or "own"}
+
+
 def _counts(out: StageOutput, column: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     if not out.shard_names():
@@ -108,7 +157,6 @@ def screen_stage(ctx) -> dict:
     """Hard-negative screening and decontamination of `samples`; kept rows (with scores) to data/."""
     import ray
 
-    from speed_ray.errors import DataError
     from speed_ray.models.offline import resolve_model
     from speed_ray.raylocal import ensure_ray
     from speed_ray.threads import worker_threads
@@ -137,14 +185,26 @@ def screen_stage(ctx) -> dict:
     settings = ScreenSettings(margin=c.margin, restates=c.restates_threshold, action=c.action,
                               remine_rank=c.remine_rank, instructions=c.instructions,
                               fields=tuple(c.decontam_fields), ngram_threshold=c.decontam_ngram_threshold,
-                              minhash_threshold=c.decontam_minhash_threshold)
+                              minhash_threshold=c.decontam_minhash_threshold, mine=c.mine,
+                              mine_range=(c.mine_rank_min, c.mine_rank_max), mine_sampling=c.mine_sampling)
     removed_out = shards_at(ctx.out, "removed")
     ds = filter_pending(src.ray_dataset(), done_set(ctx.out, removed_out))
     threads = worker_threads(None, c.cpus_per_actor)
+    corpus_ref, mining = None, {}
+    if c.enabled and c.mine != "off":
+        corpus_ref, info_ref = ray.remote(_build_corpus).options(
+            num_returns=2, num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor or None).remote(
+            src, c.mine_corpus, guide_path, c.guide_kind, c.max_length, threads, index_ref,
+            (settings.ngram_threshold, settings.minhash_threshold))
+        mining = ray.get(info_ref)
+        if not mining["texts"]:
+            raise DataError(f"screen.mine: the mining corpus ({c.mine_corpus or 'the input documents'}) has no text")
+        ctx.log("mining negatives (%s) from %d corpus text(s), ranks [%d, %d)", c.mine, mining["texts"],
+                c.mine_rank_min, c.mine_rank_max)
     written = {"kept": 0, "removed": 0}
     for row in ds.map_batches(_Screen, fn_constructor_args=(ctx.out, removed_out, guide_path, c.guide_kind,
                                                             c.max_length, threads, index_ref, settings,
-                                                            guide_name),
+                                                            guide_name, corpus_ref),
                               batch_size=c.batch_size, batch_format="pyarrow", zero_copy_batch=True,
                               concurrency=c.num_actors, num_cpus=c.cpus_per_actor,
                               num_gpus=c.gpus_per_actor or None).iter_rows():
@@ -163,17 +223,24 @@ def screen_stage(ctx) -> dict:
     return {"screen": {"rows_in": n_in, "rows_out": n_out, "removed": reasons, "rows_this_run": written,
                        "guide": guide_name, "guide_kind": c.guide_kind, "margin": c.margin, "action": c.action,
                        "actions": ray.get(ray.remote(num_cpus=_LIGHT)(_actions).remote(ctx.out))
-                       if c.enabled and c.action != "drop" else {},
+                       if c.enabled and (c.action != "drop" or c.mine != "off") else {},
+                       **({"mining": mining} if mining else {}),
                        "decontamination": decontam, "removed_url": removed_out.data_url},
             "quality": quality}
 
 
 def _actions(out: StageOutput) -> dict[str, int]:
-    """How many kept rows had their negative removed or re-mined (from the lineage)."""
+    """How many kept rows had their negative removed, re-mined in the batch, or mined from the corpus (from the
+    lineage)."""
     counts: dict[str, int] = {}
     for batch in out.iter_batches(batch_size=65536, columns=["lineage"]):
         for lin in batch.column(0).to_pylist():
-            act = (json.loads(lin or "{}").get("screen") or {}).get("false_negative", {}).get("action")
+            screen = json.loads(lin or "{}").get("screen") or {}
+            act = screen.get("false_negative", {}).get("action")
             if act:
                 counts[act] = counts.get(act, 0) + 1
+            mined = screen.get("mined")
+            if mined:
+                key = "mined" if mined.get("found") else "mined_none_in_range"
+                counts[key] = counts.get(key, 0) + 1
     return counts
