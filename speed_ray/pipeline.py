@@ -146,7 +146,8 @@ _ALL = {
     "dedup": StageSpec("dedup", "speed_ray.dedup.stage:dedup_stage", {"samples": "revision"},
                        ("dedup", "filters"), doc="exact + MinHash-LSH dedup, then quality filters",
                        # 2: degenerate task descriptions are filtered (filters.drop_degenerate_task)
-                       version="2", shows_as="deduplicated data", unit="steps", counted_by="markers"),
+                       # 3: placeholder and too-short texts where a sentence or passage is due (drop_label_like)
+                       version="3", shows_as="deduplicated data", unit="steps", counted_by="markers"),
     "screen": StageSpec("screen", "speed_ray.quality.stage:screen_stage", {"samples": "dedup"},
                         ("screen", "embedder.base_model", "evaluate.local_tasks", "evaluate.data_root",
                          "evaluate.tasks", "evaluate.benchmark"),

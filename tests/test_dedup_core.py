@@ -230,3 +230,31 @@ def test_degenerate_task_descriptions_are_filtered(task, degenerate):
     assert quality_reason(*row, task=task, **dict(RULES, drop_degenerate_task=False)) is None
     cols = {"query": [row[0]], "positive": [row[1]], "negative": [row[2]], "task": [task]}
     assert filter_reasons(cols, RULES) == ["degenerate_task" if degenerate else None]
+
+
+@pytest.mark.parametrize("task_type,row,reason", [
+    ("sts", ("S1", "S2", "S3"), "placeholder_query"),                         # the schema's own key names
+    ("sts", ("A man plays a guitar.", "{my_book}", "A woman sings."), "placeholder_positive"),
+    ("sts", (",(S2,S3: 4.", "64.67", ".[Subsample 1_%) 2.,"), "too_few_words_query"),
+    ("sts", ("A man plays a guitar.", "A man is playing guitar.", "Cats sleep."), None),
+    ("retrieval", ("poverty relief", "Santa Abyss", "A long passage about charity and aid."), "too_few_words_positive"),
+    ("retrieval", ("poverty relief", "Aid programs reduce poverty in rural areas.", ""), None),   # pairs stay
+    ("classification", ("The movie was a delight from start to end.", "positive", "negative"), None),  # labels
+    ("classification", ("Spam", "spam", "ham"), "too_few_words_query"),
+    ("matching_long", ("A short title here", "Another one is here", ""), None),
+    ("matching_long", ("Title", "A long enough document text.", ""), "too_few_words_query"),
+    (None, ("S1", "S2 is fine", ""), None),                                   # public pairs: no task type, no floor
+])
+def test_label_like_texts_where_a_sentence_or_passage_is_due(task_type, row, reason):
+    rules = dict(RULES, min_chars={}, drop_query_in_positive=False)
+    assert quality_reason(*row, True, task_type=task_type, **rules) == reason
+    assert quality_reason(*row, True, task_type=task_type, **dict(rules, drop_label_like=False)) is None
+
+
+def test_min_words_config_names_bad_fields():
+    from speed_ray.config import ConfigError
+    from speed_ray.dedup.config import FiltersConfig
+
+    assert FiltersConfig().min_words["sts"] == {"query": 2, "positive": 2, "negative": 2}
+    with pytest.raises(ConfigError, match="min_words.*doc"):
+        FiltersConfig(min_words={"retrieval": {"doc": 3}})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from speed_ray.config import check
+from speed_ray.dedup.filters import MIN_WORDS
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class FiltersConfig:
     language: str | None = None               # e.g. "en": keep only positives in this language (needs `langid`)
     drop_degenerate_task: bool = True         # task descriptions with fewer than min_task_words words (`,]{`,
     min_task_words: int = 2                   # an e-mail address): the instruction of every one of their queries
+    drop_label_like: bool = True              # a text that should be a sentence or passage (by task type) but is a
+    #                                           placeholder (`S1`, `{my_book}`) or has too few words
+    min_words: dict[str, dict[str, int]] = field(default_factory=lambda: {k: dict(v) for k, v in MIN_WORDS.items()})
 
     def __post_init__(self):
         for name in ("min_chars", "max_chars"):
@@ -53,3 +57,8 @@ class FiltersConfig:
             check(not bad, name, f"unknown field(s) {bad}; use query, positive, negative")
         check(self.query_in_positive_min_words >= 1, "query_in_positive_min_words", "must be >= 1")
         check(self.min_task_words >= 1, "min_task_words", "must be >= 1")
+        for tt, floors in self.min_words.items():
+            bad = sorted(set(floors) - {"query", "positive", "negative"})
+            check(not bad, "min_words", f"{tt}: unknown field(s) {bad}; use query, positive, negative")
+            check(all(isinstance(n, int) and n >= 0 for n in floors.values()), "min_words",
+                  f"{tt}: word floors must be integers >= 0 (got {floors})")

@@ -26,12 +26,45 @@ _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")   #
 _ADDRESS = re.compile(r"\S+@\S+\.\w+|(?:https?://|www\.)\S+", re.IGNORECASE)
 
 
+_PLACEHOLDER = re.compile(r"[{\[<]\s*[\w .-]*\s*[}\]>]")   # the whole text is `{my_book}`, `[label]`, `<doc>`
+
+# Texts that should be sentences or passages, by task type (SAMPLE_KEYS' roles): the fewest words each may have.
+# Labels (classification's positive and negative) have no floor; sts and bitext texts are sentences.
+MIN_WORDS: dict[str, dict[str, int]] = {
+    "retrieval": {"positive": 3, "negative": 3},
+    "sts": {"query": 2, "positive": 2, "negative": 2},
+    "bitext": {"query": 1, "positive": 1, "negative": 1},
+    "classification": {"query": 2},
+    "matching_short": {"query": 1, "positive": 1},
+    "matching_long": {"query": 3, "positive": 3},
+}
+
+
+def word_count(text: str) -> int:
+    """Words of two or more letters, e-mail addresses and URLs left out; a run of CJK characters (written without
+    spaces) counts about one word per two characters."""
+    words = _WORD.findall(_ADDRESS.sub(" ", text))
+    return sum(max(1, len(w) // 2) if _CJK.search(w) else 1 for w in words)
+
+
 def degenerate_task(task: str, min_words: int) -> bool:
     """A task description no instruction can be made of: fewer than min_words words once e-mail addresses and URLs
     are taken out (`,]{`, `x@y.com`, a bare URL). The embedder puts it before every query of its samples."""
-    words = _WORD.findall(_ADDRESS.sub(" ", task))
-    # without spaces between words, a run of CJK characters holds about one word per two characters
-    return sum(max(1, len(w) // 2) if _CJK.search(w) else 1 for w in words) < min_words
+    return word_count(task) < min_words
+
+
+def label_like(text: str, field: str, task_type: str | None, min_words: Mapping[str, Mapping[str, int]]
+               ) -> str | None:
+    """Why a text is no sentence or passage where its task type expects one, or None: "placeholder" (the whole
+    text is one of the schema's key names, as `S1`, or a bracketed name, as `{my_book}`) or "too_few_words"."""
+    from speed_ray.synth.schemas import SAMPLE_KEYS
+
+    floor = (min_words.get(task_type or "") or {}).get(field)
+    if floor is None or not text:
+        return None
+    if text in SAMPLE_KEYS.get(task_type or "", ()) or _PLACEHOLDER.fullmatch(text):
+        return "placeholder"
+    return "too_few_words" if word_count(text) < floor else None
 
 
 def quality_reason(query: str | None, positive: str | None, negative: str | None, valid: bool | None = True, *,
@@ -40,9 +73,12 @@ def quality_reason(query: str | None, positive: str | None, negative: str | None
                    drop_query_in_positive: bool = True, query_in_positive_min_words: int = 4,
                    drop_boilerplate: bool = True, language: str | None = None,
                    language_of: Callable[[str], str] | None = None, task: str | None = None,
-                   drop_degenerate_task: bool = True, min_task_words: int = 3) -> str | None:
+                   drop_degenerate_task: bool = True, min_task_words: int = 3, task_type: str | None = None,
+                   drop_label_like: bool = True, min_words: Mapping[str, Mapping[str, int]] = MIN_WORDS
+                   ) -> str | None:
     """Why this sample should not be trained on (the first rule that fires), or None to keep it. A row with no
-    task description (public pairs) is not judged by it."""
+    task description (public pairs) is not judged by it; a row without a known task type is not judged by the
+    per-type word floors."""
     if drop_invalid and valid is False:
         return "invalid"
     if drop_degenerate_task and task and task.strip() and degenerate_task(task, min_task_words):
@@ -60,6 +96,11 @@ def quality_reason(query: str | None, positive: str | None, negative: str | None
             return f"too_short_{f}"
         if f in max_chars and len(v) > max_chars[f]:
             return f"too_long_{f}"
+    if drop_label_like and task_type:
+        for f in FIELDS:
+            why = label_like(values[f], f, task_type, min_words)
+            if why:
+                return f"{why}_{f}"
     if drop_boilerplate:
         for f in FIELDS:
             if values[f] and BOILERPLATE.search(values[f]):
@@ -100,7 +141,8 @@ def filter_reasons(columns: Mapping[str, Sequence], rules: Mapping, language_of:
     neg = columns["negative"] if "negative" in columns else [None] * n
     valid = columns["valid"] if "valid" in columns else [True] * n
     tasks = columns["task"] if "task" in columns else [None] * n
+    types = columns["task_type"] if "task_type" in columns else [None] * n
     if rules.get("language") and language_of is None:
         language_of = langid_classifier()
-    return [quality_reason(q, p, ng, v, language_of=language_of, task=t, **rules)
-            for q, p, ng, v, t in zip(columns["query"], columns["positive"], neg, valid, tasks)]
+    return [quality_reason(q, p, ng, v, language_of=language_of, task=t, task_type=tt, **rules)
+            for q, p, ng, v, t, tt in zip(columns["query"], columns["positive"], neg, valid, tasks, types)]

@@ -54,7 +54,8 @@ class _Signatures:
     def __call__(self, batch: pa.Table) -> pa.Table:
         if batch.num_rows == 0:
             return pa.table({"rows": pa.array([], pa.int64())})
-        cols = {c: batch.column(c).to_pylist() for c in {"query", "positive", "negative", "valid", "task", *self.fields}
+        cols = {c: batch.column(c).to_pylist()
+                for c in {"query", "positive", "negative", "valid", "task", "task_type", *self.fields}
                 if c in batch.column_names}
         if self.rules.get("language") and self._lang is None:
             self._lang = langid_classifier()
