@@ -191,3 +191,30 @@ def test_public_data_can_be_pairs_or_triples_in_any_format(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"query": "q", "positive": ""}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl: line 1, column 'positive'"):
         load_public(str(tmp_path / "bad.jsonl"))
+
+
+def test_train_embedder_screens_and_mines_negatives_for_own_pairs(ray_local, tmp_path, capsys):
+    """`--screen screen.mine=pairs`: the user's pairs get hard negatives mined from their own documents (the
+    screen stage, under the false-negative margin), and train as triples."""
+    import glob
+
+    from speed_ray.cli import main
+
+    rows = [{k: v for k, v in r.items() if k != "negative"} for r in _pairs_and_triples(32)]   # pairs only
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    argv = ["train-embedder", str(data), "--base-model", "offline:minilm", "--out", str(out), "--screen",
+            "screen.mine=pairs", "screen.mine_rank_min=1", "screen.mine_rank_max=4", "screen.decontaminate=false",
+            "screen.cpus_per_actor=0.5", "embedder.max_steps=1", "embedder.batch_size=8", "embedder.lora=false",
+            "embedder.max_query_length=32", "embedder.max_doc_length=32"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "screened: kept 32 of 32 rows" in printed and "'mined': 32" in printed
+    result = json.loads([line for line in printed.splitlines() if line.startswith("{")][-1])
+    assert result["steps"] == 1 and result["pairs"] == 0 and result["triples"] == 32   # every pair got a negative
+    kept = pa.concat_tables([pq.read_table(f) for f in glob.glob(str(out / "stages/screen/*/data/*.parquet"))])
+    docs = {r["positive"] for r in rows}
+    for r in kept.to_pylist():
+        assert r["negative"] in docs and r["negative"] != r["positive"]
+        assert json.loads(r["lineage"])["screen"]["mined"]["rank_range"] == [1, 4]

@@ -66,10 +66,18 @@ def train_embedder_main(args: argparse.Namespace) -> int:
         data_out.write_manifest({"stage": "own_data", "source": os.path.abspath(args.data), **info,
                                  "started_at": t0, "ended_at": time.time(), "fingerprint": data_fp})
         print(f"imported {info['rows']} rows ({info['pairs']} pairs) from {len(info['files'])} file(s)")
-    # The pipeline's own train_embedder stage and bookkeeping, reading the imported rows instead of dedup's.
-    spec = stage_spec("train_embedder", data="own_data")
-    fps = fingerprints(cfg, [spec], known={"own_data": data_fp})
-    entry = run_stage(cfg, spec, fps, store=store, force=args.force)
+    # The pipeline's own stages and bookkeeping, reading the imported rows instead of dedup's: with --screen, the
+    # screen stage first (false-negative screening, decontamination, scores; screen.mine=pairs mines negatives).
+    specs = [stage_spec("train_embedder", data="own_data")]
+    if args.screen:
+        specs = [stage_spec("screen", samples="own_data"), stage_spec("train_embedder", data="screen")]
+    fps = fingerprints(cfg, specs, known={"own_data": data_fp})
+    for spec in specs:
+        entry = run_stage(cfg, spec, fps, store=store, force=args.force)
+        if spec.name == "screen":
+            sm = store.stage(spec.name, fps[spec.name]).manifest.get("screen") or {}
+            print(f"screened: kept {sm.get('rows_out')} of {sm.get('rows_in')} rows (removed: "
+                  f"{sm.get('removed') or {}}; actions: {sm.get('actions') or {}})")
     result = store.stage(spec.name, fps[spec.name]).manifest
     if entry["state"] == "skipped":
         print(f"already trained: {result['model_path']} (--force to train again)")
@@ -99,6 +107,9 @@ def add_parser(p, sub) -> None:
     t.add_argument("--id-column", default="id")
     t.add_argument("--task-type-column", default="task_type")
     t.add_argument("--task-type", default="own", help="task type for rows without one")
+    t.add_argument("--screen", action="store_true",
+                   help="screen the rows first (the pipeline's screen stage: false negatives, decontamination, "
+                        "scores; add screen.mine=pairs to mine hard negatives for pairs from your documents)")
     t.add_argument("--force", action="store_true", help="train again even if this data and config are done")
     t.add_argument("overrides", nargs="*", help="a.b=value overrides, e.g. embedder.batch_size=64")
     t.set_defaults(fn=_lazy_main)
