@@ -100,8 +100,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         log.info("starting a local Ray (num_cpus=%s)", num_cpus)
         # local workers are children of this process: they inherit its environment, token included
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": forwarded_env()},
-                 log_to_driver=True, logging_level=level)
+        env: dict = {"env_vars": forwarded_env()}
+        if not verbose():
+            env["worker_process_setup_hook"] = "speed_ray.raylocal.quiet_worker_logs"
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True,
+                 logging_level=level)
     quiet_ray()
 
 
@@ -124,6 +127,16 @@ def quiet_ray() -> None:
     ctx.print_on_execution_start = on
     ctx.verbose_stats_logs = on
     ctx.enable_auto_log_stats = on
+
+
+def quiet_worker_logs() -> None:
+    """worker_process_setup_hook of a local Ray (unless verbose): Ray Train's INFO lines from its workers
+    ("Checkpoint successfully created", "Reporting training result") and its placement-group cleaner's warning
+    every few seconds that the state API is unavailable (a local Ray runs without the dashboard that serves it)
+    stay out of the driver's terminal."""
+    for name in ("ray.train", "ray.tune", "ray.data", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def _quiet_loggers() -> None:

@@ -261,3 +261,36 @@ def test_jobs_pass_verbose_to_the_cli(monkeypatch):
     monkeypatch.setattr(cli, "main", lambda argv: seen.append(argv) or 0)
     assert job_main("x", argv=["--config", "c.yaml", "-v", "a.b=1"]) == 0
     assert seen == [["run", "c.yaml", "a.b=1", "-v"]]
+
+
+def test_a_local_rays_workers_keep_ray_trains_info_and_cleaner_warnings_out_unless_verbose(monkeypatch):
+    """Ray Train's per-report INFO lines and its placement-group cleaner's warning every few seconds (a local Ray
+    has no dashboard, so no state API) reached the demo's terminal 260 times; a worker setup hook quiets them."""
+    import importlib
+    import logging
+
+    import ray
+
+    from speed_ray import raylocal
+
+    seen = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(kw))
+    monkeypatch.setattr(raylocal, "quiet_ray", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("SPEED_RAY_VERBOSE", "0")
+    raylocal.ensure_ray(None, 2)
+    hook = seen[-1]["runtime_env"]["worker_process_setup_hook"]
+    mod, fn = hook.rsplit(".", 1)
+    cleaner = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
+    old = cleaner.level, logging.getLogger("ray.train").level
+    try:
+        getattr(importlib.import_module(mod), fn)()          # what each worker process runs first
+        assert cleaner.getEffectiveLevel() == logging.ERROR
+        assert logging.getLogger("ray.train").getEffectiveLevel() == logging.WARNING
+    finally:
+        cleaner.setLevel(old[0])
+        logging.getLogger("ray.train").setLevel(old[1])
+    monkeypatch.setenv("SPEED_RAY_VERBOSE", "1")
+    raylocal.ensure_ray(None, 2)
+    assert "worker_process_setup_hook" not in seen[-1]["runtime_env"]

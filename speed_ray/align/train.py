@@ -254,6 +254,12 @@ def build_trainer(job: TrainJob, output_dir: str, callbacks: list):
         trainer = DPOTrainer(model=job.base_model, ref_model=None,
                              args=DPOConfig(**args, beta=cfg.beta, loss_type=[cfg.loss_type]),
                              train_dataset=ds, processing_class=tok, peft_config=peft, callbacks=callbacks)
+    from speed_ray.raylocal import verbose
+
+    if not verbose():   # its print of every log dict; the step log (steplog.py) keeps them, progress shows them
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     # TRL silently drops examples whose prompt alone fills max_length (nothing left to learn from)
     kept = len(trainer.train_dataset)
     if kept == 0:
