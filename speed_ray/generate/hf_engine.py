@@ -12,9 +12,12 @@ from speed_ray.llm.rows import LLMRequest, LLMResult, error_result
 log = logging.getLogger("speed_ray.generate")
 
 
-def _load_causal_lm(auto_cls, path: str, dtype, device: str):
+def _load_causal_lm(auto_cls, path: str, dtype, device: str, attention: str | None = None):
     """The model, on CPU with the copy-free grouped-query attention (gqa_attention.py; 2x faster generation of
-    SmolLM2 on this project's CPU demo); models that cannot take a registered attention load with their default."""
+    SmolLM2 on this project's CPU demo); models that cannot take a registered attention load with their default.
+    `attention` names another attn_implementation (benchmarks/hf_attention.py compares "sdpa")."""
+    if attention:
+        return auto_cls.from_pretrained(path, dtype=dtype, attn_implementation=attention)
     if device == "cpu":
         from speed_ray.generate.gqa_attention import register
 
@@ -36,7 +39,7 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model: str, dtype: str = "auto", batch_size: int = 8, device: str | None = None,
-                 max_model_len: int | None = None, adapter: str | None = None):
+                 max_model_len: int | None = None, adapter: str | None = None, attention: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,7 +57,7 @@ class HFEngine:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model_obj = _load_causal_lm(AutoModelForCausalLM, path, torch_dtype, self.device)
+        model_obj = _load_causal_lm(AutoModelForCausalLM, path, torch_dtype, self.device, attention)
         if adapter:
             # A LoRA adapter on its base (use_adapter): merged once, so generation runs at the base model's speed.
             from peft import PeftModel
