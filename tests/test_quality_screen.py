@@ -336,3 +336,20 @@ def test_screen_stage_mines_negatives_for_pairs(ray_local, tmp_path):
         ScreenConfig(mine="pairs", mine_rank_min=3, mine_rank_max=3)
     with pytest.raises(ConfigError, match="bi_encoder"):
         ScreenConfig(mine="all", guide_kind="cross_encoder", action="drop")
+
+
+def test_a_mining_corpus_file_is_read_as_it_is(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from speed_ray.errors import DataError
+    from speed_ray.quality.stage import _corpus_texts
+
+    (tmp_path / "c.jsonl").write_text('{"text": "a doc about bees"}\n{"text": "a doc about bees"}\n{"text": " "}\n'
+                                      '{"text": "a doc about rivers"}\n')
+    assert _corpus_texts(None, str(tmp_path / "c.jsonl")) == ["a doc about bees", "a doc about rivers"]
+    pq.write_table(pa.table({"positive": ["p one", "p two"], "query": ["q", "q"]}), tmp_path / "c.parquet")
+    assert _corpus_texts(None, str(tmp_path / "c.parquet")) == ["p one", "p two"]
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad\.parquet: no `text` or `positive` column"):
+        _corpus_texts(None, str(tmp_path / "bad.parquet"))

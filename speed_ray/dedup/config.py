@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from speed_ray.config import check
-from speed_ray.dedup.filters import MIN_WORDS
 
 
 @dataclass(frozen=True)
@@ -32,6 +31,18 @@ class DedupConfig:
         check(len(self.fields) > 0, "fields", "name at least one field")
         check(self.batch_size > 0, "batch_size", "must be > 0")
         check(self.bucket_partition_rows > 0, "bucket_partition_rows", "must be > 0")
+
+
+# Texts that should be sentences or passages, by task type (SAMPLE_KEYS' roles): the fewest words each may have.
+# Labels (classification's positive and negative) have no floor; sts and bitext texts are sentences.
+MIN_WORDS: dict[str, dict[str, int]] = {
+    "retrieval": {"positive": 3, "negative": 3},
+    "sts": {"query": 2, "positive": 2, "negative": 2},
+    "bitext": {"query": 1, "positive": 1, "negative": 1},
+    "classification": {"query": 2},
+    "matching_short": {"query": 1, "positive": 1},
+    "matching_long": {"query": 3, "positive": 3},
+}
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Mapping, Sequence
 
+from speed_ray.dedup.config import MIN_WORDS
 from speed_ray.dedup.minhash import normalize
 
 # Model refusals, template placeholders and filler: a sample containing them teaches the embedder noise.
@@ -27,18 +28,6 @@ _ADDRESS = re.compile(r"\S+@\S+\.\w+|(?:https?://|www\.)\S+", re.IGNORECASE)
 
 
 _PLACEHOLDER = re.compile(r"[{\[<]\s*[\w .-]*\s*[}\]>]")   # the whole text is `{my_book}`, `[label]`, `<doc>`
-
-# Texts that should be sentences or passages, by task type (SAMPLE_KEYS' roles): the fewest words each may have.
-# Labels (classification's positive and negative) have no floor; sts and bitext texts are sentences.
-MIN_WORDS: dict[str, dict[str, int]] = {
-    "retrieval": {"positive": 3, "negative": 3},
-    "sts": {"query": 2, "positive": 2, "negative": 2},
-    "bitext": {"query": 1, "positive": 1, "negative": 1},
-    "classification": {"query": 2},
-    "matching_short": {"query": 1, "positive": 1},
-    "matching_long": {"query": 3, "positive": 3},
-}
-
 
 def word_count(text: str) -> int:
     """Words of two or more letters, e-mail addresses and URLs left out; a run of CJK characters (written without

@@ -95,11 +95,13 @@ def _corpus_texts(source, path: str | None):
     positives and negatives."""
     seen: dict[str, None] = {}
     if path:
-        from speed_ray.embedder.own_data import _batches, input_files
+        from speed_ray.datafiles import input_files, record_batches
 
         fmt, files = input_files(path)
         for f in files:
-            for b in _batches(fmt, f):
+            for b in record_batches(fmt, f):
+                if not isinstance(b, pa.RecordBatch):   # JSONL: a list of dicts
+                    b = pa.RecordBatch.from_pylist(b.rows)
                 col = "text" if "text" in b.schema.names else "positive" if "positive" in b.schema.names else None
                 if col is None:
                     raise DataError(f"mining corpus {f}: no `text` or `positive` column (columns: {b.schema.names})")
