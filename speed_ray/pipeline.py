@@ -97,7 +97,8 @@ _ALL = {
     "brainstorm": StageSpec("brainstorm", "speed_ray.teacher.stages:brainstorm_stage", {"topics": "topics"},
                             ("brainstorm", *_TEACHER, "teacher.sampling", "run.seed"), True,
                             "teacher brainstorms task descriptions", unit="requests",
-                            version="2"),
+                            # 3: tasks of fewer than brainstorm.min_task_words words are dropped
+                            version="3"),
     "seed_data": StageSpec("seed_data", "speed_ray.teacher.stages:seed_data_stage", {"tasks": "brainstorm"},
                            ("seed_data", "mixture", *_TEACHER, "teacher.sampling", "run.seed"), True,
                            "teacher writes D_seed", cost_role="fixed", unit="requests",

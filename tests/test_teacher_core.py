@@ -291,3 +291,19 @@ def test_mixtures():
     assert sum(counts.values()) == 25000 and counts["sts"] in (7608, 7609)
     with pytest.raises(ConfigError, match="unknown task type"):
         normalize_mixture({"poems": 1})
+
+
+def test_brainstormed_tasks_without_words_are_dropped_before_any_data_is_made_for_them():
+    text = '[",]{", "x@y.com", "Retrieve golf course reviews.", "Classify"]'
+    assert parse_task_list(text) == [",]{", "x@y.com", "Retrieve golf course reviews.", "Classify"]
+    assert parse_task_list(text, min_words=2) == ["Retrieve golf course reviews."]
+    with pytest.raises(ParseError, match="degenerate_tasks"):
+        parse_task_list('[",]{", "https://example.com/a"]', min_words=2)
+    from speed_ray.teacher.stages import _finish_brainstorm
+
+    row = {"text": '[",]{", "Find recipes for bread."]', "request_id": "r", "topic": "food", "task_type": "retrieval",
+           "lineage": "{}"}
+    kept, rejects = _finish_brainstorm(1, "teacher", 2)(row)
+    assert [k["task"] for k in kept] == ["Find recipes for bread."] and not rejects
+    kept, rejects = _finish_brainstorm(1, "teacher", 2)(dict(row, text='[",]{"]'))
+    assert not kept and rejects[0]["reject_reason"] == "degenerate_tasks"

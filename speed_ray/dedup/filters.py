@@ -12,6 +12,7 @@ from typing import Callable, Mapping, Sequence
 
 from speed_ray.dedup.config import MIN_WORDS
 from speed_ray.dedup.minhash import normalize
+from speed_ray.synth.parsing import word_count
 
 # Model refusals, template placeholders and filler: a sample containing them teaches the embedder noise.
 BOILERPLATE = re.compile("|".join([
@@ -22,19 +23,9 @@ BOILERPLATE = re.compile("|".join([
 ]), re.IGNORECASE)
 
 FIELDS = ("query", "positive", "negative")
-_WORD = re.compile(r"[^\W\d_]{2,}")        # a word: two or more letters (any script)
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")   # scripts written without spaces
-_ADDRESS = re.compile(r"\S+@\S+\.\w+|(?:https?://|www\.)\S+", re.IGNORECASE)
 
 
 _PLACEHOLDER = re.compile(r"[{\[<]\s*[\w .-]*\s*[}\]>]")   # the whole text is `{my_book}`, `[label]`, `<doc>`
-
-def word_count(text: str) -> int:
-    """Words of two or more letters, e-mail addresses and URLs left out; a run of CJK characters (written without
-    spaces) counts about one word per two characters."""
-    words = _WORD.findall(_ADDRESS.sub(" ", text))
-    return sum(max(1, len(w) // 2) if _CJK.search(w) else 1 for w in words)
-
 
 def degenerate_task(task: str, min_words: int) -> bool:
     """A task description no instruction can be made of: fewer than min_words words once e-mail addresses and URLs

@@ -241,6 +241,18 @@ def parse_revision(text: str | None, task_type: str, min_chars: int = 1, max_cha
         return ParsedSample(False, None, reason)
 
 
+_WORD = re.compile(r"[^\W\d_]{2,}")        # a word: two or more letters (any script)
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")   # scripts written without spaces
+_ADDRESS = re.compile(r"\S+@\S+\.\w+|(?:https?://|www\.)\S+", re.IGNORECASE)
+
+
+def word_count(text: str) -> int:
+    """Words of two or more letters, e-mail addresses and URLs left out; a run of CJK characters (written without
+    spaces) counts about one word per two characters."""
+    words = _WORD.findall(_ADDRESS.sub(" ", text))
+    return sum(max(1, len(w) // 2) if _CJK.search(w) else 1 for w in words)
+
+
 _NUMBERING = re.compile(r"^\s*(?:[-*\u2022]+|\(?\d+[.)]|\d+\s*[-:]|[a-z][.)])\s+", re.IGNORECASE)
 
 
@@ -251,9 +263,11 @@ def normalize_task(task: str) -> str:
     return t
 
 
-def parse_task_list(text: str | None) -> list[str]:
+def parse_task_list(text: str | None, min_words: int = 0) -> list[str]:
     """Brainstormed tasks: a JSON/Python list of strings (or {"tasks": [...]}), or failing that one task per
-    bullet line; normalized and deduplicated case-insensitively, in order."""
+    bullet line; normalized and deduplicated case-insensitively, in order. Tasks of fewer than `min_words` words
+    (`,]{`, an e-mail address) are dropped: no instruction can be made of them (ParseError "degenerate_tasks" when
+    nothing else is left)."""
     try:
         obj = extract_json(text)
         if isinstance(obj, dict):
@@ -266,12 +280,14 @@ def parse_task_list(text: str | None) -> list[str]:
         if not lines:
             raise ParseError(e.reason if e.reason != "not_object" else "not_list") from None
         items = lines
-    out, seen = [], set()
+    out, seen, degenerate = [], set(), 0
     for it in items:
         t = normalize_task(it)
-        if t and t.casefold() not in seen:
+        if t and min_words and word_count(t) < min_words:
+            degenerate += 1
+        elif t and t.casefold() not in seen:
             seen.add(t.casefold())
             out.append(t)
     if not out:
-        raise ParseError("empty_list")
+        raise ParseError("degenerate_tasks" if degenerate else "empty_list")
     return out

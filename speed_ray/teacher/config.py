@@ -92,8 +92,11 @@ TASK_TYPES = ("retrieval", "classification", "matching_short", "matching_long", 
 class BrainstormConfig:
     task_types: tuple[str, ...] = ("retrieval", "classification", "matching_short", "matching_long", "sts")
     tasks_per_topic: int = 1                 # paper Table 3: 1 per topic is best
+    min_task_words: int = 2                  # a brainstormed task of fewer words (`,]{`, an e-mail address) is
+    #                                          dropped before any data is generated for it (0: keep all)
 
     def __post_init__(self):
+        check(self.min_task_words >= 0, "min_task_words", "must be >= 0")
         bad = [t for t in self.task_types if t not in TASK_TYPES]
         check(not bad, "task_types", f"unknown task type(s) {bad}; known: {list(TASK_TYPES)}")
         check(self.tasks_per_topic > 0, "tasks_per_topic", "must be > 0")

@@ -63,10 +63,10 @@ def topics_stage(ctx) -> dict:
 
 
 # ---- brainstorm ---------------------------------------------------------------------------------------------
-def _finish_brainstorm(tasks_per_topic: int, generator: str):
+def _finish_brainstorm(tasks_per_topic: int, generator: str, min_words: int = 0):
     def finish(row: dict):
         try:
-            tasks = parse_task_list(row["text"])
+            tasks = parse_task_list(row["text"], min_words)
         except ParseError as e:
             return [], [reject_row(row, e.reason, topic=row["topic"])]
         out = []
@@ -113,7 +113,7 @@ def brainstorm_stage(ctx) -> dict:
 
         ctx.out.write_shard(shard_name_for([r["request_id"] for r in fixed], "fixed"), fixed)
     total = len(topics) * len(cfg.brainstorm.task_types)
-    finish = _finish_brainstorm(cfg.brainstorm.tasks_per_topic, gen)
+    finish = _finish_brainstorm(cfg.brainstorm.tasks_per_topic, gen, cfg.brainstorm.min_task_words)
     ds = _from_rows(reqs)
     if ds is None:
         return finalize(ctx, {}, total)
