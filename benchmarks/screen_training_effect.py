@@ -81,7 +81,7 @@ def evaluate(model: str, out: str, *overrides: str) -> float:
     with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
         scores = main_scores(json.load(f))
     (score,) = scores.values()
-    return round(float(score), 2)
+    return float(score)      # as the evaluator reports it (4 decimals): goal_met must not see a rounded gap
 
 
 def screen_outcome(run_dir: str, planted_ids: set[str]) -> dict:
@@ -90,15 +90,17 @@ def screen_outcome(run_dir: str, planted_ids: set[str]) -> dict:
 
     (manifest,) = glob.glob(os.path.join(run_dir, "stages", "screen", "*", "manifest.json"))
     with open(manifest, encoding="utf-8") as f:
-        m = json.load(f).get("screen") or {}
+        whole = json.load(f)
+    m = whole.get("screen") or {}
     out = {k: m.get(k) for k in ("rows_in", "rows_out", "removed", "actions")}
+    out["screen_s"] = round(whole["ended_at"] - whole["started_at"], 1)
     shards = sorted(glob.glob(os.path.join(os.path.dirname(manifest), "**", "*.parquet"), recursive=True))
     if shards:
         kept = [r for s in shards for r in pq.read_table(s, columns=["id", "negative"]).to_pylist()]
         ids = {r["id"] for r in kept}
         as_pairs = {r["id"] for r in kept if not r["negative"]}
         flagged = (planted_ids - ids) | (as_pairs & planted_ids)
-        wrong = ({r["id"] for r in kept} & as_pairs) - planted_ids
+        wrong = as_pairs - planted_ids
         out["planted_caught"] = len(flagged)
         out["clean_rows_flagged_pairs"] = len(wrong)
         out["rows_dropped"] = out["rows_in"] - len(ids) if out.get("rows_in") is not None else None
@@ -158,7 +160,7 @@ def main() -> None:
     print(json.dumps({
         "base": scores["base"], "clean": scores["clean"], "planted_off": scores["planted_off"],
         "planted_on": scores["planted_on"], "base_no_instructions": scores["base_no_instructions"],
-        "recovered_within": round(scores["clean"] - scores["planted_on"], 2),
+        "recovered_within": round(scores["clean"] - scores["planted_on"], 4),
         "goal_met": abs(scores["clean"] - scores["planted_on"]) <= 0.5,
         "rows": len(clean), "planted": len(planted_ids),
         "screen_removed_or_kept_as_pairs": screened, "train": train, "task": "STS-B test (Spearman x100)",
