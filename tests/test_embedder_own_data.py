@@ -152,6 +152,7 @@ def test_train_embedder_command_trains_evaluates_and_skips_a_rerun(ray_local, tm
     printed = capsys.readouterr().out
     result = json.loads([line for line in printed.splitlines() if line.startswith("{")][-1])
     assert result["steps"] == 2 and result["pairs"] == 24
+    assert result["rows"] == 48 and result["triples"] == 24    # pairs are not counted as triples
     from speed_ray.store import find_run_model
 
     model = find_run_model(str(out))
@@ -212,7 +213,7 @@ def test_train_embedder_screens_and_mines_negatives_for_own_pairs(ray_local, tmp
     printed = capsys.readouterr().out
     assert "screened: kept 32 of 32 rows" in printed and "'mined': 32" in printed
     result = json.loads([line for line in printed.splitlines() if line.startswith("{")][-1])
-    assert result["steps"] == 1 and result["pairs"] == 0 and result["triples"] == 32   # every pair got a negative
+    assert result["steps"] == 1 and result["pairs"] == 0 and result["triples"] == result["rows"] == 32   # all mined
     kept = pa.concat_tables([pq.read_table(f) for f in glob.glob(str(out / "stages/screen/*/data/*.parquet"))])
     docs = {r["positive"] for r in rows}
     for r in kept.to_pylist():

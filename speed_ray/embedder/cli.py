@@ -83,9 +83,11 @@ def train_embedder_main(args: argparse.Namespace) -> int:
         print(f"already trained: {result['model_path']} (--force to train again)")
         return 0
     m = result.get("metrics", {})
+    data = m.get("data") or {}
+    rows, pairs = data.get("triples"), data.get("pairs") or 0   # the feed's "triples" counts every training row
     print(json.dumps({"model_path": result["model_path"], "steps": m.get("steps"),
-                      "loss": (m.get("loss") or {}).get("last"), "triples": (m.get("data") or {}).get("triples"),
-                      "pairs": (m.get("data") or {}).get("pairs")}))
+                      "loss": (m.get("loss") or {}).get("last"), "rows": rows,
+                      "triples": None if rows is None else rows - pairs, "pairs": pairs}))
     print(f"evaluate it: speed-ray evaluate {cfg.run.run_dir} --local-tasks configs/tasks/stsb.yaml")
     return 0
 
