@@ -22,12 +22,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _requests(n: int, max_tokens: int):
-    """Synthesis prompts of mixed task types, greedy so both sides generate the same tokens."""
+def _requests(n: int, max_tokens: int, temperature: float = 0.0, structured: bool = False):
+    """Synthesis prompts of mixed task types, greedy by default so both sides generate the same tokens; with
+    `structured`, each constrained to its task type's sample schema (as the synthesis stage sends them)."""
     import random
 
     from speed_ray.llm.rows import LLMRequest
     from speed_ray.synth.prompts import synthesis_messages
+    from speed_ray.synth.schemas import sample_schema
 
     types = ("sts", "bitext", "retrieval", "classification", "matching_short", "matching_long")
     out = []
@@ -35,7 +37,8 @@ def _requests(n: int, max_tokens: int):
         rng = random.Random(i)
         t = types[i % len(types)]
         msgs, _ = synthesis_messages(t, f"Retrieve documents about topic {i % 7}.", rng, topic=f"Topic {i % 7}")
-        out.append(LLMRequest(msgs, temperature=0.0, max_tokens=max_tokens, json_schema=None, seed=i))
+        out.append(LLMRequest(msgs, temperature=temperature, max_tokens=max_tokens,
+                              json_schema=sample_schema(t) if structured else None, seed=i))
     return out
 
 

@@ -19,26 +19,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _requests(n: int, max_tokens: int):
-    import random
-
-    from speed_ray.llm.rows import LLMRequest
-    from speed_ray.synth.prompts import synthesis_messages
-    from speed_ray.synth.schemas import sample_schema
-
-    types = ("sts", "retrieval", "classification", "matching_short", "matching_long", "bitext")
-    out = []
-    for i in range(n):
-        t = types[i % len(types)]
-        msgs, _ = synthesis_messages(t, f"Retrieve documents about topic {i % 7}.", random.Random(i),
-                                     topic=f"Topic {i % 7}")
-        out.append(LLMRequest(msgs, temperature=1.0, top_p=1.0, max_tokens=max_tokens, json_schema=sample_schema(t),
-                              seed=i))
-    return out
 
 
 def _run(model: str, attention: str, reqs, threads: int) -> tuple[dict, list[str]]:
@@ -71,7 +54,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     model = resolve_model(args.model)
-    reqs = _requests(args.n, args.max_tokens)
+    from generation import _requests
+
+    reqs = _requests(args.n, args.max_tokens, temperature=1.0, structured=True)
     load0 = os.getloadavg()[0]
     base, base_txt = _run(model, "sdpa", reqs, args.threads)
     ours, ours_txt = _run(model, register(), reqs, args.threads)
