@@ -11,8 +11,13 @@ loss+model step). Memory: peak RSS (resource.getrusage ru_maxrss) of a fresh sub
 sees torch's CPU allocations; the baseline RSS after loading the model is subtracted. On a shared machine the
 wall-clock rates swing with other processes' load: *_cpu_vs_st_* beside each ratio is the same comparison in
 this process's CPU seconds (user + system, all threads; ST's over the project's). Last line: one JSON object.
+The long_ray case is the issue's own measurement: the project's whole Ray Train loop (`speed-ray train-embedder` on
+a local Ray, one worker with --threads torch threads: the feed's reads, train_step, the optimizer, the step log)
+against sentence-transformers' MNRL step in this process with the same threads, on the long triples (the feed
+batches them in its own seeded order: same rows, other groupings). Its step times are the gaps between the step
+log's per-step timestamps after the first (warm-up) step; ST's are timed step by step after one warm-up step.
 Usage: python benchmarks/embedder_train.py [--steps 5] [--batch 32] [--mem-batch 256] [--rounds 3]
-                                           [--cases varied,gradcache,uniform,long,memory]
+                                           [--cases varied,gradcache,uniform,long,long_ray,memory]
 """
 
 from __future__ import annotations
@@ -123,6 +128,54 @@ def compare(ours, theirs, batches, rounds: int, cpu: dict | None = None) -> tupl
     return statistics.median(rates[0]), statistics.median(rates[1])
 
 
+def ray_loop_vs_st(steps: int, batch: int, threads: int) -> dict:
+    """Median step seconds of the project's Ray Train loop (train-embedder, local Ray, one worker) and of ST's MNRL
+    step in this process, on the same long triples."""
+    import glob
+    import statistics
+    import tempfile
+
+    import torch
+
+    batches = _batches(steps + 1, batch, "long")
+    with tempfile.TemporaryDirectory(prefix="embtrain-") as d:
+        data = os.path.join(d, "long.jsonl")
+        with open(data, "w") as f:
+            for k, b in enumerate(batches):
+                for i, t in enumerate(b):
+                    f.write(json.dumps({"id": f"r{k}-{i}", **t}) + "\n")
+        out = os.path.join(d, "run")
+        env = {**os.environ, "RAY_TMPDIR": d, "SPEED_RAY_PROGRESS": "0"}
+        cmd = [sys.executable, "-c", "import sys; from speed_ray.cli import main; sys.exit(main(sys.argv[1:]))",
+               "train-embedder", data, "--base-model", "offline:minilm", "--out", out,
+               f"run.num_cpus={max(2, threads)}", "embedder.lora=false", "embedder.num_workers=1",
+               f"embedder.cpus_per_worker={threads}", f"embedder.torch_threads={threads}",
+               f"embedder.batch_size={batch}", f"embedder.max_steps={steps + 1}", "embedder.save_steps=100000",
+               f"embedder.max_doc_length={LONG_MAX_LENGTH}", "embedder.max_query_length=128",
+               "embedder.temperature=0.05", "embedder.learning_rate=1e-5", "embedder.warmup_steps=0",
+               "embedder.precision=fp32", "embedder.pooling=mean"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        log = glob.glob(os.path.join(out, "stages", "train_embedder", "*", "artifacts", "progress", "steps.jsonl"))
+        times = [json.loads(ln)["time"] for ln in open(log[0]) if ln.strip()]
+    ours = [b - a for a, b in zip(times, times[1:])]
+    torch.set_num_threads(threads)
+    st = st_step(max_length=LONG_MAX_LENGTH)
+    st(batches[0])
+    theirs = []
+    for b in batches[1:]:
+        t = time.perf_counter()
+        st(b)
+        theirs.append(time.perf_counter() - t)
+    o, t_ = statistics.median(ours), statistics.median(theirs)
+    return {"long_ray_threads": threads, "long_ray_step_s": round(o, 3), "long_st_mnrl_step_s": round(t_, 3),
+            "long_ray_steps_s": [round(x, 2) for x in ours], "long_st_mnrl_steps_s": [round(x, 2) for x in theirs],
+            "long_ray_steps_timed": len(ours), "long_ray_command_wall_s": round(wall, 1),
+            "long_ray_vs_st_mnrl": round(t_ / o, 3),
+            "long_ray_vs_st_mnrl_mean": round(statistics.mean(theirs) / statistics.mean(ours), 3)}
+
+
 def _peak_child(kind: str, batch: int, mini: int) -> float:
     """Peak RSS (MiB) of one training step in a fresh process, minus the RSS after loading."""
     out = subprocess.run([sys.executable, __file__, "--child", kind, "--batch", str(batch), "--mini", str(mini)],
@@ -157,8 +210,12 @@ def main() -> None:
     ap.add_argument("--mem-batch", type=int, default=256)
     ap.add_argument("--mini", type=int, default=32, help="GradCache chunk at --mem-batch (half of it at --batch)")
     ap.add_argument("--rounds", type=int, default=3, help="timed passes per trainer; the median is reported")
-    ap.add_argument("--cases", default="varied,gradcache,uniform,long,memory",
+    ap.add_argument("--cases", default="varied,gradcache,uniform,long,long_ray,memory",
                     help="which measurements to run (comma-separated; the default runs all)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the long_ray case (both sides)")
+    ap.add_argument("--ray-steps", type=int, default=8,
+                    help="timed steps of the long_ray case (after one warm-up step each): the first steps of a fresh "
+                         "process fault in the activations' memory, a training run's steady steps do not")
     ap.add_argument("--child")
     a = ap.parse_args()
     if a.child:
@@ -166,7 +223,7 @@ def main() -> None:
     import torch
 
     cases = set(a.cases.split(","))
-    unknown = cases - {"varied", "gradcache", "uniform", "long", "memory"}
+    unknown = cases - {"varied", "gradcache", "uniform", "long", "long_ray", "memory"}
     if unknown:
         raise SystemExit(f"unknown --cases: {sorted(unknown)}")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -195,6 +252,8 @@ def main() -> None:
             _batches(a.steps + 1, a.batch, "long"), a.rounds, cpu := {})
         res["long_plain_vs_st_mnrl"] = res["long_project_plain_samples_s"] / res["long_st_mnrl_samples_s"]
         res["long_plain_cpu_vs_st_mnrl"] = cpu["cpu_vs_st"]
+    if "long_ray" in cases:
+        res.update(ray_loop_vs_st(a.ray_steps, a.batch, a.threads))
     if "memory" in cases:
         p, c = _peak_child("plain", a.mem_batch, a.mini), _peak_child("gradcache", a.mem_batch, a.mini)
         res["peak_mib_plain_b%d" % a.mem_batch] = p["peak_mib"]
