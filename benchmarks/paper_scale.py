@@ -195,7 +195,7 @@ class Cluster:
                 p.terminate()
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(list(procs.values()), timeout=20)
+        _, alive = psutil.wait_procs(list(procs.values()), timeout=5)   # gcs and raylets can take 20+ s
         for p in alive:
             try:
                 p.kill()
@@ -350,7 +350,7 @@ def _config(run_dir: str, n: int, dup: float, teacher_url: str | None = None):
         # measured is the feed (triples, plan, epoch files) and the per-step reads, not the model
         "embedder": {"base_model": "offline:minilm", "lora": False, "pooling": "mean", "batch_size": 32,
                      "mini_batch_size": 0, "num_workers": 2, "max_steps": 4, "save_steps": 2, "warmup_steps": 0,
-                     "max_query_length": 64, "max_doc_length": 64, "one_task_per_batch": True},
+                     "max_query_length": 32, "max_doc_length": 32, "one_task_per_batch": True},
     })
 
 
@@ -983,16 +983,21 @@ class Bench:
             res["ids"] = self.check_ids(stage, n, False)
         return res
 
+    def _progress(self, note: dict) -> None:
+        """A progress line on stderr, with the seconds since the benchmark began ("t")."""
+        print(json.dumps({**note, "t": round(time.time() - self.t_start, 1)}), file=sys.stderr, flush=True)
+
     def run(self) -> dict:
         args = self.args
-        t_start = time.time()
+        t_start = self.t_start = time.time()
         self.load_start = [round(x, 2) for x in os.getloadavg()]
         self.stub = stub_engine_rate(f"stub:dup={args.dup},rows=1150000")
-        print(json.dumps({"progress": "stub engine", **self.stub}), file=sys.stderr, flush=True)
+        self._progress({"progress": "stub engine", **self.stub})
         stale = Cluster.reap_stale()
         if stale:
-            print(json.dumps({"progress": "reaped stale benchmark processes", "pids": stale}), file=sys.stderr)
+            self._progress({"progress": "reaped stale benchmark processes", "pids": stale})
         self.cluster.start()
+        self._progress({"progress": "cluster started", "address": self.cluster.address})
 
         def on_term(signum, frame):   # stop our cluster (and only it) when this benchmark is terminated
             raise KeyboardInterrupt(f"signal {signum}")
@@ -1004,8 +1009,7 @@ class Bench:
         try:
             if any(STAGES[s].teacher for s in args.stages):
                 self.server = start_teacher_server(args.teacher_latency, args.teacher_p429, args.teacher_p5xx)
-                print(json.dumps({"progress": "fake teacher", "url": self.server.base_url}), file=sys.stderr,
-                      flush=True)
+                self._progress({"progress": "fake teacher", "url": self.server.base_url})
             for n in args.sizes:
                 for stage in args.stages:
                     r = self._cached(f"{stage}-{_fp(n, False)}", stage, _fp(n, False),
@@ -1013,17 +1017,16 @@ class Bench:
                     results.setdefault(stage, {})[str(n)] = r
                     if "environment_kill" in r:
                         kills.append(r["environment_kill"])
-                    print(json.dumps({"progress": stage, "n": n, "wall_s": r["wall_s"], "rows": r.get("rows"),
-                                      "rows_per_s": r["rows_per_s"], "cpu_ms_per_row": r["cpu_ms_per_row"],
-                                      "driver_mb": r["driver_peak_rss_mb"], "worker_mb": r["worker_peak_rss_mb"],
-                                      "worker_private_mb": r["worker_peak_private_mb"], "ids": r.get("ids"),
-                                      "load": os.getloadavg()[0]}),
-                          file=sys.stderr, flush=True)
+                    self._progress({"progress": stage, "n": n, "wall_s": r["wall_s"], "rows": r.get("rows"),
+                                    "rows_per_s": r["rows_per_s"], "cpu_ms_per_row": r["cpu_ms_per_row"],
+                                    "driver_mb": r["driver_peak_rss_mb"], "worker_mb": r["worker_peak_rss_mb"],
+                                    "worker_private_mb": r["worker_peak_private_mb"], "ids": r.get("ids"),
+                                    "load": os.getloadavg()[0]})
                     if n in args.kill_sizes and stage in args.kill_stages:
                         k = self._cached(f"{stage}-{_fp(n, True)}", stage, _fp(n, True),
                                          lambda: self.kill_test(stage, n, r))
                         kills.append(k)
-                        print(json.dumps({"progress": f"{stage} kill", **k}), file=sys.stderr, flush=True)
+                        self._progress({"progress": f"{stage} kill", **k})
         finally:
             self.sampler.close()
             self.cluster.stop()

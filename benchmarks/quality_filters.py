@@ -3,7 +3,9 @@
     python benchmarks/quality_filters.py --rows 2000
 
 Clean rows: STS-B train pairs scored >= 4 (query, positive) and Banking77 train texts of one intent (query,
-positive), each with a negative from elsewhere (another random train sentence / another intent). Planted:
+positive), each with a negative from elsewhere (another random train sentence / another intent), none of them
+equal to or a near-copy of an evaluation text (NearCopies: character similarity or containment, a test apart from
+the screen's own). Planted:
 - false negatives: the negative is a near-copy of the positive (a word dropped or swapped, case and punctuation
   changed) or another sentence paraphrasing it (its STS-B partner scored >= 4.6);
 - contaminated rows: an evaluation TEST text (STS-B test, Banking77 test, SICK-R, SciFact) with light edits as
@@ -68,11 +70,49 @@ def _edit(text: str, rng: random.Random) -> str:
     return out.rstrip(".?!") + rng.choice(["", ".", "!", " ?"])
 
 
-def make_rows(n: int, seed: int, eval_norm: set[str]):
+class NearCopies:
+    """Whether a train text near-copies an evaluation text, by a test independent of the screen's (word n-gram
+    containment and MinHash): character-level similarity (difflib's ratio >= `ratio` of the normalized texts) or
+    one normalized text inside the other (the inner one of >= 5 words). STS-B and Banking77 repeat sentences across
+    their splits with light edits ("What do I do if I forgot my passcode?" in train, "What should I do ..." in
+    test); such a train text is itself contaminated, so it is kept out of the clean rows. Candidates: the evaluation
+    texts sharing the text's rarest words."""
+
+    def __init__(self, eval_texts, ratio: float = 0.8):
+        self.texts = list(dict.fromkeys(normalize(t) for t in eval_texts if t))
+        self.ratio = ratio
+        self.post: dict[str, list[int]] = {}
+        for i, t in enumerate(self.texts):
+            for w in set(t.split()):
+                self.post.setdefault(w, []).append(i)
+        self.cache: dict[str, bool] = {}
+
+    def __call__(self, text: str) -> bool:
+        from collections import Counter
+        from difflib import SequenceMatcher
+
+        t = normalize(text)
+        if t not in self.cache:
+            words = set(t.split())
+            rare = sorted(words, key=lambda w: len(self.post.get(w, ())))[:4]
+            cand = Counter(i for w in rare for i in self.post.get(w, ())[:3000])
+            hit = False
+            for i, _ in cand.most_common(40):
+                e = self.texts[i]
+                if ((len(e.split()) >= 5 and e in t) or (len(words) >= 5 and t in e)
+                        or (len(e) <= 3 * len(t) and SequenceMatcher(None, t, e).ratio() >= self.ratio)):
+                    hit = True
+                    break
+            self.cache[t] = hit
+        return self.cache[t]
+
+
+def make_rows(n: int, seed: int, eval_norm: set[str], near: NearCopies | None = None):
     """Rows from the train splits; train texts that equal an evaluation text (after normalization: STS-B and
-    Banking77 repeat sentences across splits, SICK-R evaluates all its files) are left out of the clean rows."""
+    Banking77 repeat sentences across splits, SICK-R evaluates all its files), or with `near` near-copy one, are
+    left out of the clean rows."""
     rng = random.Random(seed)
-    ok = lambda *ts: all(normalize(t) not in eval_norm for t in ts)  # noqa: E731
+    ok = lambda *ts: all(normalize(t) not in eval_norm and not (near and near(t)) for t in ts)  # noqa: E731
     sts = [r for r in _stsb("sts-train.csv") if r[0] >= 4.0 and ok(r[1], r[2])]
     para = [r for r in sts if r[0] >= 4.6]
     sentences = [s for r in _stsb("sts-train.csv") for s in r[1:] if ok(s)]
@@ -141,6 +181,9 @@ def main() -> None:
     ap.add_argument("--restates", type=float, default=0.8)
     ap.add_argument("--guide", default="offline:minilm")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--instructions", choices=("auto", "on", "off"), default="auto",
+                    help="screen.instructions: auto (the stage's default: only a guide trained with instructions "
+                         "gets E5's instruction before the query), on or off")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("SPEED_RAY_EVALDATA", EVALDATA)
@@ -153,18 +196,21 @@ def main() -> None:
     from speed_ray.quality.screen import ScreenSettings, screen_batch
 
     c = ScreenConfig(margin=args.margin)
-    out: dict = {"guide": args.guide, "margin": args.margin, "restates": args.restates}
+    out: dict = {"guide": args.guide, "margin": args.margin, "restates": args.restates,
+                 "instructions": args.instructions}
 
     t0 = time.process_time()
     texts, skipped = evaluation_texts(TASKS, EVALDATA, (), None)
     layout = band_layout(c.decontam_minhash_threshold, c.decontam_num_perm)
     index = build_index(texts, c.decontam_ngram, c.decontam_shingle, c.decontam_num_perm, 1, layout["bands"],
                         layout["rows"], c.decontam_min_ngram)
+    out["decontam_index"] = {"texts": len(index), "cpu_s": round(time.process_time() - t0, 2)}
     eval_norm = {normalize(t) for v in texts.values() for t in v}
-    rows = make_rows(args.rows, args.seed, eval_norm)
+    t_near = time.process_time()
+    rows = make_rows(args.rows, args.seed, eval_norm, NearCopies([t for v in texts.values() for t in v]))
+    out["clean_rows_check_cpu_s"] = round(time.process_time() - t_near, 1)
     cols = {k: [r[k] for r in rows] for k in ("id", "task", "task_type", "query", "positive", "negative")}
     truth = {k: [r["kind"] == k for r in rows] for k in ("false_negative", "contaminated", "degenerate")}
-    out["decontam_index"] = {"texts": len(index), "cpu_s": round(time.process_time() - t0, 2)}
     t0 = time.process_time()
     hits = row_hits(index, cols, c.decontam_fields, c.decontam_ngram_threshold, c.decontam_minhash_threshold)
     t_dc = time.process_time() - t0
@@ -180,9 +226,11 @@ def main() -> None:
     guide = Guide(resolve_model(args.guide), "bi_encoder", c.max_length, threads=args.threads)
     seen = [i for i, r in enumerate(reasons) if r != "degenerate_task"]
     screened = {k: [v[i] for i in seen] for k, v in cols.items()}
-    variants = {"stage": ScreenSettings(margin=args.margin, restates=args.restates, action="drop"),
-                "margin_rule": ScreenSettings(margin=args.margin, restates=None, action="drop"),
-                "restates_rule": ScreenSettings(margin=-2.0, restates=args.restates, action="drop")}
+    ins = {"auto": None, "on": True, "off": False}[args.instructions]
+    variants = {"stage": ScreenSettings(margin=args.margin, restates=args.restates, action="drop", instructions=ins),
+                "margin_rule": ScreenSettings(margin=args.margin, restates=None, action="drop", instructions=ins),
+                "restates_rule": ScreenSettings(margin=-2.0, restates=args.restates, action="drop",
+                                                instructions=ins)}
     verdicts: dict[str, list] = {}
     t_sc = 0.0
     for name, s in variants.items():
@@ -196,6 +244,7 @@ def main() -> None:
         for i, r in zip(seen, got):
             verdicts[name][i] = r
     verdict = {"reason": verdicts["stage"]}
+    removed_as = [r if r == "degenerate_task" else v for r, v in zip(reasons, verdict["reason"])]
 
     out["rows"] = len(rows)
     base_ct = [any(normalize(cols[f][i]) in eval_norm for f in ("query", "positive", "negative") if cols[f][i])
@@ -210,7 +259,14 @@ def main() -> None:
                                                     truth["false_negative"]),
                            "restates_rule_alone": _pr([r == "false_negative" for r in verdicts["restates_rule"]],
                                                       truth["false_negative"]),
-                           "baseline": _pr(base_fn, truth["false_negative"])},
+                           "baseline": _pr(base_fn, truth["false_negative"]),
+                           # the planted false negatives this filter saw: those an earlier filter (decontamination,
+                           # whose STS-B train sentences can near-copy test ones, or the degenerate rule) did not take
+                           "planted_removed_earlier": sum(t and r in ("contaminated", "degenerate_task")
+                                                          for t, r in zip(truth["false_negative"], removed_as)),
+                           "of_rows_screened": _pr([r == "false_negative" for r in verdict["reason"]],
+                                                   [t and r not in ("contaminated", "degenerate_task")
+                                                    for t, r in zip(truth["false_negative"], removed_as)])},
         "contaminated": {**_pr([r == "contaminated" for r in verdict["reason"]], truth["contaminated"]),
                          "cpu_s_per_1k": per_k(t_dc), "cpu_s_per_100k": round(per_k(t_dc) * 100, 1),
                          "index_alone": _pr([h is not None for h in hits], truth["contaminated"]),

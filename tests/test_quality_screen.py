@@ -210,11 +210,13 @@ def test_screen_stage_keeping_nothing_is_an_error_and_pairs_are_kept(ray_local, 
     from speed_ray.store import shards_at
 
     rows = [r for r in _stage_rows() if r["negative"]]
-    ctx = _stage_ctx(tmp_path / "a", rows, margin=10.0, decontaminate=False)   # every negative within the margin
+    ctx = _stage_ctx(tmp_path / "a", rows, margin=10.0, margin_min_similarity=None,   # every negative within
+                    decontaminate=False)                                                  # the margin
     with pytest.raises(DataError, match=r"screen kept none of the 14 rows.*false_negative: 14"):
         screen_stage(ctx)
     assert shards_at(ctx.out, "removed").num_rows() == 14    # what was written stays
-    ctx = _stage_ctx(tmp_path / "b", rows, margin=10.0, decontaminate=False, action="remove_negative")
+    ctx = _stage_ctx(tmp_path / "b", rows, margin=10.0, margin_min_similarity=None, decontaminate=False,
+                    action="remove_negative")
     extra = screen_stage(ctx)
     kept = ctx.out.read_table()
     assert kept.num_rows == 14 and set(kept.column("negative").to_pylist()) == {""}
@@ -353,3 +355,62 @@ def test_a_mining_corpus_file_is_read_as_it_is(tmp_path):
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "bad.parquet")
     with pytest.raises(DataError, match=r"bad\.parquet: no `text` or `positive` column"):
         _corpus_texts(None, str(tmp_path / "bad.parquet"))
+
+
+def test_the_guide_sees_instructions_only_when_it_was_trained_with_them(minilm, tmp_path):
+    """screen.instructions: null (the default) puts E5's instruction before the guide's query only for a guide whose
+    sentence-transformers config defines a prompt; MiniLM has none, so its queries go bare (an instruction it never
+    learned dilutes its query embedding). true / false force it either way."""
+    import json
+    import shutil
+
+    from speed_ray.quality.guide import Guide
+    from speed_ray.quality.screen import ScreenSettings, screen_batch
+
+    class Recording(Guide):
+        def embed(self, texts):
+            self.seen = getattr(self, "seen", []) + list(texts)
+            return super().embed(texts)
+
+    plain = Recording(minilm, "bi_encoder", 64, threads=1)
+    assert plain.instruction_tuned is False
+    prompted_dir = tmp_path / "prompted"
+    shutil.copytree(minilm, prompted_dir)
+    cfg_path = prompted_dir / "config_sentence_transformers.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    cfg["prompts"] = {"query": "Instruct: Given a query, retrieve passages\nQuery: ", "document": ""}
+    cfg_path.write_text(json.dumps(cfg))
+    prompted = Recording(str(prompted_dir), "bi_encoder", 64, threads=1)
+    assert prompted.instruction_tuned is True
+
+    cols = _cols()
+    for g, setting, want in ((plain, None, False), (prompted, None, True), (plain, True, True),
+                             (prompted, False, False)):
+        g.seen = []
+        screen_batch(cols, g, None, ScreenSettings(instructions=setting))
+        instructed = [t for t in g.seen if t.startswith("Instruct: ")]
+        assert bool(instructed) is want, (setting, g.instruction_tuned)
+        if want:   # the instruction goes before queries only
+            assert {t.split("\nQuery: ", 1)[1] for t in instructed} == set(cols["query"])
+
+
+def test_the_margin_rule_spares_a_hard_negative_unlike_the_positive(guide):
+    """A negative the query scores as high as its positive is a false negative only if it also resembles the
+    positive (screen.margin_min_similarity): one close to the query but about something else is the hard negative
+    training wants. Without the floor the margin alone flags both."""
+    from speed_ray.quality.scores import resembles
+    from speed_ray.quality.screen import ScreenSettings, screen_batch
+
+    assert resembles(np.array([0.7, 0.3, np.nan]), 0.6, 3).tolist() == [True, False, False]
+    assert resembles(None, 0.6, 2).tolist() == [True, True] and resembles(np.array([0.1]), None, 1).tolist() == [True]
+    cols = {"id": ["hard", "copy"], "task": ["", ""], "task_type": ["retrieval"] * 2,
+            "query": ["bank card top up fee", "bank card top up fee"],
+            "positive": ["Topping up with a bank card is free of charge.",
+                         "Topping up with a bank card is free of charge."],
+            "negative": ["A fee applies when you withdraw cash with your bank card abroad.",   # on the query's topic
+                         "Topping up using a bank card costs nothing."]}                     # restates the positive
+    alone = screen_batch(cols, guide, None, ScreenSettings(margin=1.0, margin_min_similarity=None, restates=None))
+    assert alone["reason"] == ["false_negative", "false_negative"]
+    gated = screen_batch(cols, guide, None, ScreenSettings(margin=1.0, margin_min_similarity=0.6, restates=None))
+    assert gated["reason"] == [None, "false_negative"], gated["detail"]
+    assert gated["detail"][1]["false_negative"]["pos_neg_score"] >= 0.6

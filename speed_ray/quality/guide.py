@@ -29,6 +29,10 @@ class Guide:
             self.model.max_seq_length = min(max_length, self.model.max_seq_length or max_length)
         else:
             raise ValueError(f"unknown guide kind {kind!r}: use bi_encoder or cross_encoder")
+        # trained with instructions: its sentence-transformers config defines a non-empty prompt (E5-mistral's
+        # "web_search_query", Qwen3-Embedding's "query"); all-MiniLM-L6-v2, a raw base model and a cross-encoder do not
+        prompts = getattr(self.model, "prompts", None) or {}
+        self.instruction_tuned = kind == "bi_encoder" and any(str(v).strip() for v in prompts.values())
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-norm embeddings (bi-encoder only); each distinct text is encoded once."""

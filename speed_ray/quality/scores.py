@@ -41,6 +41,17 @@ def false_negative(pos: np.ndarray, neg: np.ndarray, margin: float) -> np.ndarra
         return ~np.isnan(neg) & (neg > pos - margin)
 
 
+def resembles(pos_neg: np.ndarray | None, floor: float | None, n: int) -> np.ndarray:
+    """Where the margin rule may fire: the guide's similarity of negative and positive is at least `floor` (a
+    negative as close to the query as the positive but unlike it is a hard negative, not a false negative). None
+    (no floor), or no positive-negative scores (a cross-encoder guide): everywhere."""
+    if floor is None or pos_neg is None:
+        return np.ones(n, bool)
+    pos_neg = np.asarray(pos_neg, np.float64)
+    with np.errstate(invalid="ignore"):
+        return ~np.isnan(pos_neg) & (pos_neg >= floor)
+
+
 def restates(pos_neg: np.ndarray, threshold: float | None) -> np.ndarray:
     """True where a negative restates its positive: the guide's similarity of the two is at least `threshold`
     (near-copies and paraphrases of the positive, which the query-side margin misses when the guide scores both

@@ -11,7 +11,7 @@ import numpy as np
 
 from speed_ray.e5 import with_instruction
 from speed_ray.quality.decontam import DecontamIndex, row_hits
-from speed_ray.quality.scores import cosine_matrix, false_negative, mine_corpus, remine, restates
+from speed_ray.quality.scores import cosine_matrix, false_negative, mine_corpus, remine, resembles, restates
 
 
 @dataclass(frozen=True)
@@ -19,10 +19,11 @@ class ScreenSettings:
     """The flat values the screen needs (from ScreenConfig)."""
 
     margin: float = 0.05
+    margin_min_similarity: float | None = 0.6   # the margin rule needs s(positive, negative) >= this too (bi-encoder)
     restates: float | None = 0.8          # guide similarity of negative and positive at which the negative restates it
     action: str = "drop"
     remine_rank: int = 0
-    instructions: bool = True
+    instructions: bool | None = None      # None: the guide's `instruction_tuned` decides
     fields: tuple[str, ...] = ("query", "positive", "negative")
     ngram_threshold: float = 0.5
     minhash_threshold: float = 0.7
@@ -103,11 +104,12 @@ def screen_batch(cols: dict[str, list], guide, index: DecontamIndex | None, s: S
         return {"reason": reason, "detail": detail, "pos": pos_s, "neg": neg_s,
                 "margin": [None] * n, "negative": negatives}
     rows = [i for i in range(n) if reason[i] is None]
-    queries = [guide_query(tasks[i], cols["query"][i], s.instructions) for i in rows]
+    ins = s.instructions if s.instructions is not None else bool(getattr(guide, "instruction_tuned", False))
+    queries = [guide_query(tasks[i], cols["query"][i], ins) for i in rows]
     positives = [cols["positive"][i] for i in rows]
     pos, neg, cand, pn, q = score_rows(guide, queries, positives, [negatives[i] for i in rows],
                                     want_candidates=s.action == "remine" and guide.kind == "bi_encoder")
-    outranks = false_negative(pos, neg, s.margin)
+    outranks = false_negative(pos, neg, s.margin) & resembles(pn, s.margin_min_similarity, len(rows))
     restated = restates(pn, s.restates) if pn is not None else np.zeros(len(rows), bool)
     bad = outranks | restated
     new_idx = np.full(len(rows), -1)

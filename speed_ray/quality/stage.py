@@ -184,7 +184,8 @@ def screen_stage(ctx) -> dict:
         decontam = {"enabled": True, **ray.get(info_ref)}
         ctx.log("decontamination against %d evaluation text(s) of %s", decontam["texts"],
                 ", ".join(decontam["tasks"]) or "no task")
-    settings = ScreenSettings(margin=c.margin, restates=c.restates_threshold, action=c.action,
+    settings = ScreenSettings(margin=c.margin, margin_min_similarity=c.margin_min_similarity,
+                              restates=c.restates_threshold, action=c.action,
                               remine_rank=c.remine_rank, instructions=c.instructions,
                               fields=tuple(c.decontam_fields), ngram_threshold=c.decontam_ngram_threshold,
                               minhash_threshold=c.decontam_minhash_threshold, mine=c.mine,
