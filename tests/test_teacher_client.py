@@ -386,6 +386,25 @@ def test_teacher_map_budget_is_shared_across_actors(ray_local, tmp_path):
         assert srv.total == 25
 
 
+def test_teacher_answers_leave_in_small_blocks_from_one_large_input_block(ray_local):
+    """One input block of 200 requests (a whole input file) must not come back as one output block: a map task's
+    answers reach the shard writer only when the task ends, so a block of a whole file held every answer back (and
+    a crash lost them; seen at paper scale: brainstorm ran 6 minutes without writing a shard). Blocks of the
+    batches a task runs at once (4 x batch_size rows) instead."""
+    import ray
+
+    from speed_ray.teacher.requests_ray import ASYNC_BATCHES_PER_TASK, teacher_map
+
+    cfg = TeacherConfig(model="fake-model", api_key_env="SPEED_RAY_TEST_KEY", concurrency=8, max_retries=0)
+    with FakeOpenAI(latency_s=0.0) as srv:
+        ds = teacher_map(ray.data.from_items(_rows(200), override_num_blocks=1), cfg, srv.base_url, None,
+                         batch_size=8)
+        tables = ray.get(ds.to_arrow_refs())
+    assert sum(t.num_rows for t in tables) == 200
+    assert max(t.num_rows for t in tables) <= ASYNC_BATCHES_PER_TASK * 8 and len(tables) >= 200 // 32, \
+        [t.num_rows for t in tables]
+
+
 def test_max_completion_tokens_for_newer_models(srv):
     """o-series / gpt-5 endpoints reject max_tokens: the config names the field the request carries."""
     from speed_ray.config import ConfigError

@@ -86,6 +86,9 @@ class TeacherUDF:
         return with_results(batch, merge_results(parsed, answers))
 
 
+ASYNC_BATCHES_PER_TASK = 4   # Ray Data's RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY
+
+
 def teacher_map(ds, cfg: "TeacherConfig", base_url: str, cache_url: str | None, budget_name: str | None = None,
                 batch_size: int = 64, num_actors: int = 1, num_cpus: float = 0.25,
                 usd_per_mtok: tuple[float, float] | None = None, budget_usd: float | None = None,
@@ -113,7 +116,12 @@ def teacher_map(ds, cfg: "TeacherConfig", base_url: str, cache_url: str | None, 
         tpm=None if cfg.tpm is None else max(1, cfg.tpm // num_actors))
     # Ray Data runs 4 batches of an async UDF at once per task (RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY),
     # so smaller batches could not fill the client's concurrency.
-    batch_size = max(batch_size, math.ceil(per.concurrency / 4))
+    batch_size = max(batch_size, math.ceil(per.concurrency / ASYNC_BATCHES_PER_TASK))
+    # A map task's answers leave its actor only when the task ends (Ray Data shapes a task's outputs into blocks of
+    # up to target_max_block_size): a task over one block of a whole input file (SPEED's 20K topics x 4 calls come
+    # in a few files) held minutes of answers back from the shard writer, and a crash lost them. Blocks of the
+    # batches one task runs at once instead, as generate_dataset does for the engines.
+    ds = ds.repartition(target_num_rows_per_block=ASYNC_BATCHES_PER_TASK * batch_size)
     # The driver's key travels to the actors wrapped in Secret (never printed); an actor on a node without the
     # env var still authenticates, and nothing is put in a runtime_env, which the dashboard shows.
     key = os.environ.get(cfg.api_key_env)
