@@ -37,7 +37,7 @@ class ScreenConfig:
     mine_sampling: Literal["top", "random"] = "top"
     instructions: bool | None = None          # E5 "Instruct: {task}\nQuery: " before the guide's query (speed_ray/e5.py);
     #                                           None: only for a guide trained with instructions (one whose
-    #                                           sentence-transformers config defines a query prompt). A prefix a
+    #                                           sentence-transformers config defines a non-empty prompt). A prefix a
     #                                           guide never learned dilutes its query embedding: with MiniLM the
     #                                           false-negative rules' precision fell from 0.77 to 0.67
     #                                           (benchmarks/quality_filters.py)
