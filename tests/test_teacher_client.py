@@ -405,6 +405,32 @@ def test_teacher_answers_leave_in_small_blocks_from_one_large_input_block(ray_lo
         [t.num_rows for t in tables]
 
 
+def test_one_slow_request_does_not_idle_the_teachers_other_slots(ray_local):
+    """A map task ends with its slowest request (a 429's Retry-After, a 5xx backoff). When an actor ran one task at
+    a time, one straggler held back every other block: no request went out until it came back, with 7 of the 8
+    slots idle (at paper scale: 172 requests/s from 128 slots at 300 ms). Other blocks' requests must go out while
+    it hangs."""
+    import ray
+
+    from speed_ray.teacher.requests_ray import teacher_map
+
+    hang_s = 3.0
+    rows = _rows(64)
+    rows[0]["messages"] = json.dumps([{"role": "user", "content": "q0 slow"}])
+    cfg = TeacherConfig(model="fake-model", api_key_env="SPEED_RAY_TEST_KEY", concurrency=8, max_retries=0,
+                        timeout_s=30.0)
+    with FakeOpenAI(latency_s=0.05) as srv:
+        srv.add_fault(Fault("hang", match="slow", hang_s=hang_s, times=None))
+        ds = teacher_map(ray.data.from_items(rows, override_num_blocks=1), cfg, srv.base_url, None, batch_size=2)
+        table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+        log = list(srv.log)
+    assert table.num_rows == 64 and not [e for e in table.column("error").to_pylist() if e]
+    slow_t = next(t for t, h, outcome in log if outcome == "hang")     # log: (arrival, hash, outcome)
+    during = [t for t, _, outcome in log if outcome != "hang" and slow_t <= t < slow_t + hang_s - 0.2]
+    # its own block is 8 rows (4 batches of 2): one task at a time sent at most those 7 others while it hung
+    assert len(during) >= 16, f"{len(during)} requests went out while one slow request hung: its task held the actor"
+
+
 def test_max_completion_tokens_for_newer_models(srv):
     """o-series / gpt-5 endpoints reject max_tokens: the config names the field the request carries."""
     from speed_ray.config import ConfigError
