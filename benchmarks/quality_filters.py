@@ -72,20 +72,37 @@ def _edit(text: str, rng: random.Random) -> str:
 
 class NearCopies:
     """Whether a train text near-copies an evaluation text, by a test independent of the screen's (word n-gram
-    containment and MinHash): character-level similarity (difflib's ratio >= `ratio` of the normalized texts) or
-    one normalized text inside the other (the inner one of >= 5 words). STS-B and Banking77 repeat sentences across
+    containment and MinHash): character-level similarity (difflib's ratio >= `ratio` of the normalized texts), the
+    same on the texts' words sorted (>= `sorted_ratio`, texts of about one length: fuzzy matching's "token sort
+    ratio", so "can cards be delivered where" copies "where can cards be delivered"), or one normalized text inside
+    the other (the inner one of >= 5 words). STS-B and Banking77 repeat sentences across
     their splits with light edits ("What do I do if I forgot my passcode?" in train, "What should I do ..." in
     test); such a train text is itself contaminated, so it is kept out of the clean rows. Candidates: the evaluation
-    texts sharing the text's rarest words."""
+    texts sharing the text's rarest words, and for containment every evaluation text whose rarest word the text
+    holds (an evaluation text inside the text holds all its words, so none is missed: "why did it decline my payment"
+    inside "everything seems fine with my account so why did it decline my payment" shares none of that text's
+    rarest words)."""
 
-    def __init__(self, eval_texts, ratio: float = 0.8):
+    def __init__(self, eval_texts, ratio: float = 0.8, sorted_ratio: float = 0.85):
         self.texts = list(dict.fromkeys(normalize(t) for t in eval_texts if t))
         self.ratio = ratio
         self.post: dict[str, list[int]] = {}
         for i, t in enumerate(self.texts):
             for w in set(t.split()):
                 self.post.setdefault(w, []).append(i)
+        self.by_rarest: dict[str, list[int]] = {}   # evaluation texts of >= 5 words, by their rarest word
+        for i, t in enumerate(self.texts):
+            words = set(t.split())
+            if len(t.split()) >= 5:
+                self.by_rarest.setdefault(min(words, key=lambda w: len(self.post[w])), []).append(i)
         self.cache: dict[str, bool] = {}
+        self.sorted_ratio = sorted_ratio
+        self._sorted_texts: dict[int, str] = {}
+
+    def _sorted(self, i: int) -> str:
+        if i not in self._sorted_texts:
+            self._sorted_texts[i] = " ".join(sorted(self.texts[i].split()))
+        return self._sorted_texts[i]
 
     def __call__(self, text: str) -> bool:
         from collections import Counter
@@ -96,11 +113,15 @@ class NearCopies:
             words = set(t.split())
             rare = sorted(words, key=lambda w: len(self.post.get(w, ())))[:4]
             cand = Counter(i for w in rare for i in self.post.get(w, ())[:3000])
-            hit = False
-            for i, _ in cand.most_common(40):
+            sorted_t = " ".join(sorted(t.split()))
+            padded = f" {t} "
+            hit = any(f" {self.texts[i]} " in padded for w in words for i in self.by_rarest.get(w, ()))
+            for i, _ in ([] if hit else cand.most_common(40)):
                 e = self.texts[i]
                 if ((len(e.split()) >= 5 and e in t) or (len(words) >= 5 and t in e)
-                        or (len(e) <= 3 * len(t) and SequenceMatcher(None, t, e).ratio() >= self.ratio)):
+                        or (len(e) <= 3 * len(t) and SequenceMatcher(None, t, e).ratio() >= self.ratio)
+                        or (0.75 <= len(e) / max(len(t), 1) <= 1.33
+                            and SequenceMatcher(None, sorted_t, self._sorted(i)).ratio() >= self.sorted_ratio)):
                     hit = True
                     break
             self.cache[t] = hit

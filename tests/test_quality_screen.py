@@ -66,6 +66,23 @@ def test_decontamination_finds_copies_edits_and_containment_not_clean_text():
     assert rows[0]["field"] == "negative" and rows[1]["field"] == "positive" and rows[1]["task"] == "TaskB"
 
 
+def test_a_question_sharing_only_its_opening_words_is_not_contamination():
+    """Two questions that share their first 8 words ask different things; at a share of 0.5 the 10-word one counted
+    as a copy of the evaluation question (half its 8-grams). Quoting the evaluation question whole still is one."""
+    from speed_ray.quality.config import ScreenConfig
+
+    c = ScreenConfig()
+    idx = build_index({"Banking77": ["Is there a limit on how much I can withdraw from my account without being "
+                                     "charged?"]}, ngram=c.decontam_ngram, shingle=c.decontam_shingle,
+                      min_ngram=c.decontam_min_ngram)
+    hits = check_texts(idx, ["Is there a limit on how much I can top up?",
+                             "Customers ask: is there a limit on how much I can withdraw from my account without "
+                             "being charged? The answer depends on the plan."],
+                       c.decontam_ngram_threshold, c.decontam_minhash_threshold)
+    assert hits[0] is None
+    assert hits[1] is not None and hits[1]["method"] == "ngram" and hits[1]["score"] == 1.0
+
+
 def test_empty_index_finds_nothing():
     assert check_texts(build_index({}), ["anything at all"], 0.5, 0.7) == [None]
 

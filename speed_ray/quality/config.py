@@ -52,7 +52,9 @@ class ScreenConfig:
     decontam_ngram: int = 8                   # word n-grams for containment
     decontam_min_ngram: int = 5               # evaluation texts shorter than decontam_ngram are indexed whole, down
     #                                           to this many words (an STS sentence quoted inside a document)
-    decontam_ngram_threshold: float = 0.5     # share of the shorter text's n-grams found in the other
+    decontam_ngram_threshold: float = 0.6     # share of the shorter text's n-grams found in the other (0.5 also
+    #                                           took a 10-word question for an evaluation question sharing its first
+    #                                           8 words: "is there a limit on how much i can top up" / "... withdraw")
     decontam_shingle: int = 1                 # word shingles for MinHash
     decontam_minhash_threshold: float = 0.8   # estimated Jaccard similarity (0.7 also caught "use my card" for
     #                                           "verify my card" in the intent sets)

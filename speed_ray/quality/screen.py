@@ -25,7 +25,7 @@ class ScreenSettings:
     remine_rank: int = 0
     instructions: bool | None = None      # None: the guide's `instruction_tuned` decides
     fields: tuple[str, ...] = ("query", "positive", "negative")
-    ngram_threshold: float = 0.5
+    ngram_threshold: float = 0.6
     minhash_threshold: float = 0.7
     mine: str = "off"                     # "pairs" / "all": negatives mined from a corpus (see mine_negatives)
     mine_range: tuple[int, int] = (0, 10)
