@@ -67,7 +67,8 @@ class StageSpec:
 
 # What identifies the teacher's answers: the model name, the model actually served when the teacher is the local
 # server and the answer length it clips requests to, and the constrained-output mode.
-_TEACHER = ("teacher.model", "teacher.local_server.model", "teacher.local_server.max_new_tokens", "teacher.json_mode")
+_TEACHER = ("teacher.model", "teacher.local_server.model", "teacher.local_server.max_new_tokens", "teacher.json_mode",
+            "teacher.seed_requests")
 
 # Settings that stages read but that by design do not change what they write: where the run and its outputs live,
 # how the teacher is reached and served, how fast, how robustly and within what budget requests go out, and how
@@ -114,7 +115,7 @@ _ALL = {
     "judge": StageSpec("judge", "speed_ray.teacher.stages:judge_stage", {"root": "root_data"},
                        # the judge decodes at teacher.judge_temperature: sampling.temperature is not used
                        ("judge", *_TEACHER, "teacher.judge_temperature", "teacher.sampling.top_p",
-                        "teacher.sampling.max_tokens"), True, "teacher picks best/worst: D_DPO",
+                        "teacher.sampling.max_tokens", "run.seed"), True, "teacher picks best/worst: D_DPO",
                        version="4", cost_role="fixed", unit="requests"),
     "revise_signals": StageSpec("revise_signals", "speed_ray.teacher.stages:revise_signals_stage",
                                 {"root": "root_data"}, ("revise_signals", *_TEACHER, "teacher.sampling", "run.seed"),

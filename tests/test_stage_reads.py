@@ -266,8 +266,10 @@ def test_teacher_stages_read_only_fingerprinted_settings(ray_local, tmp_path, te
     old_judge = dataclasses.replace(next(s for s in build_plan("full") if s.name == "judge"),
                                     config_keys=("judge", "teacher.model", "teacher.local_server.model",
                                                  "teacher.json_mode"))
+    # (run.seed and teacher.seed_requests: the per-request seed every teacher request carries since)
     assert uncovered_reads(cfg, old_judge, reads["judge"]) == [
-        "teacher.judge_temperature", "teacher.sampling.max_tokens", "teacher.sampling.top_p"]
+        "run.seed", "teacher.judge_temperature", "teacher.sampling.max_tokens", "teacher.sampling.top_p",
+        "teacher.seed_requests"]
 
 
 @pytest.mark.slow

@@ -339,3 +339,29 @@ def test_dollar_budget_stops_counts_earlier_runs_and_a_higher_one_completes(ray_
     ids = all_request_ids(out)
     assert out.done and len(ids) == len(set(ids)) == 24 and server.total - before == 24 - before
     assert out.manifest["cost"]["calls"] == 24            # the stage's cost: every call it wrote, over all runs
+
+
+def test_two_requests_with_one_prompt_are_two_samples(tmp_path):
+    """A topic drawn twice (SPEED's 20K topics come from a taxonomy of a few hundred) gives the same brainstorm
+    prompt twice. Without a seed both requests had one response-cache key, so the second got the first's answer:
+    at paper scale 39% of brainstorm's calls were such repeats. Each request now carries a seed from the run seed and
+    its id (the same on a rerun, so a resumed stage still finds its answers in the cache)."""
+    import pyarrow as pa
+
+    from speed_ray.llm.cache import ResponseCache
+    from speed_ray.llm.rows import requests_from_batch
+    from speed_ray.teacher.stages import _request
+
+    msgs = [{"role": "user", "content": "Brainstorm a list of potentially useful text retrieval tasks for the "
+                                        "topic: Cats."}]
+
+    def ask(cfg):
+        rows = [_request(cfg, rid, msgs, "brainstorm", None) for rid in ("bs-a", "bs-b")]
+        reqs = requests_from_batch(pa.Table.from_pylist(rows), "request_id")
+        return [ResponseCache.key_for("fake-gpt", r) for r in reqs], [r.seed for r in reqs]
+
+    keys, seeds = ask(make_cfg(tmp_path, "http://127.0.0.1:1/v1"))
+    assert keys[0] != keys[1] and None not in seeds and seeds[0] != seeds[1]
+    assert ask(make_cfg(tmp_path, "http://127.0.0.1:1/v1")) == (keys, seeds)       # a rerun asks the same
+    off_keys, off_seeds = ask(make_cfg(tmp_path, "http://127.0.0.1:1/v1", teacher={"seed_requests": False}))
+    assert off_keys[0] == off_keys[1] and off_seeds == [None, None]

@@ -59,6 +59,10 @@ class TeacherConfig:
     judge_temperature: float = 0.0           # paper App. B: 0.0 for preference signals
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     cache: bool = True                       # response cache keyed by the full request
+    seed_requests: bool = True               # each request carries a seed from the run seed and its id: two requests
+    #                                          with one prompt (a topic drawn twice, a task planned twice) are two
+    #                                          samples, not one answer served twice from the cache; false for an
+    #                                          endpoint that rejects `seed`
     local_server: LocalServerConfig = field(default_factory=LocalServerConfig)
     on_budget_exhausted: Literal["fail", "finish"] = "fail"   # fail: stage stays incomplete, a rerun resumes it;
     #                                          finish: completes with what fits (rerun with --force to top up)
