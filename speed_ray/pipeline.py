@@ -66,7 +66,7 @@ class StageSpec:
 
 
 # What identifies the teacher's answers: the model name, the model actually served when the teacher is the local
-# server and the answer length it clips requests to, and the constrained-output mode.
+# server and the answer length it clips requests to, the constrained-output mode, and whether requests carry a seed.
 _TEACHER = ("teacher.model", "teacher.local_server.model", "teacher.local_server.max_new_tokens", "teacher.json_mode",
             "teacher.seed_requests")
 
