@@ -92,9 +92,9 @@ class NearCopies:
                 self.post.setdefault(w, []).append(i)
         self.by_rarest: dict[str, list[int]] = {}   # evaluation texts of >= 5 words, by their rarest word
         for i, t in enumerate(self.texts):
-            words = set(t.split())
-            if len(t.split()) >= 5:
-                self.by_rarest.setdefault(min(words, key=lambda w: len(self.post[w])), []).append(i)
+            words = t.split()
+            if len(words) >= 5:
+                self.by_rarest.setdefault(min(set(words), key=lambda w: len(self.post[w])), []).append(i)
         self.cache: dict[str, bool] = {}
         self.sorted_ratio = sorted_ratio
         self._sorted_texts: dict[int, str] = {}
