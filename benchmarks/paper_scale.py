@@ -119,11 +119,35 @@ class Cluster:
                            f"--num-cpus={worker_cpus}", "--disable-usage-stats", store, *_node_ports()]
 
     def start(self) -> None:
-        for cmd in (self.head_cmd, self.worker_cmd):
-            out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=300)
-            if out.returncode != 0:
-                self.stop()
-                raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+        """The head, then the worker node. The worker's `ray start` needs only the head's GCS, which answers about
+        half-way through the head's start (its raylet and agents come after): it starts then, and if it fails
+        there it is run again once the head is up."""
+        def run(cmd: list[str]) -> subprocess.Popen:
+            return subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def check(proc: subprocess.Popen, cmd: list[str]) -> tuple[int, str]:
+            out, err = proc.communicate(timeout=300)
+            return proc.returncode, f"{' '.join(cmd[:3])} failed:\n{out[-2000:]}\n{err[-2000:]}"
+
+        head = run(self.head_cmd)
+        deadline = time.time() + 120
+        while head.poll() is None and time.time() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.gcs)) == 0:
+                    break
+            time.sleep(0.2)
+        worker = run(self.worker_cmd)
+        rc, msg = check(head, self.head_cmd)
+        if rc == 0:
+            rc, msg = check(worker, self.worker_cmd)
+            if rc != 0:   # too early for the GCS after all: again, now that the head is up
+                rc, msg = check(run(self.worker_cmd), self.worker_cmd)
+        else:
+            worker.kill()
+            worker.communicate()
+        if rc != 0:
+            self.stop()
+            raise RuntimeError(msg)
 
     @staticmethod
     def reap_stale() -> list[int]:
@@ -831,6 +855,107 @@ def server_window(srv, mark: int, cpu0: float) -> dict:
             "max_inflight": srv.max_inflight, "server_process_cpu_s": round(time.process_time() - cpu0, 1)}
 
 
+# ---- how the parent starts a child driver ---------------------------------------------------------------------------
+# What every stage's driver imports before its stage begins (about 1 s of a fresh interpreter's start on this
+# machine, paid by each of a run's ~20 drivers). Nothing heavier: a stage's own imports (torch for the training
+# stages) stay in its driver and in its wall time, and a driver's RSS stays that stage's.
+ZYGOTE_PRELOAD = ["ray", "ray.data", "pyarrow.parquet", "speed_ray.stage", "speed_ray.store", "speed_ray.run_config"]
+
+
+def _child_entry(argv: list[str], out: str, err: str, cwd: str) -> None:
+    """In a driver forked from the zygote: stdout and stderr to files, then the child's main()."""
+    for path, fd in ((out, 1), (err, 2)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
+    os.chdir(cwd)
+    try:
+        main(argv)
+    finally:
+        import ray
+
+        if ray.is_initialized():   # a forked child ends with os._exit: atexit's ray.shutdown() would not run
+            ray.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+class ChildDriver:
+    """One stage's driver process, its stdout and stderr in files under `logs`. Forked from a zygote (multiprocessing's
+    forkserver, started with the cluster's environment, that imported ZYGOTE_PRELOAD once), or with zygote=False a
+    fresh interpreter (subprocess). Either way a fresh process per stage: its own RSS peak, its own Ray job, and
+    SIGKILL takes only it."""
+
+    _forkserver = None
+
+    def __init__(self, argv: list[str], logs: str, env: dict, zygote: bool = True):
+        os.makedirs(os.path.dirname(logs), exist_ok=True)
+        self.out, self.err = logs + ".out", logs + ".err"
+        self._proc = None
+        self._popen = None
+        if zygote:
+            ctx = self.zygote(env)
+            self._proc = ctx.Process(target=_child_entry, args=(argv, self.out, self.err, str(REPO)))
+            self._proc.start()
+            self.pid = self._proc.pid
+        else:
+            with open(self.out, "w") as fo, open(self.err, "w") as fe:
+                self._popen = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], env=env,
+                                               stdout=fo, stderr=fe, cwd=str(REPO))
+            self.pid = self._popen.pid
+
+    @classmethod
+    def zygote(cls, env: dict):
+        """The forkserver context, started once with `env` (the cluster's: RAY_TMPDIR, the auth token)."""
+        if cls._forkserver is None:
+            import multiprocessing as mp
+            from multiprocessing import forkserver
+
+            os.environ.update(env)   # the forkserver starts with this process's environment; this process runs no Ray
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(ZYGOTE_PRELOAD)
+            forkserver.ensure_running()
+            cls._forkserver = ctx
+        return cls._forkserver
+
+    def poll(self) -> int | None:
+        if self._popen is not None:
+            return self._popen.poll()
+        return self._proc.exitcode
+
+    @property
+    def returncode(self) -> int | None:
+        return self.poll()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if self._popen is not None:
+            return self._popen.wait(timeout=timeout)
+        self._proc.join(timeout)
+        if self._proc.exitcode is None:
+            raise subprocess.TimeoutExpired("child driver", timeout)
+        return self._proc.exitcode
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+
+    def lines(self) -> list[str]:
+        try:
+            with open(self.out) as f:
+                return f.readlines()
+        except FileNotFoundError:
+            return []
+
+    def err_lines(self) -> list[str]:
+        try:
+            with open(self.err) as f:
+                return f.readlines()
+        except FileNotFoundError:
+            return []
+
+    def started(self) -> bool:
+        return any(ln.startswith("STAGE_START") for ln in self.lines())
+
+
 # ---- the parent: runs, kills, measures ----------------------------------------------------------------------------
 class Bench:
     def __init__(self, args):
@@ -838,16 +963,18 @@ class Bench:
         self.cluster = Cluster(args.head_cpus, args.worker_cpus, args.object_store_mb)
         self.run_dir = args.keep or tempfile.mkdtemp(prefix="srps-run-")
         self.server = None
+        self._children = 0
 
-    def _spawn(self, stage: str, n: int, kill: bool) -> subprocess.Popen:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", stage, "--run-dir", self.run_dir,
-               "--address", self.cluster.address, "--n", str(n), "--dup", str(self.args.dup)]
+    def _spawn(self, stage: str, n: int, kill: bool) -> ChildDriver:
+        argv = ["--child", stage, "--run-dir", self.run_dir, "--address", self.cluster.address, "--n", str(n),
+                "--dup", str(self.args.dup)]
         if kill:
-            cmd.append("--kill-run")
+            argv.append("--kill-run")
         if self.server is not None:
-            cmd += ["--teacher-url", self.server.base_url]
-        return subprocess.Popen(cmd, env=self.cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, cwd=str(REPO))
+            argv += ["--teacher-url", self.server.base_url]
+        self._children += 1
+        logs = os.path.join(self.cluster.temp, "drivers", f"{self._children:03d}-{stage}")
+        return ChildDriver(argv, logs, self.cluster.env, zygote=not self.args.spawn_drivers)
 
     def run_stage(self, stage: str, n: int, kill: bool = False, kill_after: float | None = None) -> dict:
         """One child driver for `stage`; with kill_after, SIGKILL it that many seconds after the stage began."""
@@ -858,33 +985,19 @@ class Bench:
             self.server.max_inflight = self.server.inflight
         proc = self._spawn(stage, n, kill)
         self.sampler.driver_pid = proc.pid
-        lines: list[str] = []
-        started = threading.Event()
-
-        def read():
-            for line in proc.stdout:
-                lines.append(line)
-                if line.startswith("STAGE_START"):
-                    started.set()
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        err_lines: list[str] = []
-        err_reader = threading.Thread(target=lambda: err_lines.extend(proc.stderr), daemon=True)
-        err_reader.start()
         t0 = time.time()
         killed = False
         if kill_after is not None:
-            while not started.wait(0.2):
+            while not proc.started():
                 if proc.poll() is not None:
                     break
+                time.sleep(0.1)
             time.sleep(kill_after)
             if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
+                proc.kill()
                 killed = True
         proc.wait(timeout=self.args.stage_timeout)
-        reader.join(timeout=10)
-        err_reader.join(timeout=10)
+        lines, err_lines = proc.lines(), proc.err_lines()
         res = {"stage": stage, "n": n, "killed": killed, "rc": proc.returncode, **self.sampler.snapshot()}
         if killed:
             res["killed_after_s"] = round(kill_after, 2)
@@ -991,12 +1104,33 @@ class Bench:
         args = self.args
         t_start = self.t_start = time.time()
         self.load_start = [round(x, 2) for x in os.getloadavg()]
-        self.stub = stub_engine_rate(f"stub:dup={args.dup},rows=1150000")
-        self._progress({"progress": "stub engine", **self.stub})
         stale = Cluster.reap_stale()
         if stale:
             self._progress({"progress": "reaped stale benchmark processes", "pids": stale})
-        self.cluster.start()
+        # the cluster starts (two `ray start`s, mostly waiting) while this process measures the stub engine
+        # (in CPU time, which the overlap leaves alone) and the zygote imports what the drivers share
+        failed: list[BaseException] = []
+
+        def start_cluster() -> None:
+            try:
+                self.cluster.start()
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                failed.append(e)
+
+        starter = threading.Thread(target=start_cluster, daemon=True)
+        starter.start()
+        try:
+            if not args.spawn_drivers:
+                ChildDriver.zygote(self.cluster.env)
+            self.stub = stub_engine_rate(f"stub:dup={args.dup},rows=1150000")
+        except BaseException:
+            starter.join()
+            self.cluster.stop()
+            raise
+        self._progress({"progress": "stub engine", **self.stub})
+        starter.join()
+        if failed:
+            raise failed[0]
         self._progress({"progress": "cluster started", "address": self.cluster.address})
 
         def on_term(signum, frame):   # stop our cluster (and only it) when this benchmark is terminated
@@ -1179,6 +1313,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--teacher-p429", type=float, default=TEACHER_P429, help="share of requests answered 429")
     ap.add_argument("--teacher-p5xx", type=float, default=TEACHER_P5XX, help="share answered 500/503")
     ap.add_argument("--keep", default=None, help="run directory to keep (default: a temp dir, removed)")
+    ap.add_argument("--spawn-drivers", action="store_true",
+                    help="start each stage's driver as a fresh interpreter, not forked from the preloaded zygote")
     ap.add_argument("--merge", nargs="*", default=None,
                     help="output files of earlier runs: their results join this report (ratios across runs)")
     ap.add_argument("--report-only", action="store_true", help="with --merge: no run, only the merged report")
