@@ -938,19 +938,19 @@ class ChildDriver:
     def kill(self) -> None:
         os.kill(self.pid, signal.SIGKILL)
 
-    def lines(self) -> list[str]:
+    @staticmethod
+    def _readlines(path: str) -> list[str]:
         try:
-            with open(self.out) as f:
+            with open(path) as f:
                 return f.readlines()
-        except FileNotFoundError:
+        except FileNotFoundError:   # the driver has not opened it yet
             return []
 
+    def lines(self) -> list[str]:
+        return self._readlines(self.out)
+
     def err_lines(self) -> list[str]:
-        try:
-            with open(self.err) as f:
-                return f.readlines()
-        except FileNotFoundError:
-            return []
+        return self._readlines(self.err)
 
     def started(self) -> bool:
         return any(ln.startswith("STAGE_START") for ln in self.lines())
