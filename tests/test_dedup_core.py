@@ -258,3 +258,34 @@ def test_min_words_config_names_bad_fields():
     assert FiltersConfig().min_words["sts"] == {"query": 2, "positive": 2, "negative": 2}
     with pytest.raises(ConfigError, match="min_words.*doc"):
         FiltersConfig(min_words={"retrieval": {"doc": 3}})
+
+
+_WORD_TEXTS = [
+    "", "a", "ab", "ab cd", "A bird is perched on a gloved hand.", "x@y.com", "mail me at x@y.com now please",
+    "see WWW.Example.com or HTTPS://a.b/c for it", "see www.example.com", "ftp://host/path and more words here",
+    "東京は日本の首都です", "東京 is big", "café au lait", "ſtraße und Kelvin K", "1234 5678 __ --", "  ,]{  ",
+    "word " * 40, "İstanbul is a city",
+]
+
+
+@pytest.mark.parametrize("text", _WORD_TEXTS)
+def test_has_words_is_word_count_at_least(text):
+    from speed_ray.synth.parsing import _ADDRESS, _CJK, _WORD, has_words, word_count
+
+    # the definition word_count's fast paths must keep: the regex pass over every text
+    full = sum(max(1, len(w) // 2) if _CJK.search(w) else 1 for w in _WORD.findall(_ADDRESS.sub(" ", text)))
+    assert word_count(text) == full
+    for n in range(0, 6):
+        assert has_words(text, n) == (full >= n), (text, n)
+
+
+@pytest.mark.parametrize("text", [
+    "As an AI, I cannot do that.", "as a large language model i think", "I'm sorry, but no.", "I AM UNABLE to help",
+    "I can't assist with that", "Lorem ipsum dolor", "[Insert name here]", "<placeholder text>", "{{ query }}",
+    "{positive}", "a plain passage about birds and hands", "As a result, the birds flew.", "I can see it",
+    "[1] a citation", "x < y and z > w", "Ｌｏｒｅｍ ipsum", "AS AN AI", "İ'm sorry", "as an aı model", "",
+])
+def test_boilerplate_fast_path_agrees_with_the_regex(text):
+    from speed_ray.dedup.filters import BOILERPLATE, boilerplate
+
+    assert boilerplate(text) == (BOILERPLATE.search(text) is not None)

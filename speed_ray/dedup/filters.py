@@ -12,7 +12,7 @@ from typing import Callable, Mapping, Sequence
 
 from speed_ray.dedup.config import MIN_WORDS
 from speed_ray.dedup.minhash import normalize
-from speed_ray.synth.parsing import word_count
+from speed_ray.synth.parsing import has_words
 
 # Model refusals, template placeholders and filler: a sample containing them teaches the embedder noise.
 BOILERPLATE = re.compile("|".join([
@@ -23,6 +23,18 @@ BOILERPLATE = re.compile("|".join([
 ]), re.IGNORECASE)
 
 FIELDS = ("query", "positive", "negative")
+# Every BOILERPLATE alternative holds one of these, in lower case: an ASCII text with none of them cannot match,
+# and a substring test is ~50x cheaper than the case-insensitive alternation (three texts a row, 1M rows a run).
+_BOILERPLATE_CUES = ("as a", "i'm ", "i am ", "i can", "lorem", "[", "<", "{")
+
+
+def boilerplate(text: str) -> bool:
+    """BOILERPLATE.search(text), skipped for ASCII texts that hold none of its cues."""
+    if text.isascii():
+        low = text.lower()
+        if not any(cue in low for cue in _BOILERPLATE_CUES):
+            return False
+    return BOILERPLATE.search(text) is not None
 
 
 _PLACEHOLDER = re.compile(r"[{\[<]\s*[\w .-]*\s*[}\]>]")   # the whole text is `{my_book}`, `[label]`, `<doc>`
@@ -30,7 +42,7 @@ _PLACEHOLDER = re.compile(r"[{\[<]\s*[\w .-]*\s*[}\]>]")   # the whole text is `
 def degenerate_task(task: str, min_words: int) -> bool:
     """A task description no instruction can be made of: fewer than min_words words once e-mail addresses and URLs
     are taken out (`,]{`, `x@y.com`, a bare URL). The embedder puts it before every query of its samples."""
-    return word_count(task) < min_words
+    return not has_words(task, min_words)
 
 
 def label_like(text: str, field: str, task_type: str | None, min_words: Mapping[str, Mapping[str, int]]
@@ -44,7 +56,7 @@ def label_like(text: str, field: str, task_type: str | None, min_words: Mapping[
         return None
     if text in SAMPLE_KEYS.get(task_type or "", ()) or _PLACEHOLDER.fullmatch(text):
         return "placeholder"
-    return "too_few_words" if word_count(text) < floor else None
+    return None if has_words(text, floor) else "too_few_words"
 
 
 def quality_reason(query: str | None, positive: str | None, negative: str | None, valid: bool | None = True, *,
@@ -83,15 +95,15 @@ def quality_reason(query: str | None, positive: str | None, negative: str | None
                 return f"{why}_{f}"
     if drop_boilerplate:
         for f in FIELDS:
-            if values[f] and BOILERPLATE.search(values[f]):
+            if values[f] and boilerplate(values[f]):
                 return f"boilerplate_{f}"
-    if drop_positive_equals_negative and values["negative"] and normalize(values["positive"]) == normalize(
-            values["negative"]):
+    pos = normalize(values["positive"]) if drop_positive_equals_negative or drop_query_in_positive else ""
+    if drop_positive_equals_negative and values["negative"] and pos == normalize(values["negative"]):
         return "positive_equals_negative"
     if drop_query_in_positive:
         # Short keyword queries legitimately occur inside their document; long ones copied over are leaks.
         q = normalize(values["query"])
-        if len(q.split(" ")) >= query_in_positive_min_words and f" {q} " in f" {normalize(values['positive'])} ":
+        if len(q.split(" ")) >= query_in_positive_min_words and f" {q} " in f" {pos} ":
             return "query_in_positive"
     if language:
         if language_of is None:

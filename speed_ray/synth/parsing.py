@@ -246,11 +246,36 @@ _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")   #
 _ADDRESS = re.compile(r"\S+@\S+\.\w+|(?:https?://|www\.)\S+", re.IGNORECASE)
 
 
+def _without_addresses(text: str) -> str:
+    """The text with e-mail addresses and URLs blanked; an ASCII text without "@", "://" or "www." (any case) cannot
+    hold one, so it skips the regex (most texts: the substitution costs more than the rest of word_count)."""
+    if text.isascii() and "@" not in text and "://" not in text and "www." not in text.lower():
+        return text
+    return _ADDRESS.sub(" ", text)
+
+
 def word_count(text: str) -> int:
     """Words of two or more letters, e-mail addresses and URLs left out; a run of CJK characters (written without
     spaces) counts about one word per two characters."""
-    words = _WORD.findall(_ADDRESS.sub(" ", text))
+    text = _without_addresses(text)
+    words = _WORD.findall(text)
+    if text.isascii():   # no CJK: one word each
+        return len(words)
     return sum(max(1, len(w) // 2) if _CJK.search(w) else 1 for w in words)
+
+
+def has_words(text: str, n: int) -> bool:
+    """word_count(text) >= n, reading only as far as the n-th word (the filters' floors are a few words, the texts
+    passages)."""
+    if n <= 0:
+        return True
+    text = _without_addresses(text)
+    if not text.isascii():
+        return sum(max(1, len(w) // 2) if _CJK.search(w) else 1 for w in _WORD.findall(text)) >= n
+    for i, _ in enumerate(_WORD.finditer(text), 1):
+        if i >= n:
+            return True
+    return False
 
 
 _NUMBERING = re.compile(r"^\s*(?:[-*\u2022]+|\(?\d+[.)]|\d+\s*[-:]|[a-z][.)])\s+", re.IGNORECASE)
