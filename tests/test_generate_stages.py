@@ -439,3 +439,89 @@ def test_adapter_goes_on_its_base_never_on_the_merged_checkpoint(tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "s3://b/junior/model"}))
     assert _model_for(ctx, "generator", eng)[0] == "s3://b/junior/model"
     assert _model_for(ctx, "generator", EngineConfig(kind="hf"))[:2] == (str(tmp_path / "merged"), None)
+
+
+def _revisor_batch():
+    """Revision rows as the engine returns them: the sample's columns (text renamed source_text), the request
+    columns, and the revisor's answer."""
+    import pyarrow as pa
+
+    good = json.dumps({"user_query": "new query words", "positive_document": "a new positive passage here",
+                       "hard_negative_document": "a new negative passage here"})
+    rows = [  # revised | answer without the schema's keys | the engine failed | no sample column value
+        {"text": good, "finish_reason": "stop", "error": "", "sample": '{"old": 1}'},
+        {"text": '{"nope": 1}', "finish_reason": "stop", "error": "", "sample": '{"old": 2}'},
+        {"text": "", "finish_reason": "error", "error": "boom", "sample": '{"old": 3}'},
+        {"text": "not json at all", "finish_reason": "length", "error": "", "sample": None},
+    ]
+    cols = {"id": [f"r{i}" for i in range(4)], "task_type": ["retrieval"] * 4, "prompt": ["p"] * 4,
+            "source_text": [f"orig text {i}" for i in range(4)], "sample": [r["sample"] for r in rows],
+            "query": [f"q{i}" for i in range(4)], "positive": [f"pos{i}" for i in range(4)],
+            "negative": ["neg0", None, "neg2", "neg3"], "valid": [True, True, False, True],
+            "reject_reason": ["", "", "too_short", ""], "lineage": ['{"generator": "g"}'] * 4,
+            "original_prompt_tokens": [5] * 4,
+            "messages": ["[]"] * 4, "temperature": [1.0] * 4, "top_p": [1.0] * 4, "max_tokens": [64] * 4,
+            "response_format": [""] * 4, "seed": [1] * 4,
+            "text": [r["text"] for r in rows], "prompt_tokens": [3] * 4, "completion_tokens": [7] * 4,
+            "cached": [False] * 4, "error": [r["error"] for r in rows], "attempts": [1] * 4,
+            "finish_reason": [r["finish_reason"] for r in rows], "engine": ["stub"] * 4}
+    return pa.table(cols)
+
+
+def test_revised_rows_replace_only_what_a_parsed_revision_gives():
+    from speed_ray.generate.stages import _RevisedRows
+
+    out = _RevisedRows("revisor_sft@x")(_revisor_batch())
+    assert not {"messages", "temperature", "top_p", "max_tokens", "response_format", "seed",
+                "source_text"} & set(out.column_names)
+    # the sample's columns keep their places; the revision's own come after them, in one fixed order
+    assert out.column_names[:11] == ["id", "task_type", "prompt", "sample", "query", "positive", "negative", "valid",
+                                     "reject_reason", "lineage", "original_prompt_tokens"]
+    assert out.column_names[-7:] == ["engine", "original_text", "original_sample", "revised", "revision_failed",
+                                     "text", "revision_reject_reason"]
+    r = out.to_pylist()
+    assert r[0]["revised"] and not r[0]["revision_failed"] and r[0]["revision_reject_reason"] == ""
+    assert (r[0]["query"], r[0]["positive"], r[0]["negative"]) == (
+        "new query words", "a new positive passage here", "a new negative passage here")
+    assert json.loads(r[0]["sample"])["user_query"] == "new query words" and r[0]["text"].startswith("{")
+    assert r[0]["original_text"] == "orig text 0" and r[0]["original_sample"] == '{"old": 1}'
+    assert json.loads(r[0]["lineage"]) == {"generator": "g", "revision": "revisor_sft@x"}
+    for i in (1, 2, 3):   # not revised: the original sample, text and fields stay; the reason is kept
+        assert not r[i]["revised"] and r[i]["revision_failed"]
+        assert r[i]["text"] == f"orig text {i}" and r[i]["query"] == f"q{i}" and r[i]["positive"] == f"pos{i}"
+        assert json.loads(r[i]["lineage"])["revision"] == "failed"
+    assert r[1]["negative"] is None and r[1]["sample"] == '{"old": 2}' and r[1]["valid"]
+    assert r[1]["revision_reject_reason"].startswith("missing_key")
+    assert r[2]["revision_reject_reason"] == "generation_error" and not r[2]["valid"]
+    assert r[2]["reject_reason"] == "too_short"
+    assert r[3]["revision_reject_reason"] == "truncated" and r[3]["original_sample"] == "" and r[3]["sample"] is None
+    assert r[0]["prompt_tokens"] == 3 and r[0]["original_prompt_tokens"] == 5   # the call's own counts stay
+
+
+def test_requests_build_messages_from_the_named_columns_only():
+    import pyarrow as pa
+
+    from speed_ray.generate.stages import _requests
+
+    class Capture:
+        def map_batches(self, fn, **_):
+            self.fn = fn
+            return self
+
+    seen = []
+
+    def messages(r):
+        seen.append(sorted(r))
+        return json.dumps([{"role": "user", "content": r["prompt"]}])
+
+    batch = pa.table({"id": ["a", "b"], "task_type": ["retrieval", "sts"], "prompt": ["p1", "p2"],
+                      "wide": ["x" * 100] * 2, "seed": [0, 0]})
+    out = _requests(Capture(), 0.7, 0.9, 128, True, 3, messages_fn=messages,
+                    messages_columns=("prompt", "missing")).fn(batch)
+    assert seen == [["prompt"], ["prompt"]]
+    assert out.column_names == ["id", "task_type", "prompt", "wide", "seed", "messages", "temperature", "top_p",
+                                "max_tokens", "response_format"]
+    assert out.column("seed").to_pylist() != [0, 0] and out.column("max_tokens").to_pylist() == [128, 128]
+    assert json.loads(out.column("response_format")[0].as_py())["json_schema"]["name"] == "retrieval_sample"
+    plain = _requests(Capture(), 1.0, 1.0, 64, False, 3).fn(batch.drop_columns(["seed"]))
+    assert plain.column("messages").to_pylist() == ["p1", "p2"] and plain.column("response_format").to_pylist() == ["", ""]

@@ -145,7 +145,8 @@ class StubEngine:
         h64 = np.array([int(h[:16], 16) for h in hashes], dtype=np.uint64)
         keys = np.empty(n, dtype=np.uint64)
         for j, (hv, content) in enumerate(zip(h64.tolist(), contents)):
-            m = _DOC_MARK.search(content) if "stubdoc" in content else None
+            at = content.find("stubdoc")   # the regex from there: a revision prompt is kilobytes long
+            m = _DOC_MARK.search(content, at) if at >= 0 else None
             keys[j] = int(m.group(1)) if m else (hv % self.pool if self.pool else hv >> 1)
         phrases = _phrases()
         nv = np.uint64(len(phrases))

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from speed_ray.generate.config import EngineConfig
 from speed_ray.generate.plan import (plan_prompt, reject_reason, request_seed, root_lists, task_pools,
@@ -110,9 +111,10 @@ def _prompt_rows(n: int, weights: dict, seed: int, stage: str, task_rows: list[d
 
 
 def _requests(ds, temperature: float, top_p: float, max_tokens: int, structured: bool, seed: int,
-              messages_fn=None):
+              messages_fn=None, messages_columns: tuple[str, ...] = ()):
     """Add the request columns (speed_ray.llm.rows: messages, sampling, the task type's sample schema as
-    response_format, a seed per row) to prompt rows."""
+    response_format, a seed per row) to prompt rows. messages_fn(row) builds a row's messages from the columns
+    named in messages_columns (the only ones converted to Python); without it the prompt is the messages."""
     from speed_ray.synth.schemas import response_format, sample_schema
 
     formats: dict[str, str] = {}
@@ -124,18 +126,33 @@ def _requests(ds, temperature: float, top_p: float, max_tokens: int, structured:
         return formats[task_type]
 
     def add(batch: pa.Table) -> pa.Table:
-        d = batch.to_pydict()
+        # Column by column: the rows are wide (revision's carry the whole sample), and a Python round trip of
+        # every column cost more than building the requests.
         n = batch.num_rows
-        msgs = [messages_fn(r) for r in batch.to_pylist()] if messages_fn else d["prompt"]
-        d["messages"] = msgs
-        d["temperature"] = [float(temperature)] * n
-        d["top_p"] = [float(top_p)] * n
-        d["max_tokens"] = [int(max_tokens)] * n
-        d["response_format"] = [fmt(t) if structured else "" for t in d["task_type"]]
-        d["seed"] = [request_seed(seed, i) for i in d["id"]]
-        return pa.Table.from_pydict(d)
+        if messages_fn:
+            have = [c for c in messages_columns if c in batch.column_names]
+            msgs = pa.array([messages_fn(r) for r in batch.select(have).to_pylist()], pa.string())
+        else:
+            msgs = batch.column("prompt")
+        types = batch.column("task_type").to_pylist()
+        return put_columns(batch, {
+            "messages": msgs,
+            "temperature": pa.array([float(temperature)] * n, pa.float64()),
+            "top_p": pa.array([float(top_p)] * n, pa.float64()),
+            "max_tokens": pa.array([int(max_tokens)] * n, pa.int64()),
+            "response_format": pa.array([fmt(t) if structured else "" for t in types], pa.string()),
+            "seed": pa.array([request_seed(seed, i) for i in batch.column("id").to_pylist()], pa.int64()),
+        })
 
     return ds.map_batches(add, batch_format="pyarrow", num_cpus=0.1)
+
+
+def put_columns(table: pa.Table, columns: dict[str, Any]) -> pa.Table:
+    """The table with each named column replaced in place, or appended (in the dict's order) when it is new."""
+    for name, values in columns.items():
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, name, values) if i >= 0 else table.append_column(name, values)
+    return table
 
 
 def _check_floor(ctx, man: dict, good: int, total: int, floor: float, reasons: dict, unit: str, verb: str) -> dict:
@@ -210,7 +227,9 @@ class _SampleRows:
         from speed_ray.synth.samples import sample_row
 
         out = []
-        for r in batch.to_pylist():
+        # the request columns (messages, the response_format schema) are not needed here: not converted
+        keep = [c for c in batch.column_names if c not in REQUEST_COLUMNS]
+        for r in batch.select(keep).to_pylist():
             row = sample_row(r, r.get("text") or "", r["task_type"], self.generator)
             if not row["valid"]:
                 row["reject_reason"] = reject_reason(row["reject_reason"], r["finish_reason"], r["error"])
@@ -320,7 +339,7 @@ def revision_stage(ctx) -> dict:
     ds = ds.map_batches(_rename({"text": "source_text", **{c: f"original_{c}" for c in (*RESULT_COLUMNS, "engine")
                                                            if c != "text"}}), batch_format="pyarrow", num_cpus=0.1)
     ds = _requests(ds, rc.temperature, rc.top_p, eng.max_new_tokens, eng.structured_output, cfg.run.seed,
-                   messages_fn=messages)
+                   messages_fn=messages, messages_columns=("prompt", "sample", "source_text"))
     ds = generate_dataset(ds, eng, model, adapter)
     ds = ds.map_batches(_RevisedRows(revisor), batch_format="pyarrow", num_cpus=0.1)
     run = write_split(ds, ctx.out, rc.shard_size, rejects=False)
@@ -342,6 +361,10 @@ def _rename(mapping: dict[str, str]):
 
 
 class _RevisedRows:
+    """map_batches fn: revisor answers -> sample rows. A revision that parses replaces the sample's text and
+    fields (the original kept under original_*); one that does not keeps the original with its reason. Built
+    column by column: only the answers, the replaced fields and the lineage go through Python."""
+
     def __init__(self, revisor: str):
         self.revisor = revisor
 
@@ -349,22 +372,37 @@ class _RevisedRows:
         from speed_ray.synth.parsing import canonical_json, parse_sample
         from speed_ray.synth.samples import lineage_extend
 
-        out = []
-        for r in batch.to_pylist():
-            p = parse_sample(r["text"], r["task_type"]) if r["finish_reason"] != "error" else None
-            row = {k: v for k, v in r.items() if k not in REQUEST_COLUMNS and k not in ("text", "source_text")}
-            row["original_text"], row["original_sample"] = r["source_text"], r.get("sample") or ""
-            row["revised"] = bool(p is not None and p.ok)
-            row["revision_failed"] = not row["revised"]
-            if row["revised"]:
-                row.update(text=r["text"], sample=canonical_json(p.sample), query=p.query, positive=p.positive,
-                           negative=p.negative, valid=True, reject_reason="")
-            else:
-                row["text"] = row["original_text"]
-                row["revision_reject_reason"] = reject_reason(p.reason if p else "", r["finish_reason"],
-                                                              r["error"])
-            row.setdefault("revision_reject_reason", "")
-            row["lineage"] = lineage_extend(r["lineage"], revision=self.revisor if row["revised"] else "failed")
-            out.append(row)
-        return pa.Table.from_pylist(out)
+        n = batch.num_rows
+        finish = batch.column("finish_reason").to_pylist()
+        errors = batch.column("error").to_pylist()
+        parsed = [parse_sample(t, tt) if f != "error" else None for t, tt, f in
+                  zip(batch.column("text").to_pylist(), batch.column("task_type").to_pylist(), finish)]
+        ok = [p is not None and p.ok for p in parsed]
+        mask = pa.array(ok, pa.bool_())
+        source = batch.column("source_text")
+        sample = (batch.column("sample") if "sample" in batch.column_names
+                  else pa.nulls(n, pa.string()))
+        out = batch.drop_columns([c for c in (*REQUEST_COLUMNS, "text", "source_text") if c in batch.column_names])
 
+        def revised_or_kept(name: str, new, default=None) -> list:
+            old = batch.column(name).to_pylist() if name in batch.column_names else [default] * n
+            return [new(p) if k else o for p, k, o in zip(parsed, ok, old)]
+
+        return put_columns(out, {
+            "original_text": source,
+            "original_sample": pc.fill_null(sample, ""),
+            "revised": mask,
+            "revision_failed": pc.invert(mask),
+            "text": pc.if_else(mask, batch.column("text"), source),
+            "sample": pa.array(revised_or_kept("sample", lambda p: canonical_json(p.sample)), pa.string()),
+            "query": pa.array(revised_or_kept("query", lambda p: p.query), pa.string()),
+            "positive": pa.array(revised_or_kept("positive", lambda p: p.positive), pa.string()),
+            "negative": pa.array(revised_or_kept("negative", lambda p: p.negative), pa.string()),
+            "valid": pa.array(revised_or_kept("valid", lambda p: True), pa.bool_()),
+            "reject_reason": pa.array(revised_or_kept("reject_reason", lambda p: ""), pa.string()),
+            "revision_reject_reason": pa.array(
+                ["" if k else reject_reason(p.reason if p else "", f, e)
+                 for p, k, f, e in zip(parsed, ok, finish, errors)], pa.string()),
+            "lineage": pa.array([lineage_extend(lin, revision=self.revisor if k else "failed")
+                                 for lin, k in zip(batch.column("lineage").to_pylist(), ok)], pa.string()),
+        })

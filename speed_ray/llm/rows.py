@@ -105,9 +105,12 @@ def request_columns(req: LLMRequest, id_col: str | None = None) -> dict[str, Any
 def requests_from_batch(batch: pa.Table | dict[str, Any], id_col: str = "request_id") -> list[LLMRequest | str]:
     """Column batch -> requests; a row that cannot be decoded becomes its error ("bad_request: ...") instead.
     A batch without a messages column is a wiring bug: ValueError naming the columns it has."""
-    cols = batch.to_pydict() if isinstance(batch, pa.Table) else batch
-    if "messages" not in cols:
-        raise ValueError(f"LLM request rows need a messages column; the batch has {sorted(cols)}")
+    names = batch.column_names if isinstance(batch, pa.Table) else list(batch)
+    if "messages" not in names:
+        raise ValueError(f"LLM request rows need a messages column; the batch has {sorted(names)}")
+    if isinstance(batch, pa.Table):   # only the request's columns to Python: the rows may carry wide samples
+        batch = batch.select([c for c in dict.fromkeys((*REQUEST_COLUMNS, id_col)) if c in names]).to_pydict()
+    cols = batch
     out: list[LLMRequest | str] = []
     for i in range(len(cols["messages"])):
         try:
