@@ -384,8 +384,8 @@ class _RevisedRows:
                   else pa.nulls(n, pa.string()))
         out = batch.drop_columns([c for c in (*REQUEST_COLUMNS, "text", "source_text") if c in batch.column_names])
 
-        def revised_or_kept(name: str, new, default=None) -> list:
-            old = batch.column(name).to_pylist() if name in batch.column_names else [default] * n
+        def revised_or_kept(name: str, new) -> list:
+            old = batch.column(name).to_pylist() if name in batch.column_names else [None] * n
             return [new(p) if k else o for p, k, o in zip(parsed, ok, old)]
 
         return put_columns(out, {

@@ -108,9 +108,9 @@ def requests_from_batch(batch: pa.Table | dict[str, Any], id_col: str = "request
     names = batch.column_names if isinstance(batch, pa.Table) else list(batch)
     if "messages" not in names:
         raise ValueError(f"LLM request rows need a messages column; the batch has {sorted(names)}")
-    if isinstance(batch, pa.Table):   # only the request's columns to Python: the rows may carry wide samples
-        batch = batch.select([c for c in dict.fromkeys((*REQUEST_COLUMNS, id_col)) if c in names]).to_pydict()
-    cols = batch
+    # only the request's columns to Python: the rows may carry wide samples
+    cols = (batch.select([c for c in dict.fromkeys((*REQUEST_COLUMNS, id_col)) if c in names]).to_pydict()
+            if isinstance(batch, pa.Table) else batch)
     out: list[LLMRequest | str] = []
     for i in range(len(cols["messages"])):
         try:

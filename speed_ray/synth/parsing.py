@@ -257,7 +257,10 @@ def _without_addresses(text: str) -> str:
 def word_count(text: str) -> int:
     """Words of two or more letters, e-mail addresses and URLs left out; a run of CJK characters (written without
     spaces) counts about one word per two characters."""
-    text = _without_addresses(text)
+    return _count(_without_addresses(text))
+
+
+def _count(text: str) -> int:
     words = _WORD.findall(text)
     if text.isascii():   # no CJK: one word each
         return len(words)
@@ -271,7 +274,7 @@ def has_words(text: str, n: int) -> bool:
         return True
     text = _without_addresses(text)
     if not text.isascii():
-        return sum(max(1, len(w) // 2) if _CJK.search(w) else 1 for w in _WORD.findall(text)) >= n
+        return _count(text) >= n
     for i, _ in enumerate(_WORD.finditer(text), 1):
         if i >= n:
             return True
