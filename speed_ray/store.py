@@ -17,10 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Iterator
 
 import fsspec
@@ -171,41 +171,48 @@ class StageOutput:
                 total += pq.ParquetFile(f).metadata.num_rows
         return total
 
-    def ray_dataset(self, **kwargs):
-        """The stage's rows as a streaming Ray Dataset (nothing is pulled into the driver), listed by a footer-reader
-        pool sized to its shard count (footer_actors)."""
+    def ray_dataset(self, columns: list[str] | None = None):
+        """The stage's rows as a streaming Ray Dataset (nothing is pulled into the driver): at most READ_TASKS read
+        tasks, each reading its share of the shards in order (read_shards) and asking for READ_CPUS of a CPU."""
         import ray.data
 
         urls = self.shard_urls()
         if not urls:
             raise FileNotFoundError(f"stage {self.stage} has no data shards at {self.data_url}")
-        with _FOOTER_LOCK:
-            user_set = FOOTER_ACTORS_ENV in os.environ   # a user's own setting wins
-            if not user_set:
-                os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(len(urls)))
-            try:
-                return ray.data.read_parquet(urls, **kwargs)
-            finally:
-                if not user_set:
-                    os.environ.pop(FOOTER_ACTORS_ENV, None)
+        shards = ray.data.from_items([{"shard": u} for u in urls], override_num_blocks=min(len(urls), READ_TASKS))
+        return shards.map_batches(partial(read_shards, columns=columns), batch_size=None, batch_format="pyarrow",
+                                  num_cpus=READ_CPUS)
 
 
-# Ray Data's Parquet reader (DataSourceV2) lists files through a pool of FooterReader actors that read each file's
-# footer, RAY_DATA_PARQUET_FOOTER_NUM_ACTORS of them (default 32) whatever the file count. Each actor is a Ray worker
-# process, about 1.3 CPU-seconds of start-up: on a small cluster a stage's 10 shards paid for several (a 20K-row
-# revision stage on 2 CPUs: 48 CPU-s with the default pool, 39 with one actor). An actor drives many footer reads at
-# once (RAY_DATA_PARQUET_FOOTER_IO_CONCURRENCY, 128), so one per FILES_PER_FOOTER_ACTOR shards keeps the listing of
-# a large S3 stage parallel. The reader takes the count from the environment when read_parquet builds it, in the
-# driver; the lock keeps concurrent stages (threads) from seeing each other's count.
-FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-FILES_PER_FOOTER_ACTOR = 100
-MAX_FOOTER_ACTORS = 32
-_FOOTER_LOCK = threading.Lock()
+# Stage reads are plain Ray Data map tasks over the shard list, not ray.data.read_parquet: its planner gives the file
+# listing a task of one whole CPU with no way to ask for less, and its Parquet reader a pool of FooterReader actors
+# (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS, 32 whatever the file count, a worker process each). A task of one CPU waits
+# for a node with a whole CPU free; where every node's CPUs are partly held (teacher actors at 0.25 CPU on each of
+# two 1-CPU nodes) it never starts and the stage hangs with no error. A shard read asks for a quarter of a CPU and
+# needs no listing: the store names the shards. Reads go through fsspec, as every write of the store does.
+READ_CPUS = 0.25
+READ_TASKS = 200          # as Ray Data's own reads (read_op_min_num_blocks): a 1.15M-row stage has ~1,150 shards
+READ_BATCH_ROWS = 16384
 
 
-def footer_actors(n_files: int) -> int:
-    """FooterReader actors for a read of n_files Parquet files: one per FILES_PER_FOOTER_ACTOR, 1 to 32."""
-    return max(1, min(MAX_FOOTER_ACTORS, -(-n_files // FILES_PER_FOOTER_ACTOR)))
+def read_shards(batch: pa.Table, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The rows of the shards named in batch["shard"], a table per READ_BATCH_ROWS (a shard without rows: its
+    empty table, so the schema survives)."""
+    for url in batch.column("shard").to_pylist():
+        fs, path = fsspec.core.url_to_fs(url)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            missing = [c for c in columns or () if c not in pf.schema_arrow.names]
+            if missing:
+                raise KeyError(f"{url} has no column(s) {missing}; it has {pf.schema_arrow.names}")
+            empty = True
+            for b in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
+                empty = False
+                t = pa.Table.from_batches([b])
+                yield t if columns is None else t.select(columns)
+            if empty:
+                t = pf.schema_arrow.empty_table()
+                yield t if columns is None else t.select(columns)
 
 
 def shards_at(out: StageOutput, *rel: str) -> StageOutput:

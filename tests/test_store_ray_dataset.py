@@ -1,61 +1,87 @@
-"""StageOutput.ray_dataset: a stage's shards as a Ray Dataset, listed by a footer-reader pool sized to the shards."""
+"""StageOutput.ray_dataset: a stage's shards as a streaming Ray Dataset, one fractional-CPU read task per shard."""
 
 from __future__ import annotations
 
-import os
+import threading
+import uuid
 
 import pytest
 
-from speed_ray import store
-from speed_ray.store import FOOTER_ACTORS_ENV, RunStore, footer_actors
+from speed_ray.store import READ_CPUS, RunStore
 
 
-def test_footer_actors_one_per_hundred_files_between_1_and_32():
-    assert [footer_actors(n) for n in (0, 1, 10, 100, 101, 250, 3200, 3201, 10**6)] == [1, 1, 1, 1, 2, 3, 32, 32, 32]
-
-
-@pytest.fixture
-def indexer_pools(monkeypatch):
-    """The actor count of every FooterFileIndexer that Ray Data builds (what its footer listing will start)."""
-    from ray.data._internal.datasource_v2.formats.parquet import footer_file_indexer as ffi
-
-    seen: list[int] = []
-    init = ffi.FooterFileIndexer.__init__
-
-    def recording_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        seen.append(self._num_actors)
-
-    monkeypatch.setattr(ffi.FooterFileIndexer, "__init__", recording_init)
-    return seen
-
-
-def _stage(tmp_path, shards: int):
-    out = RunStore(str(tmp_path)).stage("s", "fp")
+def _stage(run_dir: str, shards: int, rows: int = 3):
+    out = RunStore(run_dir).stage("s", "fp")
     for i in range(shards):
-        out.write_shard(f"{i:05d}", {"id": [f"{i}-{j}" for j in range(3)], "x": [j for j in range(3)]})
+        out.write_shard(f"{i:05d}", {"id": [f"{i}-{j}" for j in range(rows)], "x": list(range(rows))})
     return out
 
 
-def test_a_small_stage_is_listed_by_one_footer_reader_and_reads_every_row(ray_local, tmp_path, indexer_pools,
-                                                                        monkeypatch):
-    monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
-    out = _stage(tmp_path, 12)
+def test_every_row_of_every_shard_including_an_empty_one_and_a_drifting_schema(ray_local, tmp_path):
+    out = _stage(str(tmp_path), 12)
+    out.write_shard("empty", {"id": [], "x": []})
+    # a column that is all null in one shard (Arrow type null) and strings in another
+    out.write_shard("note-null", {"id": ["n-0"], "x": [0], "note": [None]})
+    out.write_shard("note-str", {"id": ["n-1"], "x": [1], "note": ["hello"]})
+    got = out.ray_dataset().take_all()
+    assert sorted(r["id"] for r in got) == sorted([f"{i}-{j}" for i in range(12) for j in range(3)] + ["n-0", "n-1"])
+    assert {r["id"]: r.get("note") for r in got}["n-1"] == "hello"
+
+
+def test_columns_are_read_alone_and_a_missing_one_is_named(ray_local, tmp_path):
+    out = _stage(str(tmp_path), 3)
+    ds = out.ray_dataset(columns=["x", "id"])
+    rows = ds.take_all()
+    assert len(rows) == 9 and all(list(r) == ["x", "id"] for r in rows)
+    with pytest.raises(Exception, match=r"no column\(s\) \['nope'\]"):
+        out.ray_dataset(columns=["id", "nope"]).take_all()
+
+
+def test_no_stage_without_shards(ray_local, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no data shards"):
+        RunStore(str(tmp_path)).stage("s", "fp").ray_dataset()
+
+
+def test_a_read_starts_when_no_node_has_a_whole_cpu_free(ray_local, tmp_path):
+    """The hang this design removes: ray.data.read_parquet lists files in a task of one whole CPU, which never starts
+    while every node's CPUs are partly held (two stages' teacher actors at 0.25 CPU on two 1-CPU nodes): the stage
+    waited forever with no error. Here every CPU of the test cluster is held but half of one."""
+    ray = ray_local
+    out = _stage(str(tmp_path), 6)
+
+    @ray.remote
+    class Holder:
+        def ping(self):
+            return 1
+
+    total = ray.cluster_resources()["CPU"]
+    holder = Holder.options(num_cpus=total - 0.5).remote()
+    ray.get(holder.ping.remote())
+    assert READ_CPUS <= 0.5
+    got: list = []
+    reader = threading.Thread(target=lambda: got.extend(out.ray_dataset().map_batches(
+        lambda b: b, batch_format="pyarrow", num_cpus=0.1).take_all()), daemon=True)
+    try:
+        reader.start()
+        reader.join(120)
+        assert not reader.is_alive(), "the read did not finish in 120 s with half a CPU free"
+    finally:
+        ray.kill(holder)     # lets a hung read go on, so the session's Ray is usable after a failure
+        reader.join(120)
+    assert len(got) == 18
+
+
+def test_a_stage_on_s3_is_read_by_the_workers(ray_local, s3_server):
+    out = _stage(f"s3://{s3_server['bucket']}/ray-dataset-{uuid.uuid4().hex[:8]}", 4, rows=5)
+    assert sorted(r["id"] for r in out.ray_dataset(columns=["id"]).take_all()) == sorted(
+        f"{i}-{j}" for i in range(4) for j in range(5))
+
+
+def test_many_shards_share_read_tasks(ray_local, tmp_path, monkeypatch):
+    from speed_ray import store
+
+    monkeypatch.setattr(store, "READ_TASKS", 4)
+    out = _stage(str(tmp_path), 10, rows=2)
     ds = out.ray_dataset()
-    assert indexer_pools == [1]                   # Ray's default: 32 actors for these 12 files
-    assert FOOTER_ACTORS_ENV not in os.environ    # the driver's environment is left as it was
-    assert sorted(r["id"] for r in ds.take_all()) == sorted(f"{i}-{j}" for i in range(12) for j in range(3))
-
-
-def test_a_large_stage_gets_more_footer_readers(ray_local, tmp_path, indexer_pools, monkeypatch):
-    monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
-    monkeypatch.setattr(store, "FILES_PER_FOOTER_ACTOR", 4)
-    _stage(tmp_path, 10).ray_dataset()
-    assert indexer_pools == [3]
-
-
-def test_the_users_own_footer_setting_wins(ray_local, tmp_path, indexer_pools, monkeypatch):
-    monkeypatch.setenv(FOOTER_ACTORS_ENV, "7")
-    _stage(tmp_path, 2).ray_dataset()
-    assert indexer_pools == [7]
-    assert os.environ[FOOTER_ACTORS_ENV] == "7"
+    assert sorted(r["id"] for r in ds.take_all()) == sorted(f"{i}-{j}" for i in range(10) for j in range(2))
+    assert "MapBatches(read_shards): 4 tasks executed" in ds.stats()

@@ -360,7 +360,7 @@ def prepare_feed(ctx, cfg, seed: int) -> FeedPlan:
         # This stage's own directory under the shared output: concurrent sweep points that race here each write
         # complete, identical triples, and the marker names either; a killed stage resumes into its own.
         triples = shards_at(shared, "triples", out.fingerprint)
-        ds = filter_pending(ctx.inputs["data"].ray_dataset().select_columns(ROW_COLUMNS), done_set(triples))
+        ds = filter_pending(ctx.inputs["data"].ray_dataset(columns=list(ROW_COLUMNS)), done_set(triples))
         udf = _Triples(seed, cfg.task_types, cfg.symmetric_task_types, cfg.train_pairs)
         write_stream(ds.map_batches(udf, batch_format="pyarrow", batch_size=4096, num_cpus=_LIGHT), triples,
                      rows_per_shard=16384, prefix="part")
@@ -393,7 +393,7 @@ def prepare_feed(ctx, cfg, seed: int) -> FeedPlan:
         parts_url = out.artifact("feed_parts")
         if out.fs.exists(out._path(parts_url)):   # a killed scatter starts over (its output is derived)
             out.fs.rm(out._path(parts_url), recursive=True)
-        ds = triples.ray_dataset().select_columns(list(TRIPLE_COLUMNS) + ["key"])
+        ds = triples.ray_dataset(columns=list(TRIPLE_COLUMNS) + ["key"])
         scatter = _Scatter(keys_ref, pos_ref, rows_per_file, out)
         for _ in ds.map_batches(scatter, batch_format="pyarrow", batch_size=16384, num_cpus=_LIGHT).iter_rows():
             pass
