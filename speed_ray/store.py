@@ -47,6 +47,9 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+READ_CPUS = 0.25          # a stage read's CPU request per task (StageOutput.ray_dataset; why, at read_shards)
+
+
 def _join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts if p]])
 
@@ -171,9 +174,10 @@ class StageOutput:
                 total += pq.ParquetFile(f).metadata.num_rows
         return total
 
-    def ray_dataset(self, columns: list[str] | None = None):
+    def ray_dataset(self, columns: list[str] | None = None, num_cpus: float = READ_CPUS):
         """The stage's rows as a streaming Ray Dataset (nothing is pulled into the driver): at most READ_TASKS read
-        tasks, each reading its share of the shards in order (read_shards) and asking for READ_CPUS of a CPU."""
+        tasks, each reading its share of the shards in order (read_shards). Give the num_cpus of the map that
+        follows: Ray Data fuses the read into it only where both ask for the same resources."""
         import ray.data
 
         urls = self.shard_urls()
@@ -181,16 +185,16 @@ class StageOutput:
             raise FileNotFoundError(f"stage {self.stage} has no data shards at {self.data_url}")
         shards = ray.data.from_items([{"shard": u} for u in urls], override_num_blocks=min(len(urls), READ_TASKS))
         return shards.map_batches(partial(read_shards, columns=columns), batch_size=None, batch_format="pyarrow",
-                                  num_cpus=READ_CPUS)
+                                  num_cpus=num_cpus)
 
 
 # Stage reads are plain Ray Data map tasks over the shard list, not ray.data.read_parquet: its planner gives the file
 # listing a task of one whole CPU with no way to ask for less, and its Parquet reader a pool of FooterReader actors
 # (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS, 32 whatever the file count, a worker process each). A task of one CPU waits
 # for a node with a whole CPU free; where every node's CPUs are partly held (teacher actors at 0.25 CPU on each of
-# two 1-CPU nodes) it never starts and the stage hangs with no error. A shard read asks for a quarter of a CPU and
-# needs no listing: the store names the shards. Reads go through fsspec, as every write of the store does.
-READ_CPUS = 0.25
+# two 1-CPU nodes) it never starts and the stage hangs with no error. A shard read asks for a quarter of a CPU by
+# default (a stage whose own tasks take a whole CPU gives 1, so the read fuses into them) and needs no listing: the
+# store names the shards. Reads go through fsspec, as every write of the store does.
 READ_TASKS = 200          # as Ray Data's own reads (read_op_min_num_blocks): a 1.15M-row stage has ~1,150 shards
 READ_BATCH_ROWS = 16384
 

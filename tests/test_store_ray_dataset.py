@@ -85,3 +85,17 @@ def test_many_shards_share_read_tasks(ray_local, tmp_path, monkeypatch):
     ds = out.ray_dataset()
     assert sorted(r["id"] for r in ds.take_all()) == sorted(f"{i}-{j}" for i in range(10) for j in range(2))
     assert "MapBatches(read_shards): 4 tasks executed" in ds.stats()
+
+
+def test_the_read_fuses_into_a_map_that_asks_for_the_same_cpus(ray_local, tmp_path):
+    out = _stage(str(tmp_path), 3)
+
+    def double(b):
+        return b.set_column(1, "x", [[2 * v for v in b.column("x").to_pylist()]])
+
+    fused = out.ray_dataset(num_cpus=1).map_batches(double, batch_format="pyarrow", num_cpus=1)
+    assert sorted(r["x"] for r in fused.take_all()) == [0, 0, 0, 2, 2, 2, 4, 4, 4]
+    assert "MapBatches(read_shards)->MapBatches(double)" in fused.stats()
+    apart = out.ray_dataset().map_batches(double, batch_format="pyarrow", num_cpus=1)
+    apart.take_all()
+    assert "MapBatches(read_shards)->MapBatches(double)" not in apart.stats()

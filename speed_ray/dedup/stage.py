@@ -39,6 +39,7 @@ from speed_ray.synth.samples import with_lineage
 
 STEPS = ("signatures", "buckets", "clusters", "removed")
 _LIGHT = 0.25  # CPUs for I/O-bound Ray tasks, so a 2-CPU cluster keeps room for the CPU-bound ones
+_HEAVY = 1     # CPUs for the CPU-bound passes (signatures, apply); their reads ask for as much, so they fuse
 
 
 class _Signatures:
@@ -213,11 +214,11 @@ def dedup_stage(ctx) -> dict:
 
     if steps.get("signatures") is None:
         t0 = time.time()
-        ds = filter_pending(src.ray_dataset(), done_set(sig_out))
+        ds = filter_pending(src.ray_dataset(num_cpus=_HEAVY), done_set(sig_out))
         udf = _Signatures(sig_out, bucket_outs, tuple(dcfg.fields), dcfg.ngram, dcfg.num_perm, dcfg.seed,
                           layout["bands"], layout["rows"], dcfg.exact, dcfg.near, rules)
         done = sum(int(r["rows"]) for r in ds.map_batches(udf, batch_size=dcfg.batch_size, batch_format="pyarrow",
-                                                            zero_copy_batch=True).iter_rows())
+                                                            zero_copy_batch=True, num_cpus=_HEAVY).iter_rows())
         steps.mark("signatures", {"rows": sig_out.num_rows(), "rows_this_run": done, "partitions": n_parts}, t0)
         ctx.log("signatures: %d rows, %d bucket partition(s)", n_in, n_parts)
 
@@ -241,10 +242,10 @@ def dedup_stage(ctx) -> dict:
     if steps.get("removed") is None:   # the apply pass: kept rows to data/, removed ones to artifacts/removed/
         t0 = time.time()
         table_ref = ray.remote(num_cpus=_LIGHT)(_removal_table).remote(cl_out)  # stays in the object store
-        ds = filter_pending(src.ray_dataset(), done_set(ctx.out, removed_out))
+        ds = filter_pending(src.ray_dataset(num_cpus=_HEAVY), done_set(ctx.out, removed_out))
         written = {"kept": 0, "removed": 0}
         for row in ds.map_batches(_Apply(table_ref, ctx.out, removed_out), batch_format="pyarrow",
-                                  batch_size=dcfg.batch_size, zero_copy_batch=True).iter_rows():
+                                  batch_size=dcfg.batch_size, zero_copy_batch=True, num_cpus=_HEAVY).iter_rows():
             for k in written:   # one small row per batch: counts only
                 written[k] += int(row[k])
         steps.mark("removed", {f"{k}_this_run": v for k, v in written.items()}, t0)

@@ -328,7 +328,7 @@ def revision_stage(ctx) -> dict:
     t0 = time.time()
     if _all_written(ctx, written, ctx.inputs["samples"].num_rows()):
         return _revision_finish(ctx, rc, eng, t0, {}, model)
-    ds = _filter(ctx.inputs["samples"].ray_dataset(), written)
+    ds = _filter(ctx.inputs["samples"].ray_dataset(num_cpus=0.1), written)   # 0.1 as the maps after it: they fuse
 
     def messages(r: dict) -> str:
         from speed_ray.synth.prompts import revisor_messages

@@ -225,7 +225,7 @@ def _root_requests(ctx, build, wanted: set[str]):
         rows = [r for row in batch.to_pylist() for r in build(row)]
         return pa.Table.from_pylist(rows) if rows else pa.table({"request_id": pa.array([], pa.string())})
 
-    return ctx.inputs["root"].ray_dataset().map_batches(fn, batch_format="pyarrow", num_cpus=0.1)
+    return ctx.inputs["root"].ray_dataset(num_cpus=0.1).map_batches(fn, batch_format="pyarrow", num_cpus=0.1)
 
 
 def _finish_judge(row: dict):
