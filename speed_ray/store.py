@@ -206,17 +206,17 @@ def read_shards(batch: pa.Table, columns: list[str] | None = None) -> Iterator[p
         fs, path = fsspec.core.url_to_fs(url)
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
-            missing = [c for c in columns or () if c not in pf.schema_arrow.names]
+            names = pf.schema_arrow.names
+            missing = [c for c in columns or () if c not in names]
             if missing:
-                raise KeyError(f"{url} has no column(s) {missing}; it has {pf.schema_arrow.names}")
+                raise KeyError(f"{url} has no column(s) {missing}; it has {names}")
+            names = columns or names     # select() also puts the columns in the order asked
             empty = True
             for b in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
                 empty = False
-                t = pa.Table.from_batches([b])
-                yield t if columns is None else t.select(columns)
+                yield pa.Table.from_batches([b]).select(names)
             if empty:
-                t = pf.schema_arrow.empty_table()
-                yield t if columns is None else t.select(columns)
+                yield pf.schema_arrow.empty_table().select(names)
 
 
 def shards_at(out: StageOutput, *rel: str) -> StageOutput:

@@ -1,4 +1,5 @@
-"""StageOutput.ray_dataset: a stage's shards as a streaming Ray Dataset, one fractional-CPU read task per shard."""
+"""StageOutput.ray_dataset: a stage's shards as a streaming Ray Dataset, read by at most READ_TASKS map tasks that ask
+for the CPUs the caller gives (a quarter by default), so no read waits for a whole free CPU."""
 
 from __future__ import annotations
 
