@@ -12,8 +12,9 @@ the screen's own). Planted:
   the query or the positive, or quoted inside a longer positive;
 - degenerate rows: a task description no instruction can be made of (`,]{`, an e-mail address, one word).
 Ours: the dedup filters' degenerate-task rule, then the screen stage's core on what it keeps (speed_ray.quality:
-decontamination index, then the MiniLM guide's false-negative rules: the query-side margin and the negative
-restating the positive; each rule is also reported alone), one removal reason per row, as the stages decide. Baselines: exact rules (negative == positive after normalization, as the dedup
+decontamination index, then the false-negative rules: the MiniLM guide's query-side margin and the negative
+restating the positive, and the negative copying the positive less a few words; each rule is also reported alone,
+and the guide's two without the copy rule), one removal reason per row, as the stages decide. Baselines: exact rules (negative == positive after normalization, as the dedup
 filter; an evaluation text equal to a row's text after normalization; an empty task). One process, no Ray.
 Prints one JSON line last: precision / recall per filter and baseline, CPU seconds per 1K and per 100K rows.
 """
@@ -200,12 +201,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--margin", type=float, default=0.05)
     ap.add_argument("--restates", type=float, default=0.8)
+    ap.add_argument("--copies", type=float, default=0.2,
+                    help="screen.copies_max_dropped (the copy rule; a negative < 0 turns it off)")
     ap.add_argument("--guide", default="offline:minilm")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--instructions", choices=("auto", "on", "off"), default="auto",
                     help="screen.instructions: auto (the stage's default: only a guide trained with instructions "
                          "gets E5's instruction before the query), on or off")
     args = ap.parse_args()
+    args.copies = None if args.copies < 0 else args.copies
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("SPEED_RAY_EVALDATA", EVALDATA)
     from speed_ray.dedup.lsh import band_layout
@@ -217,7 +221,7 @@ def main() -> None:
     from speed_ray.quality.screen import ScreenSettings, screen_batch
 
     c = ScreenConfig(margin=args.margin)
-    out: dict = {"guide": args.guide, "margin": args.margin, "restates": args.restates,
+    out: dict = {"guide": args.guide, "margin": args.margin, "restates": args.restates, "copies": args.copies,
                  "instructions": args.instructions}
 
     t0 = time.process_time()
@@ -248,10 +252,16 @@ def main() -> None:
     seen = [i for i, r in enumerate(reasons) if r != "degenerate_task"]
     screened = {k: [v[i] for i in seen] for k, v in cols.items()}
     ins = {"auto": None, "on": True, "off": False}[args.instructions]
-    variants = {"stage": ScreenSettings(margin=args.margin, restates=args.restates, action="drop", instructions=ins),
-                "margin_rule": ScreenSettings(margin=args.margin, restates=None, action="drop", instructions=ins),
+    variants = {"stage": ScreenSettings(margin=args.margin, restates=args.restates, action="drop", instructions=ins,
+                                        copies_max_dropped=args.copies),
+                "margin_rule": ScreenSettings(margin=args.margin, restates=None, action="drop", instructions=ins,
+                                              copies_max_dropped=None),
                 "restates_rule": ScreenSettings(margin=-2.0, restates=args.restates, action="drop",
-                                                instructions=ins)}
+                                                instructions=ins, copies_max_dropped=None),
+                "copies_rule": ScreenSettings(margin=-2.0, restates=None, action="drop", instructions=ins,
+                                              copies_max_dropped=args.copies),
+                "guide_rules": ScreenSettings(margin=args.margin, restates=args.restates, action="drop",
+                                              instructions=ins, copies_max_dropped=None)}
     verdicts: dict[str, list] = {}
     t_sc = 0.0
     for name, s in variants.items():
@@ -280,6 +290,10 @@ def main() -> None:
                                                     truth["false_negative"]),
                            "restates_rule_alone": _pr([r == "false_negative" for r in verdicts["restates_rule"]],
                                                       truth["false_negative"]),
+                           "copies_rule_alone": _pr([r == "false_negative" for r in verdicts["copies_rule"]],
+                                                    truth["false_negative"]),
+                           "guide_rules_only": _pr([r == "false_negative" for r in verdicts["guide_rules"]],
+                                                   truth["false_negative"]),
                            "baseline": _pr(base_fn, truth["false_negative"]),
                            # the planted false negatives this filter saw: those an earlier filter (decontamination,
                            # whose STS-B train sentences can near-copy test ones, or the degenerate rule) did not take

@@ -259,9 +259,10 @@ def test_a_negative_restating_its_positive_is_a_false_negative(guide):
                          "Barn owls hunt small rodents at night by sound alone."],
             "negative": ["barn owls hunt small rodents at night by sound alone",
                          "The stock market closed higher on Friday."]}
-    off = screen_batch(cols, guide, None, ScreenSettings(margin=-1.0, restates=None))     # neither rule can fire
-    assert off["reason"] == [None, None]
-    v = screen_batch(cols, guide, None, ScreenSettings(margin=-1.0, restates=0.8))
+    # the copy rule (a lexical near-copy, tested below) is off: this test is about the guide's rule
+    off = screen_batch(cols, guide, None, ScreenSettings(margin=-1.0, restates=None, copies_max_dropped=None))
+    assert off["reason"] == [None, None]                                                   # neither rule can fire
+    v = screen_batch(cols, guide, None, ScreenSettings(margin=-1.0, restates=0.8, copies_max_dropped=None))
     assert v["reason"] == ["false_negative", None]
     fn = v["detail"][0]["false_negative"]
     assert fn["rule"] == "restates_positive" and fn["pos_neg_score"] >= 0.8
@@ -431,3 +432,55 @@ def test_the_margin_rule_spares_a_hard_negative_unlike_the_positive(guide):
     gated = screen_batch(cols, guide, None, ScreenSettings(margin=1.0, margin_min_similarity=0.6, restates=None))
     assert gated["reason"] == [None, "false_negative"], gated["detail"]
     assert gated["detail"][1]["false_negative"]["pos_neg_score"] >= 0.6
+
+
+def test_copies_positive_is_the_positive_less_a_few_words():
+    from speed_ray.quality.scores import copies_positive
+
+    pos = "A woman is slicing a leek."
+    cases = {
+        "a woman is a leek": True,                    # one word dropped, case and punctuation changed
+        "A WOMAN IS SLICING A LEEK!": True,           # nothing dropped (dedup's exact rule sees the same)
+        "a woman is a": False,                        # two of six words: above the 20% share (one word here)
+        "A woman is slicing a carrot.": False,        # a substitution: a hard negative
+        "A leek is slicing a woman.": False,          # reordered
+        "A woman is slicing a big leek.": False,      # a word the positive lacks
+        "": False, None: False,
+    }
+    got = copies_positive([pos] * len(cases), list(cases), 0.2)
+    assert dict(zip(cases, got.tolist())) == cases
+    # a dropped negation reverses the meaning: a hard negative, not a copy
+    assert copies_positive(["The update is not available on Android."], ["The update is available on Android."],
+                           0.2).tolist() == [False]
+    # longer texts may drop the configured share; short ones (labels) are not judged; None turns the rule off
+    long_pos = "one two three four five six seven eight nine ten"
+    assert copies_positive([long_pos] * 2, ["one three four five six eight nine ten", "one four five six eight"],
+                           0.2).tolist() == [True, False]
+    assert copies_positive(["very positive"], ["positive"], 0.2).tolist() == [False]
+    assert copies_positive([pos], ["a woman is a leek"], None).tolist() == [False]
+
+
+def test_a_near_copy_the_guide_scores_low_is_a_false_negative(guide):
+    """Dropping the verb leaves a text MiniLM scores at about 0.65 to its positive and well below it for the query,
+    so neither guide rule fires; the copy rule does, the lineage names it, and turning it off keeps the row."""
+    from speed_ray.quality.screen import ScreenSettings, screen_batch
+
+    cols = {"id": ["copy", "hard"], "task": ["", ""], "task_type": ["sts"] * 2,
+            "query": ["A woman slices a leek.", "A woman slices a leek."],
+            "positive": ["A woman is slicing a leek.", "A woman is slicing a leek."],
+            "negative": ["a woman is a leek!", "A woman is slicing a carrot."]}
+    v = screen_batch(cols, guide, None, ScreenSettings())
+    assert v["reason"] == ["false_negative", None], v["detail"]
+    fn = v["detail"][0]["false_negative"]
+    assert fn["rule"] == "copies_positive" and fn["pos_neg_score"] < 0.8 and fn["neg_score"] < fn["pos_score"] - 0.05
+    off = screen_batch(cols, guide, None, ScreenSettings(copies_max_dropped=None))
+    assert off["reason"] == [None, None]
+
+
+def test_copies_max_dropped_is_checked():
+    from speed_ray.config import ConfigError
+    from speed_ray.quality.config import ScreenConfig
+
+    assert ScreenConfig(copies_max_dropped=None).copies_max_dropped is None
+    with pytest.raises(ConfigError, match="copies_max_dropped"):
+        ScreenConfig(copies_max_dropped=1.5)

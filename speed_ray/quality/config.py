@@ -22,6 +22,9 @@ class ScreenConfig:
     #                                           flagged 59 of 1500 clean rows (fine-grained Banking77 intents)
     restates_threshold: float | None = 0.8    # bi-encoder guide: s(positive, negative) >= this, the negative restates
     #                                           the positive (a near-copy or paraphrase): a false negative too; null: off
+    copies_max_dropped: float | None = 0.2    # a negative that is its positive with at most this share of its words
+    #                                           dropped (at least one; case and punctuation aside) copies it: a false
+    #                                           negative whatever the guide scores (a dropped "not" excepted); null: off
     action: Literal["drop", "remove_negative", "remine"] = "drop"   # what happens to such a triple:
     # drop it; keep it as a pair (in-batch negatives only); or take another row's positive of the same task type in
     # its batch as the negative (the highest that is not itself within the margin, at rank remine_rank), else a pair
@@ -66,6 +69,8 @@ class ScreenConfig:
               "margin_min_similarity", "must be in [-1, 1], or null for the margin alone")
         check(self.restates_threshold is None or -1.0 < self.restates_threshold <= 1.0, "restates_threshold",
               "must be in (-1, 1], or null to turn the rule off")
+        check(self.copies_max_dropped is None or 0.0 <= self.copies_max_dropped < 1.0, "copies_max_dropped",
+              "must be in [0, 1) (a share of the positive's words), or null to turn the rule off")
         check(self.action != "remine" or self.guide_kind == "bi_encoder", "action",
               "remine needs a bi_encoder guide (it scores each query against the batch's positives)")
         check(self.remine_rank >= 0, "remine_rank", "must be >= 0")

@@ -4,7 +4,8 @@ A triple (query, positive, negative) is judged by a guide model's similarities: 
 `neg` = s(query, negative), `margin` = pos - neg. Its negative is a likely false negative when it scores within
 `margin` of its positive or above it (neg > pos - margin), as GISTEmbed masks in-batch candidates
 (Solatorio 2024, https://arxiv.org/abs/2402.16829; sentence-transformers' GISTEmbedLoss, "absolute" strategy),
-or when it restates the positive (s(positive, negative) >= a threshold; bi-encoder guides).
+or when it restates the positive (s(positive, negative) >= a threshold; bi-encoder guides). A negative that is the
+positive with a few words dropped copies it (`copies_positive`, no model needed).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from typing import Iterable, Sequence
 import numpy as np
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+# Words whose removal reverses a text's meaning: a negative made by dropping one is a hard negative, not a copy
+NEGATIONS = frozenset("not no never nor none nothing nobody nowhere neither cannot cant without dont doesnt didnt isnt "
+                      "arent wasnt werent wont wouldnt shouldnt couldnt hasnt havent hadnt aint".split())
+COPY_MIN_WORDS = 4   # shorter positives (labels, "very positive") are left to the guide
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -160,3 +165,34 @@ def mine_corpus(queries: np.ndarray, pos: np.ndarray, corpus: np.ndarray, exclud
         out[r] = pick
         score[r] = float(q[r] @ np.asarray(corpus[pick], np.float32))
     return out, score
+
+
+def copies_positive(positives: Sequence[str | None], negatives: Sequence[str | None],
+                    max_dropped: float | None) -> np.ndarray:
+    """True where a negative is its positive with at most `max_dropped` of the positive's words left out (a share,
+    at least one word) and nothing else changed but case and punctuation: the negative's normalized words are a
+    subsequence of the positive's. Such a near-copy holds no word the positive lacks, so it cannot contradict it
+    except by omission; the guide can score it below a restatement ("a woman is a leek" for "A woman is slicing a
+    leek": 0.65 under MiniLM) and training then pushes apart two near-identical texts. A negative that drops a
+    negation ("not") is a hard negative and stays, as does one that reorders or substitutes words ("a man is
+    playing a flute"). Positives under COPY_MIN_WORDS words are not judged. None turns the rule off; a row
+    without a negative is never one."""
+    from speed_ray.dedup.minhash import normalize
+
+    out = np.zeros(len(positives), bool)
+    if max_dropped is None:
+        return out
+    for i, (p, n) in enumerate(zip(positives, negatives)):
+        pw, nw = normalize(p).split(), normalize(n).split()
+        if not nw or len(pw) < COPY_MIN_WORDS or len(nw) > len(pw):
+            continue
+        if len(pw) - len(nw) > max(1, int(max_dropped * len(pw))):
+            continue
+        dropped, j = [], 0
+        for w in pw:            # greedy subsequence match: nw in pw, in order
+            if j < len(nw) and nw[j] == w:
+                j += 1
+            else:
+                dropped.append(w)
+        out[i] = j == len(nw) and not NEGATIONS.intersection(dropped)
+    return out

@@ -11,7 +11,8 @@ import numpy as np
 
 from speed_ray.e5 import with_instruction
 from speed_ray.quality.decontam import DecontamIndex, row_hits
-from speed_ray.quality.scores import cosine_matrix, false_negative, mine_corpus, remine, resembles, restates
+from speed_ray.quality.scores import (copies_positive, cosine_matrix, false_negative, mine_corpus, remine, resembles,
+                                     restates)
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class ScreenSettings:
     margin: float = 0.05
     margin_min_similarity: float | None = 0.6   # the margin rule needs s(positive, negative) >= this too (bi-encoder)
     restates: float | None = 0.8          # guide similarity of negative and positive at which the negative restates it
+    copies_max_dropped: float | None = 0.2   # a negative that is its positive less this share of its words copies it
     action: str = "drop"
     remine_rank: int = 0
     instructions: bool | None = None      # None: the guide's `instruction_tuned` decides
@@ -111,7 +113,8 @@ def screen_batch(cols: dict[str, list], guide, index: DecontamIndex | None, s: S
                                     want_candidates=s.action == "remine" and guide.kind == "bi_encoder")
     outranks = false_negative(pos, neg, s.margin) & resembles(pn, s.margin_min_similarity, len(rows))
     restated = restates(pn, s.restates) if pn is not None else np.zeros(len(rows), bool)
-    bad = outranks | restated
+    copied = copies_positive(positives, [negatives[i] for i in rows], s.copies_max_dropped)
+    bad = outranks | restated | copied
     new_idx = np.full(len(rows), -1)
     if s.action == "remine" and bad.any():
         tt = np.array([str(ttypes[i]) for i in rows], dtype=object)
@@ -124,7 +127,8 @@ def screen_batch(cols: dict[str, list], guide, index: DecontamIndex | None, s: S
         if not bad[k]:
             continue
         info = {"negative": negatives[i], "pos_score": pos_s[i], "neg_score": neg_s[i], "margin": s.margin,
-                "rule": "restates_positive" if restated[k] and not outranks[k] else "within_margin"}
+                "rule": ("within_margin" if outranks[k] else "restates_positive" if restated[k]
+                         else "copies_positive")}
         if pn is not None and not np.isnan(pn[k]):
             info["pos_neg_score"] = float(pn[k])
         if s.action == "drop":

@@ -185,7 +185,8 @@ def screen_stage(ctx) -> dict:
         ctx.log("decontamination against %d evaluation text(s) of %s", decontam["texts"],
                 ", ".join(decontam["tasks"]) or "no task")
     settings = ScreenSettings(margin=c.margin, margin_min_similarity=c.margin_min_similarity,
-                              restates=c.restates_threshold, action=c.action,
+                              restates=c.restates_threshold, copies_max_dropped=c.copies_max_dropped,
+                              action=c.action,
                               remine_rank=c.remine_rank, instructions=c.instructions,
                               fields=tuple(c.decontam_fields), ngram_threshold=c.decontam_ngram_threshold,
                               minhash_threshold=c.decontam_minhash_threshold, mine=c.mine,
