@@ -107,35 +107,18 @@ def screen_outcome(run_dir: str, planted_ids: set[str]) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=0, help="at most this many rows (0: all, about 1.6K)")
-    ap.add_argument("--steps", type=int, default=40, help="training steps for each model")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--plant", type=float, default=0.3, help="share of rows given a false negative")
-    ap.add_argument("--action", default="remove_negative", choices=["drop", "remove_negative", "remine"],
-                    help="screen.action for the screened run")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the training worker")
-    ap.add_argument("--workdir", help="where data, runs and results go (default: a new temporary directory)")
-    args = ap.parse_args()
-    t_start = time.time()
-    work = args.workdir or tempfile.mkdtemp(prefix="screen-effect-")
+def run_seed(args, seed: int, work: str, base: dict[str, float] | None) -> dict:
+    """Clean, planted and screened MiniLM at one seed (data, planting and training), each scored on STS-B test.
+    `base`: the untrained model's scores when an earlier seed measured them (they do not depend on the seed)."""
     os.makedirs(work, exist_ok=True)
-
-    clean, planted, planted_ids = make_rows(args.rows or None, args.seed, args.plant)
+    clean, planted, planted_ids = make_rows(args.rows or None, seed, args.plant)
     data = {"clean": write_jsonl(clean, os.path.join(work, "clean.jsonl")),
             "planted": write_jsonl(planted, os.path.join(work, "planted.jsonl"))}
-    train = {"base_model": "offline:minilm", "lora": False, "max_steps": args.steps, "batch_size": args.batch,
-             "learning_rate": args.lr, "warmup_steps": max(1, args.steps // 10), "max_query_length": args.max_length,
-             "max_doc_length": args.max_length, "seed": args.seed, "screen_action": args.action,
-             "screen_decontaminate": False}
+    warmup = max(1, args.steps // 10)
     overrides = ["embedder.lora=false", f"embedder.max_steps={args.steps}", f"embedder.batch_size={args.batch}",
-                 f"embedder.learning_rate={args.lr}", f"embedder.warmup_steps={train['warmup_steps']}",
+                 f"embedder.learning_rate={args.lr}", f"embedder.warmup_steps={warmup}",
                  f"embedder.max_query_length={args.max_length}", f"embedder.max_doc_length={args.max_length}",
-                 f"embedder.torch_threads={args.threads}", f"run.seed={args.seed}",
+                 f"embedder.torch_threads={args.threads}", f"run.seed={seed}",
                  f"screen.action={args.action}", "screen.decontaminate=false"]
     runs = {"clean": ("clean", False), "planted_off": ("planted", False), "planted_on": ("planted", True)}
     scores: dict[str, float] = {}
@@ -147,25 +130,78 @@ def main() -> None:
              *(["--screen"] if screen else []), *overrides])
         times[f"train_{name}_s"] = round(time.time() - t0, 1)
     t0 = time.time()
-    scores["base"] = evaluate("offline:minilm", os.path.join(work, "eval", "base"))
-    # The evaluator gives every model the tasks' instructions (as the trained models learned them); MiniLM was
-    # not trained with any, so its score without them is reported beside (the published 82.03).
-    scores["base_no_instructions"] = evaluate("offline:minilm", os.path.join(work, "eval", "base_plain"),
-                                              "evaluate.instructions=false")
+    if base is None:
+        base = {"base": evaluate("offline:minilm", os.path.join(work, "eval", "base")),
+                # The evaluator gives every model the tasks' instructions (as the trained models learned them);
+                # MiniLM was not trained with any, so its score without them is reported beside (the published 82.03).
+                "base_no_instructions": evaluate("offline:minilm", os.path.join(work, "eval", "base_plain"),
+                                                 "evaluate.instructions=false")}
+    scores.update(base)
     for name in runs:
         scores[name] = evaluate(os.path.join(work, "runs", name), os.path.join(work, "eval", name))
     times["evaluate_s"] = round(time.time() - t0, 1)
     screened = screen_outcome(os.path.join(work, "runs", "planted_on"), planted_ids)
+    gap = scores["clean"] - scores["planted_on"]
+    return {"seed": seed, **scores, "recovered_within": round(gap, 4), "goal_met": abs(gap) <= 0.5,
+            "rows": len(clean), "planted": len(planted_ids), "screen_removed_or_kept_as_pairs": screened,
+            "times": times}
 
+
+def across_seeds(results: list[dict]) -> dict:
+    """The gap (clean - screened) over the seeds: mean, standard error and a 95% interval (Student's t), and the
+    seed-to-seed spread of the clean score itself, the noise any single seed's gap carries."""
+    import statistics
+
+    gaps = [r["clean"] - r["planted_on"] for r in results]
+    out = {"seeds": [r["seed"] for r in results], "gaps": [round(g, 4) for g in gaps],
+           "mean_gap": round(statistics.fmean(gaps), 4),
+           "seeds_within_0.5": sum(abs(g) <= 0.5 for g in gaps),
+           "mean_planted_off_loss": round(statistics.fmean(r["clean"] - r["planted_off"] for r in results), 4)}
+    if len(gaps) > 1:
+        se = statistics.stdev(gaps) / len(gaps) ** 0.5
+        t95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+        half = t95.get(len(gaps), 2.0) * se
+        out.update(gap_stdev=round(statistics.stdev(gaps), 4), gap_se=round(se, 4),
+                   gap_ci95=[round(out["mean_gap"] - half, 4), round(out["mean_gap"] + half, 4)],
+                   clean_stdev=round(statistics.stdev(r["clean"] for r in results), 4))
+    out["goal_met_mean"] = abs(out["mean_gap"]) <= 0.5
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=0, help="at most this many rows (0: all, about 1.6K)")
+    ap.add_argument("--steps", type=int, default=40, help="training steps for each model")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--plant", type=float, default=0.3, help="share of rows given a false negative")
+    ap.add_argument("--action", default="remove_negative", choices=["drop", "remove_negative", "remine"],
+                    help="screen.action for the screened run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", help="comma-separated seeds (overrides --seed): each seed plants, trains and scores "
+                                    "its own three models; the last line adds the gap's mean and 95%% interval")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the training worker")
+    ap.add_argument("--workdir", help="where data, runs and results go (default: a new temporary directory)")
+    args = ap.parse_args()
+    t_start = time.time()
+    work = args.workdir or tempfile.mkdtemp(prefix="screen-effect-")
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    results: list[dict] = []
+    base = None
+    for seed in seeds:
+        r = run_seed(args, seed, work if len(seeds) == 1 else os.path.join(work, f"seed{seed}"), base)
+        base = {k: r[k] for k in ("base", "base_no_instructions")}
+        results.append(r)
+        if len(seeds) > 1:
+            print(json.dumps({"progress": "seed done", **r}), file=sys.stderr, flush=True)
+    train = {"base_model": "offline:minilm", "lora": False, "max_steps": args.steps, "batch_size": args.batch,
+             "learning_rate": args.lr, "warmup_steps": max(1, args.steps // 10), "max_query_length": args.max_length,
+             "max_doc_length": args.max_length, "screen_action": args.action, "screen_decontaminate": False}
+    line = dict(results[0]) if len(results) == 1 else {"per_seed": results, **across_seeds(results)}
     print(json.dumps({
-        "base": scores["base"], "clean": scores["clean"], "planted_off": scores["planted_off"],
-        "planted_on": scores["planted_on"], "base_no_instructions": scores["base_no_instructions"],
-        "recovered_within": round(scores["clean"] - scores["planted_on"], 4),
-        "goal_met": abs(scores["clean"] - scores["planted_on"]) <= 0.5,
-        "rows": len(clean), "planted": len(planted_ids),
-        "screen_removed_or_kept_as_pairs": screened, "train": train, "task": "STS-B test (Spearman x100)",
-        "times": times, "workdir": work, "wall_s": round(time.time() - t_start, 1),
-        "load_avg": [round(x, 2) for x in os.getloadavg()]}))
+        **line, "train": train, "task": "STS-B test (Spearman x100)", "workdir": work,
+        "wall_s": round(time.time() - t_start, 1), "load_avg": [round(x, 2) for x in os.getloadavg()]}))
 
 
 if __name__ == "__main__":
