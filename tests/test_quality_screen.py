@@ -484,3 +484,65 @@ def test_copies_max_dropped_is_checked():
     assert ScreenConfig(copies_max_dropped=None).copies_max_dropped is None
     with pytest.raises(ConfigError, match="copies_max_dropped"):
         ScreenConfig(copies_max_dropped=1.5)
+
+
+class _TableGuide:
+    """A bi-encoder guide whose embeddings are given per text (unit-normed): for the rules' logic, where MiniLM's
+    own scores would make the geometry hard to pin down. The MiniLM tests above cover the real guide."""
+
+    kind = "bi_encoder"
+    instruction_tuned = False
+
+    def __init__(self, table: dict[str, list[float]]):
+        self.table = {t: _unit([v])[0] for t, v in table.items()}
+
+    def embed(self, texts):
+        return np.stack([self.table[t] for t in texts]).astype(np.float32)
+
+
+def test_a_replacement_negative_must_pass_the_rules_its_negative_failed():
+    """remine and mining rank candidates below the query's margin; a candidate that restates the positive (guide
+    similarity >= restates) or copies it less a word is a false negative too, and is passed over."""
+    from speed_ray.quality.screen import Corpus, ScreenSettings, screen_batch
+
+    q0, p0 = "cats purr when content", "A cat purrs when it is happy."
+    para = "Cats make a purring sound when they are happy."         # restates p0: similarity 0.9
+    copy = "A cat purrs when it is."                                 # p0 less a word: far under the guide
+    other = "Dogs wag their tails when they are excited."          # a hard negative: 0.7
+    g = _TableGuide({q0: [1, 0, 0], p0: [1, 0, 0], para: [0.9, 0.436, 0], copy: [0.75, 0, 0.661],
+                     other: [0.7, 0.714, 0], "A CAT PURRS WHEN IT IS HAPPY": [1, 0.01, 0],
+                     "q1": [0, 0, 1], "q2": [0, 1, 0], "q3": [0, 0.7, 0.714]})
+    cols = {"id": ["r0", "r1", "r2", "r3"], "task": [""] * 4, "task_type": ["sts"] * 4,
+            "query": [q0, "q1", "q2", "q3"], "positive": [p0, copy, para, other],
+            "negative": ["A CAT PURRS WHEN IT IS HAPPY", None, None, None]}
+    s = ScreenSettings(margin=0.05, action="remine")
+    v = screen_batch(cols, g, None, s)
+    # below the margin (0.95) the query ranks the paraphrase (0.9), the copy (0.75), then the dog sentence (0.7):
+    # the first two fail the rules, the third replaces the negative
+    assert v["negative"][0] == other, v["detail"][0]
+    assert v["detail"][0]["false_negative"]["action"] == "remined"
+    # with the rules off the paraphrase is taken, as before them
+    loose = screen_batch(cols, g, None, ScreenSettings(margin=0.05, action="remine", restates=None,
+                                                       copies_max_dropped=None))
+    assert loose["negative"][0] == para
+    # mining from a corpus passes over the same two
+    pairs = dict(cols, negative=[None] * 4)
+    corpus = Corpus((para, copy, other), g.embed([para, copy, other]))
+    m = screen_batch(pairs, g, None, ScreenSettings(margin=0.05, mine="pairs", mine_range=(0, 3)), corpus)
+    assert m["negative"][0] == other and m["detail"][0]["mined"]["found"]
+    m = screen_batch(pairs, g, None, ScreenSettings(margin=0.05, mine="pairs", mine_range=(0, 3), restates=None,
+                                                    copies_max_dropped=None), corpus)
+    assert m["negative"][0] == para
+
+
+def test_mine_corpus_skips_candidates_accept_turns_down():
+    from speed_ray.quality.scores import mine_corpus
+
+    q = _unit([[1, 0, 0]])
+    corpus = _unit([[1, 0, 0], [1, .1, 0], [1, .5, 0], [1, 1, 0], [1, 2, 0], [0, 1, 0]])
+    pos = np.array([0.95])
+    for chunk in (2, 65536):
+        assert mine_corpus(q, pos, corpus, [{0}], 0.05, (0, 1), chunk=chunk,
+                           accept=lambda r, j: j != 2)[0].tolist() == [3]
+        assert mine_corpus(q, pos, corpus, [{0}], 0.05, (0, 1), chunk=chunk,
+                           accept=lambda r, j: False)[0].tolist() == [-1]

@@ -11,7 +11,7 @@ positive with a few words dropped copies it (`copies_positive`, no model needed)
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -119,15 +119,17 @@ def summarize(task_types: Sequence[str], columns: dict[str, Sequence[float]]) ->
 
 def mine_corpus(queries: np.ndarray, pos: np.ndarray, corpus: np.ndarray, exclude: Sequence[Iterable[int]],
                 margin: float, rank_range: tuple[int, int], sampling: str = "top", seeds: Sequence[int] | None = None,
-                chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+                chunk: int = 65536, accept: Callable[[int, int], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Hard negatives from a corpus: for each query, the candidates that are not likely false negatives (score <=
     pos - margin, as in `false_negative`) and not excluded (the row's own positive and query), ranked by score;
     the negative is the one at rank `rank_range[0]` ("top") or a seeded random one among ranks [start, stop)
     ("random"), as sentence-transformers' mine_hard_negatives takes range_min / range_max / margin.
 
     queries (n, d) and corpus (m, d) are unit-norm embeddings; pos (n,) each query's score with its positive;
-    exclude[i]: corpus indices row i may not take. Returns (index (n,), -1 where no candidate is in range; score).
-    The corpus is scanned in chunks, holding only each row's best `stop` candidates, so memory is O(n * stop)."""
+    exclude[i]: corpus indices row i may not take; accept(i, j), when given, whether row i may take corpus text j
+    (the screen's other false-negative rules, on the candidate against the row's positive). Returns (index (n,), -1
+    where no candidate is in range; score). The corpus is scanned in chunks, holding only each row's best candidates
+    (`stop`, twice that with `accept`), so memory is O(n * stop)."""
     q = np.asarray(queries, np.float32)
     n = q.shape[0]
     start, stop = rank_range
@@ -135,7 +137,7 @@ def mine_corpus(queries: np.ndarray, pos: np.ndarray, corpus: np.ndarray, exclud
         raise ValueError(f"rank range must be 0 <= start < stop, got {rank_range}")
     limit = (np.asarray(pos, np.float64) - margin)[:, None]
     extra = max((len(list(e)) for e in exclude), default=0)   # excluded ones can sit among the best
-    keep = stop + extra
+    keep = stop * (2 if accept is not None else 1) + extra   # room for candidates accept turns down
     best_s = np.full((n, 0), -np.inf, np.float32)
     best_i = np.zeros((n, 0), np.int64)
     for c0 in range(0, corpus.shape[0], chunk):
@@ -154,6 +156,8 @@ def mine_corpus(queries: np.ndarray, pos: np.ndarray, corpus: np.ndarray, exclud
         ex = set(exclude[r])
         order = np.lexsort((best_i[r], -best_s[r]))          # best first; ties by corpus index (deterministic)
         ranked = [int(best_i[r, k]) for k in order if np.isfinite(best_s[r, k]) and int(best_i[r, k]) not in ex]
+        if accept is not None:
+            ranked = [j for j in ranked if accept(r, j)]
         window = ranked[start:stop]
         if not window:
             continue

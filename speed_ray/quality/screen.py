@@ -59,10 +59,10 @@ def guide_query(task: str | None, query: str, instructions: bool) -> str:
 
 def score_rows(guide, queries: Sequence[str], positives: Sequence[str], negatives: Sequence[str | None],
                want_candidates: bool = False):
-    """(pos, neg, cand, pn, q): the guide's score of each query with its positive and with its negative (NaN without
-    one); when asked (bi-encoder), of each query with every positive of the batch (n, n); (bi-encoder) of each
-    positive with its negative (NaN without one; None for a cross-encoder, whose scores are not similarities); and
-    (bi-encoder) the queries' unit-norm embeddings (None for a cross-encoder)."""
+    """(pos, neg, cand, pn, q, p): the guide's score of each query with its positive and with its negative (NaN
+    without one); when asked (bi-encoder), of each query with every positive of the batch (n, n); (bi-encoder) of
+    each positive with its negative (NaN without one; None for a cross-encoder, whose scores are not similarities);
+    and (bi-encoder) the queries' and the positives' unit-norm embeddings (None for a cross-encoder)."""
     n = len(queries)
     has_neg = np.array([bool(x and x.strip()) for x in negatives], bool)
     neg = np.full(n, np.nan)
@@ -75,11 +75,22 @@ def score_rows(guide, queries: Sequence[str], positives: Sequence[str], negative
         pn = np.full(n, np.nan)
         pn[has_neg] = (p[has_neg] * ng).sum(axis=1)
         cand = cosine_matrix(q, p) if want_candidates else None
-        return pos, neg, cand, pn, q
+        return pos, neg, cand, pn, q, p
     pos = guide.pair_scores(queries, positives)
     idx = np.flatnonzero(has_neg)
     neg[idx] = guide.pair_scores([queries[i] for i in idx], [negatives[i] for i in idx])
-    return pos, neg, None, None, None
+    return pos, neg, None, None, None, None
+
+
+def unlike_positive(s: ScreenSettings, positive: str, p_emb: np.ndarray | None, texts: Sequence[str],
+                    emb: np.ndarray | None) -> np.ndarray:
+    """Where each candidate text may replace a false negative of a row with this positive: it neither restates the
+    positive under the guide (bi-encoder: similarity below s.restates) nor copies it less a few words. The margin
+    rule is the caller's (remine and mine_corpus rank only candidates below pos - margin)."""
+    ok = ~copies_positive([positive] * len(texts), texts, s.copies_max_dropped)
+    if s.restates is not None and p_emb is not None and emb is not None and len(texts):
+        ok &= np.asarray(emb, np.float64) @ np.asarray(p_emb, np.float64) < s.restates
+    return ok
 
 
 def screen_batch(cols: dict[str, list], guide, index: DecontamIndex | None, s: ScreenSettings,
@@ -109,8 +120,8 @@ def screen_batch(cols: dict[str, list], guide, index: DecontamIndex | None, s: S
     ins = s.instructions if s.instructions is not None else bool(getattr(guide, "instruction_tuned", False))
     queries = [guide_query(tasks[i], cols["query"][i], ins) for i in rows]
     positives = [cols["positive"][i] for i in rows]
-    pos, neg, cand, pn, q = score_rows(guide, queries, positives, [negatives[i] for i in rows],
-                                    want_candidates=s.action == "remine" and guide.kind == "bi_encoder")
+    pos, neg, cand, pn, q, p = score_rows(guide, queries, positives, [negatives[i] for i in rows],
+                                          want_candidates=s.action == "remine" and guide.kind == "bi_encoder")
     outranks = false_negative(pos, neg, s.margin) & resembles(pn, s.margin_min_similarity, len(rows))
     restated = restates(pn, s.restates) if pn is not None else np.zeros(len(rows), bool)
     copied = copies_positive(positives, [negatives[i] for i in rows], s.copies_max_dropped)
@@ -120,6 +131,8 @@ def screen_batch(cols: dict[str, list], guide, index: DecontamIndex | None, s: S
         tt = np.array([str(ttypes[i]) for i in rows], dtype=object)
         same_pos = np.array([[a == b for b in positives] for a in positives], bool)
         allowed = (tt[:, None] == tt[None, :]) & ~same_pos
+        for k in np.flatnonzero(bad):   # the replacement must pass the rules its negative failed
+            allowed[k] &= unlike_positive(s, positives[k], p[k], positives, p)
         new_idx = remine(pos, cand, allowed, s.margin, (s.remine_rank, s.remine_rank + 1))
     for k, i in enumerate(rows):
         pos_s[i] = float(pos[k])
@@ -144,15 +157,16 @@ def screen_batch(cols: dict[str, list], guide, index: DecontamIndex | None, s: S
             neg_s[i] = None
             detail[i] = {"false_negative": {**info, "action": "removed_negative"}}
     if s.mine != "off" and corpus is not None and q is not None:
-        _mine(cols, rows, pos, q, corpus, s, reason, detail, negatives, neg_s)
+        _mine(cols, rows, pos, q, p, corpus, s, reason, detail, negatives, neg_s)
     margin = [None if p is None or ng is None else p - ng for p, ng in zip(pos_s, neg_s)]
     return {"reason": reason, "detail": detail, "pos": pos_s, "neg": neg_s, "margin": margin,
             "negative": negatives}
 
 
-def _mine(cols, rows, pos, q, corpus: Corpus, s: ScreenSettings, reason, detail, negatives, neg_s) -> None:
+def _mine(cols, rows, pos, q, p, corpus: Corpus, s: ScreenSettings, reason, detail, negatives, neg_s) -> None:
     """Mined negatives for the kept rows that want one (in place): the corpus text at the configured rank among
-    those outside the false-negative margin, never the row's own query, positive or screened-out negative."""
+    those outside the false-negative margin that neither restate nor copy the row's positive, never the row's own
+    query, positive or screened-out negative."""
     want = [k for k, i in enumerate(rows) if reason[i] is None and (s.mine == "all" or not negatives[i])]
     if not want:
         return
@@ -162,8 +176,12 @@ def _mine(cols, rows, pos, q, corpus: Corpus, s: ScreenSettings, reason, detail,
         old = ((detail[i] or {}).get("false_negative") or {}).get("negative")
         exclude.append({j for j in (corpus.index_of(cols["query"][i]), corpus.index_of(cols["positive"][i]),
                                     corpus.index_of(negatives[i]), corpus.index_of(old)) if j is not None})
+    def accept(r: int, j: int) -> bool:
+        k = want[r]
+        return bool(unlike_positive(s, cols["positive"][rows[k]], p[k], [corpus.texts[j]], corpus.emb[j:j + 1])[0])
+
     idx, score = mine_corpus(q[want], pos[want], corpus.emb, exclude, s.margin, s.mine_range, s.mine_sampling,
-                             seeds=[row_seed(cols["id"][rows[k]]) for k in want])
+                             seeds=[row_seed(cols["id"][rows[k]]) for k in want], accept=accept)
     for k, j, sc in zip(want, idx, score):
         i = rows[k]
         info = {"from": corpus.name, "rank_range": list(s.mine_range), "sampling": s.mine_sampling}
