@@ -94,7 +94,8 @@ def screen_outcome(run_dir: str, planted_ids: set[str]) -> dict:
     m = whole.get("screen") or {}
     out = {k: m.get(k) for k in ("rows_in", "rows_out", "removed", "actions")}
     out["screen_s"] = round(whole["ended_at"] - whole["started_at"], 1)
-    shards = sorted(glob.glob(os.path.join(os.path.dirname(manifest), "**", "*.parquet"), recursive=True))
+    # the kept rows: the stage's data shards (artifacts/removed holds the dropped ones)
+    shards = sorted(glob.glob(os.path.join(os.path.dirname(manifest), "data", "**", "*.parquet"), recursive=True))
     if shards:
         kept = [r for s in shards for r in pq.read_table(s, columns=["id", "negative"]).to_pylist()]
         ids = {r["id"] for r in kept}
