@@ -1,6 +1,7 @@
 """Effect of false-negative screening on training (issue 18): MiniLM trained on clean vs planted triples.
 
     python benchmarks/screen_training_effect.py [--rows N] [--steps S] [--plant 0.3] [--action remove_negative]
+        [--seeds 0,1,2] [--oracle]
 
 Data: STS-B train + dev pairs scored >= 4 as (query, positive), each with a random other train/dev sentence as
 the negative; pairs with a text equal (after normalization) to an STS-B test sentence are left out. Planted: a
@@ -9,6 +10,11 @@ _edit: a word dropped or two swapped, case and punctuation changed). Compared: `
 offline:minilm (full fine-tuning, same seed, steps, batch) on clean rows, on planted rows, and on planted rows
 with --screen (the screen stage first); each model and the untrained base scored by `speed-ray evaluate` on
 configs/tasks/stsb.yaml (STS-B test, Spearman x100). One process, a local Ray; prints one JSON line last.
+
+--oracle adds a fourth model: the planted rows as a perfect screen would leave them under the action (drop: the
+planted rows removed; remove_negative: kept as pairs; remine: not defined, so refused). It splits the gap in two:
+clean - oracle is what the action itself costs (fewer rows, fewer hard negatives), oracle - screened what the
+screen's own errors cost.
 """
 
 from __future__ import annotations
@@ -56,6 +62,15 @@ def make_rows(n: int | None, seed: int, plant: float) -> tuple[list[dict], list[
     chosen = set(rng.sample(range(len(clean)), round(plant * len(clean))))
     planted = [dict(r, negative=_edit(r["positive"], rng)) if i in chosen else dict(r) for i, r in enumerate(clean)]
     return clean, planted, {clean[i]["id"] for i in chosen}
+
+
+def oracle_rows(planted: list[dict], planted_ids: set[str], action: str) -> list[dict]:
+    """The planted rows as a screen that flags exactly the planted ones would leave them under `action`."""
+    if action == "drop":
+        return [r for r in planted if r["id"] not in planted_ids]
+    if action == "remove_negative":
+        return [dict(r, negative="") if r["id"] in planted_ids else r for r in planted]
+    raise ValueError(f"no oracle for screen.action={action!r}: a perfect re-mine has no one right negative")
 
 
 def write_jsonl(rows: list[dict], path: str) -> str:
@@ -115,13 +130,16 @@ def run_seed(args, seed: int, work: str, base: dict[str, float] | None) -> dict:
     clean, planted, planted_ids = make_rows(args.rows or None, seed, args.plant)
     data = {"clean": write_jsonl(clean, os.path.join(work, "clean.jsonl")),
             "planted": write_jsonl(planted, os.path.join(work, "planted.jsonl"))}
+    if args.oracle:
+        data["oracle"] = write_jsonl(oracle_rows(planted, planted_ids, args.action), os.path.join(work, "oracle.jsonl"))
     warmup = max(1, args.steps // 10)
     overrides = ["embedder.lora=false", f"embedder.max_steps={args.steps}", f"embedder.batch_size={args.batch}",
                  f"embedder.learning_rate={args.lr}", f"embedder.warmup_steps={warmup}",
                  f"embedder.max_query_length={args.max_length}", f"embedder.max_doc_length={args.max_length}",
                  f"embedder.torch_threads={args.threads}", f"run.seed={seed}",
                  f"screen.action={args.action}", "screen.decontaminate=false"]
-    runs = {"clean": ("clean", False), "planted_off": ("planted", False), "planted_on": ("planted", True)}
+    runs = {"clean": ("clean", False), "planted_off": ("planted", False), "planted_on": ("planted", True),
+            **({"oracle": ("oracle", False)} if args.oracle else {})}
     scores: dict[str, float] = {}
     times: dict[str, float] = {}
     for name, (which, screen) in runs.items():
@@ -143,7 +161,9 @@ def run_seed(args, seed: int, work: str, base: dict[str, float] | None) -> dict:
     times["evaluate_s"] = round(time.time() - t0, 1)
     screened = screen_outcome(os.path.join(work, "runs", "planted_on"), planted_ids)
     gap = scores["clean"] - scores["planted_on"]
-    return {"seed": seed, **scores, "recovered_within": round(gap, 4), "goal_met": abs(gap) <= 0.5,
+    split = ({"action_cost": round(scores["clean"] - scores["oracle"], 4),
+              "screen_error_cost": round(scores["oracle"] - scores["planted_on"], 4)} if "oracle" in scores else {})
+    return {"seed": seed, **scores, "recovered_within": round(gap, 4), "goal_met": abs(gap) <= 0.5, **split,
             "rows": len(clean), "planted": len(planted_ids), "screen_removed_or_kept_as_pairs": screened,
             "times": times}
 
@@ -158,6 +178,9 @@ def across_seeds(results: list[dict]) -> dict:
            "mean_gap": round(statistics.fmean(gaps), 4),
            "seeds_within_0.5": sum(abs(g) <= 0.5 for g in gaps),
            "mean_planted_off_loss": round(statistics.fmean(r["clean"] - r["planted_off"] for r in results), 4)}
+    if all("oracle" in r for r in results):
+        out["mean_action_cost"] = round(statistics.fmean(r["action_cost"] for r in results), 4)
+        out["mean_screen_error_cost"] = round(statistics.fmean(r["screen_error_cost"] for r in results), 4)
     if len(gaps) > 1:
         se = statistics.stdev(gaps) / len(gaps) ** 0.5
         t95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
@@ -182,9 +205,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", help="comma-separated seeds (overrides --seed): each seed plants, trains and scores "
                                     "its own three models; the last line adds the gap's mean and 95%% interval")
+    ap.add_argument("--oracle", action="store_true",
+                    help="also train on the rows a perfect screen would leave (splits the gap: action vs screen errors)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the training worker")
     ap.add_argument("--workdir", help="where data, runs and results go (default: a new temporary directory)")
     args = ap.parse_args()
+    if args.oracle and args.action == "remine":
+        ap.error("--oracle is defined for --action drop and remove_negative only")
     t_start = time.time()
     work = args.workdir or tempfile.mkdtemp(prefix="screen-effect-")
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
@@ -198,7 +225,7 @@ def main() -> None:
             print(json.dumps({"progress": "seed done", **r}), file=sys.stderr, flush=True)
     train = {"base_model": "offline:minilm", "lora": False, "max_steps": args.steps, "batch_size": args.batch,
              "learning_rate": args.lr, "warmup_steps": max(1, args.steps // 10), "max_query_length": args.max_length,
-             "max_doc_length": args.max_length, "screen_action": args.action, "screen_decontaminate": False}
+             "max_doc_length": args.max_length, "screen_action": args.action, "screen_decontaminate": False, "oracle": args.oracle}
     line = dict(results[0]) if len(results) == 1 else {"per_seed": results, **across_seeds(results)}
     print(json.dumps({
         **line, "train": train, "task": "STS-B test (Spearman x100)", "workdir": work,
