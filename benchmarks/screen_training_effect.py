@@ -69,7 +69,7 @@ def oracle_rows(planted: list[dict], planted_ids: set[str], action: str) -> list
     if action == "drop":
         return [r for r in planted if r["id"] not in planted_ids]
     if action == "remove_negative":
-        return [dict(r, negative="") if r["id"] in planted_ids else r for r in planted]
+        return [dict(r, negative=None) if r["id"] in planted_ids else r for r in planted]   # null: a pair
     raise ValueError(f"no oracle for screen.action={action!r}: a perfect re-mine has no one right negative")
 
 
