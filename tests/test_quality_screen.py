@@ -135,12 +135,26 @@ def test_screen_batch_flags_a_paraphrased_negative(guide, action):
         assert v["negative"][0] in _cols()["positive"][1:] and v["neg"][0] <= v["pos"][0] - 0.05
 
 
+def test_the_default_action_keeps_a_false_negatives_row_as_a_pair(guide):
+    """Dropping a flagged triple throws away its query and positive, which the screen does not doubt: on STS-B,
+    dropping exactly the planted 30% scored 1.3 points under clean data (benchmarks/screen_training_effect.py
+    --oracle). By default the row stays, as a pair, and the lineage says so; the config and the settings agree."""
+    from speed_ray.quality.config import ScreenConfig
+    from speed_ray.quality.screen import ScreenSettings, screen_batch
+
+    assert ScreenConfig().action == ScreenSettings().action == "remove_negative"
+    v = screen_batch(_cols(), guide, None, ScreenSettings(margin=0.05))
+    assert v["reason"] == [None] * 4 and v["negative"][0] == "" and v["negative"][1:] == _cols()["negative"][1:]
+    assert v["detail"][0]["false_negative"]["action"] == "removed_negative"
+    assert v["neg"][0] is None and v["margin"][0] is None and v["pos"][0] is not None
+
+
 def test_cross_encoder_guide_scores_pairs(minilm):
     from speed_ray.quality.guide import Guide
     from speed_ray.quality.screen import ScreenSettings, screen_batch
 
     ce = Guide(minilm, "cross_encoder", 64, threads=1)   # an untrained head: only the plumbing is checked
-    v = screen_batch(_cols(), ce, None, ScreenSettings(margin=1e6))   # every triple is within the margin
+    v = screen_batch(_cols(), ce, None, ScreenSettings(margin=1e6, action="drop"))   # every triple is within the margin
     assert v["reason"] == ["false_negative"] * 3 + [None]
     assert all(isinstance(x, float) for x in v["pos"]) and v["neg"][3] is None
 
@@ -189,7 +203,7 @@ def test_screen_stage_end_to_end(ray_local, tmp_path):
     from speed_ray.store import shards_at
 
     rows = _stage_rows()
-    ctx = _stage_ctx(tmp_path, rows)
+    ctx = _stage_ctx(tmp_path, rows, action="drop")
     from speed_ray.quality.stage import screen_stage
 
     extra = screen_stage(ctx)
@@ -228,7 +242,7 @@ def test_screen_stage_keeping_nothing_is_an_error_and_pairs_are_kept(ray_local, 
 
     rows = [r for r in _stage_rows() if r["negative"]]
     ctx = _stage_ctx(tmp_path / "a", rows, margin=10.0, margin_min_similarity=None,   # every negative within
-                    decontaminate=False)                                                  # the margin
+                    decontaminate=False, action="drop")                                 # the margin
     with pytest.raises(DataError, match=r"screen kept none of the 14 rows.*false_negative: 14"):
         screen_stage(ctx)
     assert shards_at(ctx.out, "removed").num_rows() == 14    # what was written stays
@@ -262,7 +276,7 @@ def test_a_negative_restating_its_positive_is_a_false_negative(guide):
     # the copy rule (a lexical near-copy, tested below) is off: this test is about the guide's rule
     off = screen_batch(cols, guide, None, ScreenSettings(margin=-1.0, restates=None, copies_max_dropped=None))
     assert off["reason"] == [None, None]                                                   # neither rule can fire
-    v = screen_batch(cols, guide, None, ScreenSettings(margin=-1.0, restates=0.8, copies_max_dropped=None))
+    v = screen_batch(cols, guide, None, ScreenSettings(margin=-1.0, restates=0.8, copies_max_dropped=None, action="drop"))
     assert v["reason"] == ["false_negative", None]
     fn = v["detail"][0]["false_negative"]
     assert fn["rule"] == "restates_positive" and fn["pos_neg_score"] >= 0.8
@@ -427,9 +441,11 @@ def test_the_margin_rule_spares_a_hard_negative_unlike_the_positive(guide):
                          "Topping up with a bank card is free of charge."],
             "negative": ["A fee applies when you withdraw cash with your bank card abroad.",   # on the query's topic
                          "Topping up using a bank card costs nothing."]}                     # restates the positive
-    alone = screen_batch(cols, guide, None, ScreenSettings(margin=1.0, margin_min_similarity=None, restates=None))
+    alone = screen_batch(cols, guide, None, ScreenSettings(margin=1.0, margin_min_similarity=None, restates=None,
+                                                            action="drop"))
     assert alone["reason"] == ["false_negative", "false_negative"]
-    gated = screen_batch(cols, guide, None, ScreenSettings(margin=1.0, margin_min_similarity=0.6, restates=None))
+    gated = screen_batch(cols, guide, None, ScreenSettings(margin=1.0, margin_min_similarity=0.6, restates=None,
+                                                            action="drop"))
     assert gated["reason"] == [None, "false_negative"], gated["detail"]
     assert gated["detail"][1]["false_negative"]["pos_neg_score"] >= 0.6
 
@@ -469,7 +485,7 @@ def test_a_near_copy_the_guide_scores_low_is_a_false_negative(guide):
             "query": ["A woman slices a leek.", "A woman slices a leek."],
             "positive": ["A woman is slicing a leek.", "A woman is slicing a leek."],
             "negative": ["a woman is a leek!", "A woman is slicing a carrot."]}
-    v = screen_batch(cols, guide, None, ScreenSettings())
+    v = screen_batch(cols, guide, None, ScreenSettings(action="drop"))
     assert v["reason"] == ["false_negative", None], v["detail"]
     fn = v["detail"][0]["false_negative"]
     assert fn["rule"] == "copies_positive" and fn["pos_neg_score"] < 0.8 and fn["neg_score"] < fn["pos_score"] - 0.05

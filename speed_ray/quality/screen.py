@@ -23,7 +23,7 @@ class ScreenSettings:
     margin_min_similarity: float | None = 0.6   # the margin rule needs s(positive, negative) >= this too (bi-encoder)
     restates: float | None = 0.8          # guide similarity of negative and positive at which the negative restates it
     copies_max_dropped: float | None = 0.2   # a negative that is its positive less this share of its words copies it
-    action: str = "drop"
+    action: str = "remove_negative"
     remine_rank: int = 0
     instructions: bool | None = None      # None: the guide's `instruction_tuned` decides
     fields: tuple[str, ...] = ("query", "positive", "negative")
