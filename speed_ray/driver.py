@@ -92,8 +92,10 @@ def quality_lines(rows: list[dict]) -> list[str]:
         return []
     sc = m["screen"]
     removed = ", ".join(f"{k} {v}" for k, v in sorted((sc.get("removed") or {}).items(), key=lambda kv: -kv[1]))
+    changed = ", ".join(f"{k} {v}" for k, v in sorted((sc.get("actions") or {}).items(), key=lambda kv: -kv[1]) if v)
     out = [f"  quality: the screen kept {sc.get('rows_out')} of {sc.get('rows_in')} rows"
-           + (f"; removed {removed}" if removed else "") + f" (guide {sc.get('guide')})"]
+           + (f"; removed {removed}" if removed else "") + (f"; changed in place {changed}" if changed else "")
+           + f" (guide {sc.get('guide')})"]
     for t, q in sorted(((m.get("quality") or {}).get("by_task_type") or {}).items()):
         med = {k: (q.get(k) or {}).get("p50") for k in ("guide_pos_score", "guide_neg_score", "guide_margin")}
         cells = "  ".join(f"{label} {v:.2f}" if isinstance(v, (int, float)) else f"{label} -"

@@ -63,8 +63,9 @@ def test_report_names_a_missing_run(tmp_path):
 
 
 def test_report_and_status_show_the_screens_decisions_and_score_distributions(tmp_path, capsys):
-    """The screen stage's manifest (removals by reason, the guide's quantiles per task type) becomes a section of
-    report.md with quality.png, two figures of report.html, and lines of `speed-ray status`."""
+    """The screen stage's manifest (removals by reason, rows kept with their negative changed, the guide's quantiles
+    per task type) becomes a section of report.md with quality.png, three figures of report.html, and lines of
+    `speed-ray status`."""
     from types import SimpleNamespace
 
     from speed_ray.driver import status_main
@@ -78,6 +79,7 @@ def test_report_and_status_show_the_screens_decisions_and_score_distributions(tm
         if ctx.name == "screen":
             extra["screen"] = {"rows_in": 50, "rows_out": 44, "removed": {"false_negative": 4, "contaminated": 2},
                                "guide": "offline:minilm", "margin": 0.05, "action": "drop",
+                               "actions": {"removed_negative": 3, "mined": 5},
                                "decontamination": {"hits_by_task": {"STSBenchmark": 2}}}
             extra["quality"] = {"by_task_type": {
                 t: {"rows": 22, "guide_pos_score": q(0.8), "guide_neg_score": q(0.3), "guide_margin": q(0.5)}
@@ -89,14 +91,16 @@ def test_report_and_status_show_the_screens_decisions_and_score_distributions(tm
     url = write_report(cfg.run.run_dir, "full")
     md = open(url).read()
     assert "## Data quality" in md and "| false_negative | 4 |" in md and "STSBenchmark 2" in md
+    assert "| kept, negative changed | rows |" in md and "| removed_negative | 3 |" in md and "| mined | 5 |" in md
     assert os.path.getsize(os.path.join(os.path.dirname(url), "quality.png")) > 0
     page = open(os.path.join(os.path.dirname(url), "report.html")).read()
-    assert 'id="fig-screen"' in page and 'id="fig-quality"' in page
+    assert 'id="fig-screen"' in page and 'id="fig-quality"' in page and 'id="fig-screen-actions"' in page
     capsys.readouterr()
     assert status_main(SimpleNamespace(run_dir=cfg.run.run_dir, run=None, config=None, overrides=[], json=False,
                                        watch=False)) == 0
     out = capsys.readouterr().out
-    assert "quality: the screen kept 44 of 50 rows; removed false_negative 4, contaminated 2" in out
+    assert ("quality: the screen kept 44 of 50 rows; removed false_negative 4, contaminated 2; changed in place "
+            "mined 5, removed_negative 3 (guide offline:minilm)") in out
     assert "retrieval" in out and "q-pos 0.80  q-neg 0.30  margin 0.50" in out
 
 

@@ -317,6 +317,13 @@ def _quality(store: RunStore, run: dict) -> list[str]:
             out.append(figure("fig-screen", svg_bars(labels, {"removed rows": [float(removed[k]) for k in labels]}),
                               f"The screen removed {_num(sum(removed.values()))} of {_num(sc['screen'].get('rows_in'))}"
                               " rows, by reason."))
+        changed = {k: v for k, v in (sc["screen"].get("actions") or {}).items() if v}
+        if changed:
+            labels = sorted(changed, key=lambda k: -changed[k])
+            bars = svg_bars(labels, {"kept rows": [float(changed[k]) for k in labels]})
+            out.append(figure("fig-screen-actions", bars,
+                              f"The screen kept {_num(sum(changed.values()))} rows with their negative changed: "
+                              "removed (trained as a pair), re-mined in the batch or mined from the corpus."))
         uri = _png(store, store.run_url(run["name"], "report", "quality.png"))
         if uri:
             out.append(figure("fig-quality", f'<img alt="guide scores per task type" src="{uri}">',

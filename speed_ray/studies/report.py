@@ -260,6 +260,10 @@ def quality_section(store: RunStore, base: str, run: dict) -> list[str]:
              f"(guide `{sc.get('guide')}`, margin {sc.get('margin')}, action `{sc.get('action')}`).", "",
              "| removed because | rows |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted((sc.get("removed") or {}).items(), key=lambda kv: -kv[1])]
+    changed = {k: v for k, v in (sc.get("actions") or {}).items() if v}
+    if changed:   # kept rows whose negative the screen took away (a pair), re-mined or mined
+        lines += ["", "| kept, negative changed | rows |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(changed.items(), key=lambda kv: -kv[1])]
     hits = ((sc.get("decontamination") or {}).get("hits_by_task") or {})
     if hits:
         lines += ["", "Contamination hits per evaluation task: " + ", ".join(f"{t} {_fmt(n)}" for t, n in
