@@ -1,7 +1,7 @@
 """Effect of false-negative screening on training (issue 18): MiniLM trained on clean vs planted triples.
 
     python benchmarks/screen_training_effect.py [--rows N] [--steps S] [--plant 0.3] [--action remove_negative]
-        [--seeds 0,1,2] [--oracle]
+        [--seeds 0,1,2] [--oracle] [--set screen.mine=pairs ...]
 
 Data: STS-B train + dev pairs scored >= 4 as (query, positive), each with a random other train/dev sentence as
 the negative; pairs with a text equal (after normalization) to an STS-B test sentence are left out. Planted: a
@@ -14,7 +14,9 @@ configs/tasks/stsb.yaml (STS-B test, Spearman x100). One process, a local Ray; p
 --oracle adds a fourth model: the planted rows as a perfect screen would leave them under the action (drop: the
 planted rows removed; remove_negative: kept as pairs; remine: not defined, so refused). It splits the gap in two:
 clean - oracle is what the action itself costs (fewer rows, fewer hard negatives), oracle - screened what the
-screen's own errors cost.
+screen's own errors cost. --set passes more overrides to every run (screen.* ones reach the screened run only), as
+screen.mine=pairs, which gives the rows the action left as pairs a negative mined from the rows' own documents;
+--oracle with a screen.mine override is refused (a perfect screen's pairs would still need the same mining).
 """
 
 from __future__ import annotations
@@ -112,13 +114,17 @@ def screen_outcome(run_dir: str, planted_ids: set[str]) -> dict:
     # the kept rows: the stage's data shards (artifacts/removed holds the dropped ones)
     shards = sorted(glob.glob(os.path.join(os.path.dirname(manifest), "data", "**", "*.parquet"), recursive=True))
     if shards:
-        kept = [r for s in shards for r in pq.read_table(s, columns=["id", "negative"]).to_pylist()]
+        kept = [r for s in shards for r in pq.read_table(s, columns=["id", "lineage"]).to_pylist()]
         ids = {r["id"] for r in kept}
-        as_pairs = {r["id"] for r in kept if not r["negative"]}
-        flagged = (planted_ids - ids) | (as_pairs & planted_ids)
-        wrong = as_pairs - planted_ids
-        out["planted_caught"] = len(flagged)
-        out["clean_rows_flagged_pairs"] = len(wrong)
+        # a kept row the screen flagged says so in its lineage, whatever the action then did with its negative
+        # (emptied it, re-mined it in the batch, or left it to screen.mine)
+        flagged_kept = {r["id"] for r in kept if "false_negative" in (json.loads(r["lineage"] or "{}").get("screen")
+                                                                     or {})}
+        removed = {r["id"] for s in glob.glob(os.path.join(os.path.dirname(manifest), "artifacts", "removed", "**",
+                                                           "*.parquet"), recursive=True)
+                   for r in pq.read_table(s, columns=["id"]).to_pylist()}
+        out["planted_caught"] = len((planted_ids - ids) | (flagged_kept & planted_ids))
+        out["clean_rows_flagged"] = len((flagged_kept | removed) - planted_ids)
         out["rows_dropped"] = out["rows_in"] - len(ids) if out.get("rows_in") is not None else None
     return out
 
@@ -137,7 +143,7 @@ def run_seed(args, seed: int, work: str, base: dict[str, float] | None) -> dict:
                  f"embedder.learning_rate={args.lr}", f"embedder.warmup_steps={warmup}",
                  f"embedder.max_query_length={args.max_length}", f"embedder.max_doc_length={args.max_length}",
                  f"embedder.torch_threads={args.threads}", f"run.seed={seed}",
-                 f"screen.action={args.action}", "screen.decontaminate=false"]
+                 f"screen.action={args.action}", "screen.decontaminate=false", *args.set]
     runs = {"clean": ("clean", False), "planted_off": ("planted", False), "planted_on": ("planted", True),
             **({"oracle": ("oracle", False)} if args.oracle else {})}
     scores: dict[str, float] = {}
@@ -207,11 +213,15 @@ def main() -> None:
                                     "its own three models; the last line adds the gap's mean and 95%% interval")
     ap.add_argument("--oracle", action="store_true",
                     help="also train on the rows a perfect screen would leave (splits the gap: action vs screen errors)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="another config override for every run (screen.* ones reach the screened run only)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the training worker")
     ap.add_argument("--workdir", help="where data, runs and results go (default: a new temporary directory)")
     args = ap.parse_args()
     if args.oracle and args.action == "remine":
         ap.error("--oracle is defined for --action drop and remove_negative only")
+    if args.oracle and any(o.startswith("screen.mine") for o in args.set):
+        ap.error("--oracle does not mine: leave screen.mine* out of --set")
     t_start = time.time()
     work = args.workdir or tempfile.mkdtemp(prefix="screen-effect-")
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
@@ -225,7 +235,8 @@ def main() -> None:
             print(json.dumps({"progress": "seed done", **r}), file=sys.stderr, flush=True)
     train = {"base_model": "offline:minilm", "lora": False, "max_steps": args.steps, "batch_size": args.batch,
              "learning_rate": args.lr, "warmup_steps": max(1, args.steps // 10), "max_query_length": args.max_length,
-             "max_doc_length": args.max_length, "screen_action": args.action, "screen_decontaminate": False, "oracle": args.oracle}
+             "max_doc_length": args.max_length, "screen_action": args.action, "screen_decontaminate": False, "oracle": args.oracle,
+             "overrides": args.set}
     line = dict(results[0]) if len(results) == 1 else {"per_seed": results, **across_seeds(results)}
     print(json.dumps({
         **line, "train": train, "task": "STS-B test (Spearman x100)", "workdir": work,
