@@ -348,6 +348,32 @@ def test_screen_batch_mines_negatives_for_pairs_from_the_corpus(guide):
     assert v["negative"][0] is None and v["detail"][0]["mined"]["found"] is False
 
 
+def test_mine_flagged_replaces_only_the_false_negatives_the_action_took_away(guide):
+    """mine=flagged: a row whose negative the screen removed gets a mined one; a pair that came without a negative
+    (SPEED's short-long matching has none by design) stays a pair. Keeping flagged rows as pairs scored 1.45 points
+    under clean data on STS-B, mining for them 0.08 (benchmarks/screen_training_effect.py, three seeds)."""
+    from speed_ray.config import ConfigError
+    from speed_ray.quality.config import ScreenConfig
+    from speed_ray.quality.screen import Corpus, ScreenSettings, screen_batch
+
+    cols = _cols()                       # row 0's negative paraphrases its positive; row 3 comes as a pair
+    texts = tuple(cols["positive"]) + (
+        "Bread flour has more protein than cake flour, which changes how a loaf rises.",
+        "Solar panels convert sunlight into electricity using photovoltaic cells.")
+    corpus = Corpus(texts, guide.embed(list(texts)).astype(np.float32))
+    s = ScreenSettings(margin=0.05, mine="flagged", mine_range=(0, 3))
+    v = screen_batch(cols, guide, None, s, corpus)
+    assert v["reason"] == [None] * 4
+    fn, mined = v["detail"][0]["false_negative"], v["detail"][0]["mined"]
+    assert fn["action"] == "removed_negative" and mined["found"] and v["negative"][0] in texts
+    assert v["negative"][0] not in (cols["positive"][0], cols["negative"][0]) and v["neg"][0] <= v["pos"][0] - 0.05
+    assert v["negative"][1:3] == cols["negative"][1:3] and v["detail"][1] is None          # had a true one
+    assert v["negative"][3] is None and v["detail"][3] is None                               # a pair stays a pair
+    assert screen_batch(cols, guide, None, dataclasses.replace(s, mine="pairs"), corpus)["detail"][3]["mined"]["found"]
+    with pytest.raises(ConfigError, match="action drop keeps none"):
+        ScreenConfig(mine="flagged", action="drop")
+
+
 def test_screen_stage_mines_negatives_for_pairs(ray_local, tmp_path):
     from speed_ray.config import ConfigError
     from speed_ray.quality.config import ScreenConfig

@@ -28,13 +28,14 @@ class ScreenConfig:
     action: Literal["drop", "remove_negative", "remine"] = "remove_negative"   # what happens to such a triple:
     # keep it as a pair (in-batch negatives only; its query and positive are not in doubt); drop it; or take another
     # row's positive of the same task type in its batch as the negative (the highest that is not itself within the
-    # margin, at rank remine_rank), else a pair. Dropping costs the rows: on STS-B (benchmarks/
-    # screen_training_effect.py --oracle) dropping exactly the 30% planted rows scored 1.3 points under clean data
+    # margin, at rank remine_rank), else a pair. benchmarks/screen_training_effect.py (STS-B, 30% planted, three
+    # seeds): kept as pairs 1.45 points under clean data, dropped 2.63; with mine: flagged below, 0.08
     remine_rank: int = 0
     # Mining hard negatives from a corpus (as sentence-transformers' mine_hard_negatives), under the margin above:
-    mine: Literal["off", "pairs", "all"] = "off"   # pairs: kept rows without a negative (a user's pairs, or those
-    #                                                the action left as pairs) get one; all: every kept row's
-    #                                                negative is replaced by a mined one
+    mine: Literal["off", "flagged", "pairs", "all"] = "off"   # flagged: kept rows whose false negative the action
+    #                                                took away get a mined one; pairs: every kept row without a
+    #                                                negative (a user's pairs too); all: every kept row's negative
+    #                                                is replaced by a mined one
     mine_corpus: str | None = None            # None: the input's own positives and negatives; or a Parquet / JSONL
     #                                           file or directory whose `text` (else `positive`) column is the corpus
     mine_rank_min: int = 0                    # the candidates outside the margin, best first: take rank min ("top")
@@ -79,6 +80,9 @@ class ScreenConfig:
         check(self.mine == "off" or self.guide_kind == "bi_encoder", "mine",
               "mining needs a bi_encoder guide (it ranks the corpus by embedding similarity)")
         check(self.mine == "off" or self.enabled, "mine", "mining needs the screen enabled (screen.enabled: true)")
+        check(self.mine != "flagged" or self.action != "drop", "mine",
+              "flagged mines for the rows the action keeps without their false negative; action drop keeps none "
+              "(use action: remove_negative)")
         check(0 <= self.mine_rank_min < self.mine_rank_max, "mine_rank_max",
               f"need 0 <= mine_rank_min < mine_rank_max (got {self.mine_rank_min}, {self.mine_rank_max})")
         check(self.max_length > 0, "max_length", "must be > 0")

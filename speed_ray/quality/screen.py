@@ -29,7 +29,7 @@ class ScreenSettings:
     fields: tuple[str, ...] = ("query", "positive", "negative")
     ngram_threshold: float = 0.6
     minhash_threshold: float = 0.7
-    mine: str = "off"                     # "pairs" / "all": negatives mined from a corpus (see mine_negatives)
+    mine: str = "off"                     # "flagged" / "pairs" / "all": negatives mined from a corpus (_mine)
     mine_range: tuple[int, int] = (0, 10)
     mine_sampling: str = "top"
 
@@ -99,7 +99,8 @@ def screen_batch(cols: dict[str, list], guide, index: DecontamIndex | None, s: S
     where present). Returns per-row lists: reason (None: kept; "contaminated" / "false_negative": removed),
     detail (a dict for the lineage or None), pos / neg / margin scores (None where not scored), and negative (the
     row's negative after the action: unchanged, "" for a pair, or the re-mined text). With `s.mine` and a corpus, kept
-    rows without a negative ("pairs") or all kept rows ("all") then take a negative mined from the corpus."""
+    rows the action left without their false negative ("flagged"), kept rows without a negative ("pairs") or all
+    kept rows ("all") then take a negative mined from the corpus."""
     n = len(cols["query"])
     tasks = cols.get("task") or [None] * n
     ttypes = cols.get("task_type") or [""] * n
@@ -167,7 +168,8 @@ def _mine(cols, rows, pos, q, p, corpus: Corpus, s: ScreenSettings, reason, deta
     """Mined negatives for the kept rows that want one (in place): the corpus text at the configured rank among
     those outside the false-negative margin that neither restate nor copy the row's positive, never the row's own
     query, positive or screened-out negative."""
-    want = [k for k, i in enumerate(rows) if reason[i] is None and (s.mine == "all" or not negatives[i])]
+    want = [k for k, i in enumerate(rows) if reason[i] is None and (
+        s.mine == "all" or not negatives[i] and (s.mine == "pairs" or "false_negative" in (detail[i] or {})))]
     if not want:
         return
     exclude = []
