@@ -104,6 +104,24 @@ def test_report_and_status_show_the_screens_decisions_and_score_distributions(tm
     assert "retrieval" in out and "q-pos 0.80  q-neg 0.30  margin 0.50" in out
 
 
+def test_a_screen_that_removed_nothing_has_no_empty_removal_table(tmp_path):
+    """The demo's screen removes no row (it keeps one as a pair): report.md says so instead of printing a table
+    header with no rows under it."""
+    def stage(ctx):
+        extra = studies_fakes.fake_stage(ctx)
+        if ctx.name == "screen":
+            extra["screen"] = {"rows_in": 12, "rows_out": 12, "removed": {"false_negative": 0}, "guide": "offline:minilm",
+                               "margin": 0.05, "action": "remove_negative", "actions": {"removed_negative": 1}}
+        return extra
+
+    cfg = _cfg(tmp_path, "full", "full", 63.2)
+    pipeline.run_pipeline(cfg, loader=lambda fn: stage)
+    md = open(write_report(cfg.run.run_dir, "full")).read()
+    section = md.split("## Data quality", 1)[1]
+    assert "| removed because |" not in section and "It removed no row." in section
+    assert "| removed_negative | 1 |" in section
+
+
 def test_the_run_summary_says_where_everything_is_and_writes_the_report(tmp_path, capsys):
     """print_summary (the end of `speed-ray run`): each finished output by what the plan calls it, then the
     report's path (a NameError there was only logged as a warning)."""

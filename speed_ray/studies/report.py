@@ -257,9 +257,13 @@ def quality_section(store: RunStore, base: str, run: dict) -> list[str]:
         return []
     sc, q = m["screen"], m.get("quality") or {}
     lines = ["## Data quality", "", f"The screen kept {_fmt(sc.get('rows_out'))} of {_fmt(sc.get('rows_in'))} rows "
-             f"(guide `{sc.get('guide')}`, margin {sc.get('margin')}, action `{sc.get('action')}`).", "",
-             "| removed because | rows |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted((sc.get("removed") or {}).items(), key=lambda kv: -kv[1])]
+             f"(guide `{sc.get('guide')}`, margin {sc.get('margin')}, action `{sc.get('action')}`)."]
+    removed = {k: v for k, v in (sc.get("removed") or {}).items() if v}
+    if removed:
+        lines += ["", "| removed because | rows |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(removed.items(), key=lambda kv: -kv[1])]
+    else:
+        lines += ["", "It removed no row."]
     changed = {k: v for k, v in (sc.get("actions") or {}).items() if v}
     if changed:   # kept rows whose negative the screen took away (a pair), re-mined or mined
         lines += ["", "| kept, negative changed | rows |", "|---|---|"]
