@@ -169,7 +169,7 @@ def _mine(cols, rows, pos, q, p, corpus: Corpus, s: ScreenSettings, reason, deta
     those outside the false-negative margin that neither restate nor copy the row's positive, never the row's own
     query, positive or screened-out negative."""
     want = [k for k, i in enumerate(rows) if reason[i] is None and (
-        s.mine == "all" or not negatives[i] and (s.mine == "pairs" or "false_negative" in (detail[i] or {})))]
+        s.mine == "all" or (not negatives[i] and (s.mine == "pairs" or "false_negative" in (detail[i] or {}))))]
     if not want:
         return
     exclude = []
