@@ -87,6 +87,9 @@ def test_junior_sft_stage_on_ray_train(ray_local, tiny_llama, tmp_path):
     m = junior["metrics"]
     assert m["global_step"] == 4 and m["resumed_from_step"] == 0 and m["world_size"] == 1
     assert m["last_loss"] < m["first_loss"]
+    # where the stage's time went: the workers' own setup, steps and final save sit inside the driver's fit
+    phases = [m["setup_seconds"], m["train_seconds"], m["save_seconds"]]
+    assert all(p > 0 for p in phases) and sum(phases) <= junior["fit_seconds"], (phases, junior["fit_seconds"])
     assert junior["train_config"]["learning_rate"] == 3e-3
     out = store.stage("junior_sft", "test")
     assert junior["model_path"] == out.artifact("model") and junior["adapter_path"] == out.artifact("adapter")

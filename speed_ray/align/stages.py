@@ -96,13 +96,15 @@ def _train(ctx: StageContext, kind: str, cfg: TrainerConfig, data_url: str, base
     metrics = fn(data_url, cfg, base_model=base_model, model_url=model_url, adapter_url=adapter_url,
                  storage_url=ctx.out.artifacts_url, metrics_url=ctx.out.artifact("train_metrics.json"),
                  seed=ctx.cfg.run.seed)
-    worker_seconds = (time.time() - t0) * cfg.num_workers
+    fit_seconds = time.time() - t0
+    worker_seconds = fit_seconds * cfg.num_workers
     if cfg.use_gpu:
         ctx.ledger.gpu_seconds += worker_seconds
     else:
         ctx.ledger.cpu_seconds += worker_seconds * cfg.cpus_per_worker
     return {"model_path": model_url, "adapter_path": adapter_url, "base_model": base_model, "metrics": metrics,
-            "train_config": to_dict(cfg), "train_examples": n, "skipped_rows": skipped,
+            "fit_seconds": round(fit_seconds, 3), "train_config": to_dict(cfg), "train_examples": n,
+            "skipped_rows": skipped,
             "checkpoints": f"{ctx.out.artifacts_url}/{RAY_RUN_NAME}"}
 
 

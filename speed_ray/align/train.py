@@ -460,6 +460,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     from speed_ray.models.remote import local_model_dir
 
+    import time
+
+    t0 = time.time()
     job: TrainJob = config["job"]
     base_ref = job.base_model          # what the adapter records as its base: a hub id, a path or an s3:// URL
     job = replace(job, base_model=local_model_dir(base_ref))   # an s3:// checkpoint (DPO's junior): fetched per node
@@ -475,6 +478,7 @@ def train_loop_per_worker(config: dict) -> None:
             trainer = build_trainer(job, os.path.join(local_dir, "hf"),
                                     [_bounded_report_callback(local_dir), *job.callbacks, *steplog])
         trainer = prepare_trainer(trainer)
+        t_built = time.time()
         ckpt, resumed_from = _resume_point(job)
         if ckpt is not None:
             with ckpt.as_directory() as d:
@@ -482,13 +486,18 @@ def train_loop_per_worker(config: dict) -> None:
                 out = trainer.train(resume_from_checkpoint=os.path.join(d, HF_CHECKPOINT))
         else:
             out = trainer.train()
+        t_trained = time.time()
         save_outputs(trainer, job, local_dir, is_main=rank == 0, base_ref=base_ref)
         if rank == 0:
             metrics = summarize_log_history(trainer.state.log_history)
             metrics.update({k: v for k, v in out.metrics.items() if isinstance(v, (int, float))})
             metrics.update(trainer.speed_ray_counts)
             metrics.update({"global_step": trainer.state.global_step, "resumed_from_step": resumed_from,
-                            "world_size": ctx.get_world_size(), "torch_threads": threads})
+                            "world_size": ctx.get_world_size(), "torch_threads": threads,
+                            # where this worker's time went: TRL's import, the model and the tokenized datasets;
+                            # the steps (with their checkpoint uploads); the final save
+                            "setup_seconds": round(t_built - t0, 3), "train_seconds": round(t_trained - t_built, 3),
+                            "save_seconds": round(time.time() - t_trained, 3)})
             _write_json(job.metrics_url, {"metrics": metrics, "log_history": trainer.state.log_history})
     finally:
         shutil.rmtree(local_dir, ignore_errors=True)
